@@ -1,0 +1,195 @@
+// The only file that includes pybind11. Each binding checks dtype, shape,
+// contiguity and writability of its arrays (no hidden copies: a wrong array is
+// an error, not a conversion), takes the data pointers while holding the GIL,
+// then releases the GIL around the kernel.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <string>
+
+#include "kernels/histogram.h"
+#include "kernels/scale_search.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::string shape_of(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(a.shape(i));
+  }
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+template <typename T>
+void require(const py::array& a, const char* name, const char* dtype_name,
+             py::ssize_t ndim = -1, bool writable = false) {
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + " must be " + dtype_name + ", got " +
+                         py::str(a.dtype()).cast<std::string>());
+  if (ndim >= 0 && a.ndim() != ndim)
+    throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) +
+                          "-D, got shape " + shape_of(a));
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + " must be C-contiguous (shape " + shape_of(a) +
+                          "); pass numpy.ascontiguousarray(" + name + ")");
+  if (writable && !a.writeable())
+    throw py::value_error(std::string(name) + " must be writable");
+}
+
+void require_range(double lo, double hi, const char* what) {
+  if (!std::isfinite(lo) || !std::isfinite(hi) || !(hi > lo))
+    throw py::value_error(std::string(what) + " range must be finite with hi > lo, got [" +
+                          std::to_string(lo) + ", " + std::to_string(hi) + "]");
+}
+
+void require_nonempty(const py::array& a, const char* name) {
+  if (a.size() == 0) throw py::value_error(std::string(name) + " must have at least one bin");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_kernels, m) {
+  m.doc() = "pyquant C++ calibration kernels (see csrc/kernels/*.h for the math)";
+
+  py::class_<pyquant::RangeStats>(m, "RangeStats")
+      .def_readonly("finite", &pyquant::RangeStats::finite)
+      .def_readonly("nan", &pyquant::RangeStats::nan)
+      .def_readonly("pos_inf", &pyquant::RangeStats::pos_inf)
+      .def_readonly("neg_inf", &pyquant::RangeStats::neg_inf)
+      .def_readonly("min", &pyquant::RangeStats::min)
+      .def_readonly("max", &pyquant::RangeStats::max)
+      .def("__repr__", [](const pyquant::RangeStats& s) {
+        return "RangeStats(finite=" + std::to_string(s.finite) + ", nan=" + std::to_string(s.nan) +
+               ", pos_inf=" + std::to_string(s.pos_inf) + ", neg_inf=" + std::to_string(s.neg_inf) +
+               ", min=" + std::to_string(s.min) + ", max=" + std::to_string(s.max) + ")";
+      });
+
+  m.def("range_stats", [](const py::array& x) {
+    require<float>(x, "x", "float32");
+    const float* p = static_cast<const float*>(x.data());
+    const int64_t n = x.size();
+    py::gil_scoped_release release;
+    return pyquant::range_stats(p, n);
+  }, py::arg("x"), "Finite min/max and NaN/Inf counts of a float32 tensor of any shape.");
+
+  m.def("histogram_accumulate", [](const py::array& x, py::array& hist, double lo, double hi) {
+    require<float>(x, "x", "float32");
+    require<double>(hist, "hist", "float64", 1, true);
+    require_nonempty(hist, "hist");
+    require_range(lo, hi, "histogram");
+    const float* px = static_cast<const float*>(x.data());
+    double* ph = static_cast<double*>(hist.mutable_data());
+    const int64_t n = x.size(), nbins = hist.size();
+    py::gil_scoped_release release;
+    pyquant::histogram_accumulate(px, n, lo, hi, ph, nbins);
+  }, py::arg("x"), py::arg("hist"), py::arg("lo"), py::arg("hi"),
+     "Add the finite values of x to hist (equal bins over [lo, hi], clamped at the ends).");
+
+  m.def("histogram_rebin", [](const py::array& src, double src_lo, double src_hi,
+                              py::array& dst, double dst_lo, double dst_hi) {
+    require<double>(src, "src", "float64", 1);
+    require<double>(dst, "dst", "float64", 1, true);
+    require_nonempty(src, "src");
+    require_nonempty(dst, "dst");
+    require_range(src_lo, src_hi, "source");
+    require_range(dst_lo, dst_hi, "destination");
+    const double* ps = static_cast<const double*>(src.data());
+    double* pd = static_cast<double*>(dst.mutable_data());
+    const int64_t ns = src.size(), nd = dst.size();
+    py::gil_scoped_release release;
+    pyquant::histogram_rebin(ps, ns, src_lo, src_hi, pd, nd, dst_lo, dst_hi);
+  }, py::arg("src"), py::arg("src_lo"), py::arg("src_hi"), py::arg("dst"), py::arg("dst_lo"),
+     py::arg("dst_hi"), "Re-bin src onto dst's grid (uniform density within a bin); dst is overwritten.");
+
+  m.def("histogram_quant_errors", [](const py::array& hist, double lo, double hi,
+                                     const py::array& scales, const py::array& zero_points,
+                                     double qmin, double qmax, py::array& out) {
+    require<double>(hist, "hist", "float64", 1);
+    require<double>(scales, "scales", "float64", 1);
+    require<double>(zero_points, "zero_points", "float64", 1);
+    require<double>(out, "out", "float64", 1, true);
+    require_nonempty(hist, "hist");
+    require_range(lo, hi, "histogram");
+    if (zero_points.size() != scales.size() || out.size() != scales.size())
+      throw py::value_error("scales, zero_points and out must have the same length, got " +
+                            shape_of(scales) + ", " + shape_of(zero_points) + ", " + shape_of(out));
+    if (!(qmax > qmin)) throw py::value_error("qmax must be greater than qmin");
+    const double* ps = static_cast<const double*>(scales.data());
+    for (py::ssize_t k = 0; k < scales.size(); ++k)
+      if (!(ps[k] > 0) || !std::isfinite(ps[k]))
+        throw py::value_error("scales must be finite and positive, got " + std::to_string(ps[k]));
+    const double* ph = static_cast<const double*>(hist.data());
+    const double* pz = static_cast<const double*>(zero_points.data());
+    double* po = static_cast<double*>(out.mutable_data());
+    const int64_t nbins = hist.size(), ncand = scales.size();
+    py::gil_scoped_release release;
+    pyquant::histogram_quant_errors(ph, nbins, lo, hi, ps, pz, ncand, qmin, qmax, po);
+  }, py::arg("hist"), py::arg("lo"), py::arg("hi"), py::arg("scales"), py::arg("zero_points"),
+     py::arg("qmin"), py::arg("qmax"), py::arg("out"),
+     "Total squared quantization error of the histogram for each (scale, zero point) candidate.");
+
+  m.def("tensor_quant_errors", [](const py::array& x, const py::array& scales,
+                                  const py::array& zero_points, double qmin, double qmax,
+                                  py::array& out) {
+    require<float>(x, "x", "float32", 2);
+    require<double>(scales, "scales", "float64", 2);
+    require<double>(zero_points, "zero_points", "float64", 2);
+    require<double>(out, "out", "float64", 2, true);
+    if (scales.shape(0) != x.shape(0) || zero_points.shape(0) != x.shape(0) ||
+        zero_points.shape(1) != scales.shape(1) || out.shape(0) != x.shape(0) ||
+        out.shape(1) != scales.shape(1))
+      throw py::value_error("scales, zero_points and out must be [rows, ncand] with rows = x.shape[0]; got x " +
+                            shape_of(x) + ", scales " + shape_of(scales) + ", zero_points " +
+                            shape_of(zero_points) + ", out " + shape_of(out));
+    if (!(qmax > qmin)) throw py::value_error("qmax must be greater than qmin");
+    const double* ps = static_cast<const double*>(scales.data());
+    for (py::ssize_t k = 0; k < scales.size(); ++k)
+      if (!(ps[k] > 0) || !std::isfinite(ps[k]))
+        throw py::value_error("scales must be finite and positive, got " + std::to_string(ps[k]));
+    const float* px = static_cast<const float*>(x.data());
+    const double* pz = static_cast<const double*>(zero_points.data());
+    double* po = static_cast<double*>(out.mutable_data());
+    const int64_t rows = x.shape(0), cols = x.shape(1), ncand = scales.shape(1);
+    py::gil_scoped_release release;
+    pyquant::tensor_quant_errors(px, rows, cols, ps, pz, ncand, qmin, qmax, po);
+  }, py::arg("x"), py::arg("scales"), py::arg("zero_points"), py::arg("qmin"), py::arg("qmax"),
+     py::arg("out"), "Exact squared error of quantizing each row of x with each of its candidates.");
+
+  m.def("histogram_quantiles", [](const py::array& hist, double lo, double hi, const py::array& qs,
+                                  py::array& out) {
+    require<double>(hist, "hist", "float64", 1);
+    require<double>(qs, "qs", "float64", 1);
+    require<double>(out, "out", "float64", 1, true);
+    require_nonempty(hist, "hist");
+    require_range(lo, hi, "histogram");
+    if (out.size() != qs.size())
+      throw py::value_error("out must have the length of qs, got " + shape_of(out) + " and " + shape_of(qs));
+    const double* pq = static_cast<const double*>(qs.data());
+    for (py::ssize_t k = 0; k < qs.size(); ++k)
+      if (!(pq[k] >= 0.0 && pq[k] <= 1.0))
+        throw py::value_error("quantiles must lie in [0, 1], got " + std::to_string(pq[k]));
+    const double* ph = static_cast<const double*>(hist.data());
+    double* po = static_cast<double*>(out.mutable_data());
+    const int64_t nbins = hist.size(), nq = qs.size();
+    py::gil_scoped_release release;
+    pyquant::histogram_quantiles(ph, nbins, lo, hi, pq, nq, po);
+  }, py::arg("hist"), py::arg("lo"), py::arg("hi"), py::arg("qs"), py::arg("out"),
+     "Values below which the fractions qs of the histogram's mass lie.");
+
+  m.def("histogram_entropy_threshold", [](const py::array& abs_hist, double hi, int64_t num_quant_bins) {
+    require<double>(abs_hist, "abs_hist", "float64", 1);
+    if (num_quant_bins < 1 || num_quant_bins > abs_hist.size())
+      throw py::value_error("num_quant_bins must be in [1, len(abs_hist)] = [1, " +
+                            std::to_string(abs_hist.size()) + "], got " + std::to_string(num_quant_bins));
+    if (!(hi > 0) || !std::isfinite(hi)) throw py::value_error("hi must be finite and positive");
+    const double* ph = static_cast<const double*>(abs_hist.data());
+    const int64_t nbins = abs_hist.size();
+    py::gil_scoped_release release;
+    return pyquant::histogram_entropy_threshold(ph, nbins, hi, num_quant_bins);
+  }, py::arg("abs_hist"), py::arg("hi"), py::arg("num_quant_bins"),
+     "KL-divergence (entropy) clipping threshold of a histogram of |x| over [0, hi].");
+}

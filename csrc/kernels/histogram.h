@@ -1,0 +1,42 @@
+// Streaming range and histogram kernels for calibration.
+//
+// Plain C++17, no Python headers. Every function is stateless: the running
+// histogram and its range are owned by the caller (pyquant.calibrate.collector),
+// so nothing here grows with the number of calibration batches.
+#pragma once
+#include <cstdint>
+
+namespace pyquant {
+
+// Summary of one tensor. min/max cover the finite values only; NaN and +/-Inf
+// are counted separately so that the caller can report them instead of letting
+// them poison the range. With no finite value, min = +inf and max = -inf.
+struct RangeStats {
+  int64_t finite = 0;
+  int64_t nan = 0;
+  int64_t pos_inf = 0;
+  int64_t neg_inf = 0;
+  float min = 0.0f;
+  float max = 0.0f;
+};
+
+// Preconditions: x points to n floats (n >= 0).
+RangeStats range_stats(const float* x, int64_t n);
+
+// Adds the finite values of x to hist, nbins equal bins over [lo, hi].
+// Bin of v: floor((v - lo) * nbins / (hi - lo)), computed in double, clamped to
+// [0, nbins - 1] (so v == hi lands in the last bin). Non-finite values are skipped.
+// Preconditions: nbins >= 1, lo and hi finite, hi > lo, hist has nbins doubles.
+void histogram_accumulate(const float* x, int64_t n, double lo, double hi,
+                          double* hist, int64_t nbins);
+
+// Re-bins a histogram onto a new grid, assuming a uniform density inside each
+// source bin: each source bin's count is split over the destination bins in
+// proportion to their overlap. Mass outside [dst_lo, dst_hi] is dropped. When
+// every source bin lies inside one destination bin (aligned growth) this is
+// exact. dst is overwritten.
+// Preconditions: nsrc, ndst >= 1; src_hi > src_lo; dst_hi > dst_lo; all finite.
+void histogram_rebin(const double* src, int64_t nsrc, double src_lo, double src_hi,
+                     double* dst, int64_t ndst, double dst_lo, double dst_hi);
+
+}  // namespace pyquant

@@ -1,0 +1,145 @@
+"""Typed quantization configuration and the named presets.
+
+The names (QuantType, CalibrationMethod, PowerOfTwoMethod, XINT8, A8W8, U8S8) follow
+AMD Quark's ONNX quantizer so that its users find the same vocabulary; the types here
+are the real configuration, and each default is defined once, in this file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Dict, Union
+
+import numpy as np
+from onnx import TensorProto
+
+from .errors import ConfigError
+
+
+class QuantType(enum.Enum):
+    """Integer type of a quantized tensor."""
+
+    QInt8 = "int8"
+    QUInt8 = "uint8"
+
+    @property
+    def qmin(self) -> int:
+        return -128 if self is QuantType.QInt8 else 0
+
+    @property
+    def qmax(self) -> int:
+        return 127 if self is QuantType.QInt8 else 255
+
+    @property
+    def numpy_dtype(self) -> type:
+        return np.int8 if self is QuantType.QInt8 else np.uint8
+
+    @property
+    def onnx_dtype(self) -> int:
+        return TensorProto.INT8 if self is QuantType.QInt8 else TensorProto.UINT8
+
+
+class CalibrationMethod(enum.Enum):
+    """Float-scale calibration: how the clipping range of an activation is chosen."""
+
+    MinMax = "minmax"
+    Percentile = "percentile"
+    Entropy = "entropy"
+    MSE = "mse"
+
+
+class PowerOfTwoMethod(enum.Enum):
+    """Power-of-two-scale calibration (scales 2^k, as NPUs require)."""
+
+    NonOverflow = "nonoverflow"
+    MinMSE = "minmse"
+
+
+CalibrateMethod = Union[CalibrationMethod, PowerOfTwoMethod]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationConfig:
+    """What to quantize and how. Frozen: derive variants with ``dataclasses.replace``.
+
+    Attributes:
+        activation_type: integer type of activations.
+        weight_type: integer type of Conv/Gemm/MatMul weights (always symmetric, zero point 0).
+        calibrate_method: activation calibration; a PowerOfTwoMethod also makes every
+            scale (activations, weights, bias) a power of two.
+        activation_symmetric: symmetric activation ranges. For uint8 a non-negative
+            tensor then uses zero point 0 and one with negatives zero point 128.
+        per_channel: one weight scale per output channel (not with power-of-two scales
+            on NPUs, which take one scale per tensor).
+        enable_npu_cnn: apply the NPU CNN scale rules (see pyquant.graph.plan).
+        percentile: the percentile (in %) kept by CalibrationMethod.Percentile.
+        num_bins: histogram bins per activation tensor.
+        calib_batch_size: images per onnxruntime run during calibration; bounds peak memory.
+    """
+
+    activation_type: QuantType = QuantType.QUInt8
+    weight_type: QuantType = QuantType.QInt8
+    calibrate_method: CalibrateMethod = CalibrationMethod.MinMax
+    activation_symmetric: bool = False
+    per_channel: bool = False
+    enable_npu_cnn: bool = False
+    percentile: float = 99.999
+    num_bins: int = 2048
+    calib_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.activation_type, QuantType) or not isinstance(self.weight_type, QuantType):
+            raise ConfigError("activation_type and weight_type must be QuantType members")
+        if self.weight_type is not QuantType.QInt8:
+            raise ConfigError("weight_type must be QuantType.QInt8 (weights are symmetric int8)")
+        if not isinstance(self.calibrate_method, (CalibrationMethod, PowerOfTwoMethod)):
+            raise ConfigError(
+                f"calibrate_method must be a CalibrationMethod or PowerOfTwoMethod, got {self.calibrate_method!r}")
+        if self.power_of_two and self.per_channel:
+            raise ConfigError("per_channel cannot be combined with power-of-two scales "
+                              f"({self.calibrate_method.name}): NPUs take one power-of-two scale per tensor")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.num_bins < 128:
+            raise ConfigError(f"num_bins must be at least 128, got {self.num_bins}")
+        if self.calib_batch_size < 1:
+            raise ConfigError(f"calib_batch_size must be at least 1, got {self.calib_batch_size}")
+
+    @property
+    def power_of_two(self) -> bool:
+        return isinstance(self.calibrate_method, PowerOfTwoMethod)
+
+    @property
+    def needs_histogram(self) -> bool:
+        return self.calibrate_method is not CalibrationMethod.MinMax
+
+
+PRESETS: Dict[str, QuantizationConfig] = {
+    # Power-of-two symmetric scales, per-tensor int8 weights, uint8 activations, NPU rules.
+    "XINT8": QuantizationConfig(
+        activation_type=QuantType.QUInt8,
+        calibrate_method=PowerOfTwoMethod.MinMSE,
+        activation_symmetric=True,
+        enable_npu_cnn=True,
+    ),
+    # int8 symmetric activations and weights with float scales.
+    "A8W8": QuantizationConfig(
+        activation_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MSE,
+        activation_symmetric=True,
+    ),
+    # uint8 asymmetric activations, int8 symmetric weights.
+    "U8S8": QuantizationConfig(
+        activation_type=QuantType.QUInt8,
+        calibrate_method=CalibrationMethod.MSE,
+        activation_symmetric=False,
+    ),
+}
+
+
+def get_preset(name: str) -> QuantizationConfig:
+    """The preset called ``name`` (case-insensitive); ConfigError names the valid ones."""
+    try:
+        return PRESETS[name.upper()]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None

@@ -1,0 +1,83 @@
+"""Validating wrappers around the C++ kernels: convert to the exact dtype and layout
+(explicitly, here, so the bindings never copy behind one's back), allocate outputs,
+return named results. pyquant.reference holds the numpy version of each."""
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _kernels
+from ._kernels import RangeStats
+
+__all__ = [
+    "RangeStats", "range_stats", "histogram_accumulate", "histogram_rebin", "histogram_quant_errors",
+    "tensor_quant_errors", "histogram_quantiles", "histogram_entropy_threshold",
+]
+
+
+def _as_f32(x: npt.ArrayLike) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _as_f64(x: npt.ArrayLike) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float64)
+
+
+def range_stats(x: npt.ArrayLike) -> RangeStats:
+    """Finite min/max and NaN/+Inf/-Inf counts of a tensor of any shape."""
+    return _kernels.range_stats(_as_f32(x))
+
+
+def histogram_accumulate(x: npt.ArrayLike, hist: np.ndarray, lo: float, hi: float) -> None:
+    """Add the finite values of ``x`` to ``hist`` in place (equal bins over [lo, hi])."""
+    if not (isinstance(hist, np.ndarray) and hist.dtype == np.float64 and hist.ndim == 1
+            and hist.flags.c_contiguous):
+        raise TypeError("hist must be a C-contiguous 1-D float64 numpy array (it is updated in place)")
+    _kernels.histogram_accumulate(_as_f32(x), hist, float(lo), float(hi))
+
+
+def histogram_rebin(src: npt.ArrayLike, src_lo: float, src_hi: float,
+                    dst_lo: float, dst_hi: float, dst_bins: int) -> np.ndarray:
+    """``src`` re-binned onto ``dst_bins`` equal bins over [dst_lo, dst_hi]."""
+    dst = np.zeros(int(dst_bins), dtype=np.float64)
+    _kernels.histogram_rebin(_as_f64(src), float(src_lo), float(src_hi), dst, float(dst_lo), float(dst_hi))
+    return dst
+
+
+def histogram_quant_errors(hist: npt.ArrayLike, lo: float, hi: float, scales: npt.ArrayLike,
+                           zero_points: npt.ArrayLike, qmin: int, qmax: int) -> np.ndarray:
+    """Total squared quantization error of the histogram's distribution for each candidate."""
+    scales = np.atleast_1d(_as_f64(scales))
+    zero_points = np.broadcast_to(_as_f64(zero_points), scales.shape).copy()
+    out = np.empty_like(scales)
+    _kernels.histogram_quant_errors(_as_f64(hist), float(lo), float(hi), scales, zero_points,
+                                    float(qmin), float(qmax), out)
+    return out
+
+
+def tensor_quant_errors(x: npt.ArrayLike, scales: npt.ArrayLike, zero_points: npt.ArrayLike,
+                        qmin: int, qmax: int) -> np.ndarray:
+    """Exact squared error of each row of 2-D ``x`` for each of its candidates ([rows, ncand])."""
+    x = _as_f32(x)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D [rows, cols], got shape {x.shape}")
+    scales = _as_f64(scales)
+    if scales.ndim == 1:
+        scales = np.ascontiguousarray(np.broadcast_to(scales, (x.shape[0], scales.shape[0])))
+    zero_points = np.ascontiguousarray(np.broadcast_to(_as_f64(zero_points), scales.shape))
+    out = np.empty(scales.shape, dtype=np.float64)
+    _kernels.tensor_quant_errors(x, scales, zero_points, float(qmin), float(qmax), out)
+    return out
+
+
+def histogram_quantiles(hist: npt.ArrayLike, lo: float, hi: float, qs: npt.ArrayLike) -> np.ndarray:
+    """Values below which the fractions ``qs`` (in [0, 1]) of the histogram's mass lie."""
+    qs = np.atleast_1d(_as_f64(qs))
+    out = np.empty_like(qs)
+    _kernels.histogram_quantiles(_as_f64(hist), float(lo), float(hi), qs, out)
+    return out
+
+
+def histogram_entropy_threshold(abs_hist: npt.ArrayLike, hi: float, num_quant_bins: int = 128) -> float:
+    """KL-divergence clipping threshold of a histogram of |x| over [0, hi]."""
+    return _kernels.histogram_entropy_threshold(_as_f64(abs_hist), float(hi), int(num_quant_bins))

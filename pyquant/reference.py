@@ -1,0 +1,121 @@
+"""Plain numpy versions of every C++ kernel, written for clarity rather than speed.
+
+The tests check pyquant.kernels against these; they can also stand in for the
+kernels when debugging. Formulas match csrc/kernels/*.h.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class RangeStatsRef(NamedTuple):
+    finite: int
+    nan: int
+    pos_inf: int
+    neg_inf: int
+    min: float
+    max: float
+
+
+def range_stats(x: np.ndarray) -> RangeStatsRef:
+    x = np.asarray(x, dtype=np.float32).ravel()
+    finite = x[np.isfinite(x)]
+    return RangeStatsRef(
+        finite=int(finite.size), nan=int(np.isnan(x).sum()),
+        pos_inf=int(np.isposinf(x).sum()), neg_inf=int(np.isneginf(x).sum()),
+        min=float(finite.min()) if finite.size else float("inf"),
+        max=float(finite.max()) if finite.size else float("-inf"))
+
+
+def histogram_accumulate(x: np.ndarray, hist: np.ndarray, lo: float, hi: float) -> None:
+    x = np.asarray(x, dtype=np.float32).ravel()
+    x = x[np.isfinite(x)].astype(np.float64)
+    nbins = hist.shape[0]
+    idx = np.floor((x - lo) * (nbins / (hi - lo))).astype(np.int64)
+    hist += np.bincount(np.clip(idx, 0, nbins - 1), minlength=nbins)
+
+
+def histogram_rebin(src: np.ndarray, src_lo: float, src_hi: float,
+                    dst_lo: float, dst_hi: float, dst_bins: int) -> np.ndarray:
+    """Exact redistribution through the cumulative distribution function."""
+    src_edges = np.linspace(src_lo, src_hi, src.shape[0] + 1)
+    cdf = np.concatenate([[0.0], np.cumsum(src)])
+    dst_edges = np.linspace(dst_lo, dst_hi, dst_bins + 1)
+    return np.diff(np.interp(dst_edges, src_edges, cdf))
+
+
+def quantize_dequantize(x: np.ndarray, scale: float, zero_point: float, qmin: int, qmax: int) -> np.ndarray:
+    q = np.clip(np.round(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def histogram_quant_errors(hist, lo, hi, scales, zero_points, qmin, qmax,
+                           samples_per_bin: int = 2000) -> np.ndarray:
+    """Numerical integration: each bin's density sampled at evenly spaced midpoints."""
+    hist = np.asarray(hist, dtype=np.float64)
+    nbins = hist.shape[0]
+    width = (hi - lo) / nbins
+    offsets = (np.arange(samples_per_bin) + 0.5) / samples_per_bin
+    points = lo + (np.arange(nbins)[:, None] + offsets[None, :]) * width
+    out = []
+    for scale, zp in zip(np.atleast_1d(scales), np.broadcast_to(zero_points, np.shape(np.atleast_1d(scales)))):
+        err = (points - quantize_dequantize(points, scale, zp, qmin, qmax)) ** 2
+        out.append(float((err.mean(axis=1) * hist).sum()))
+    return np.array(out)
+
+
+def tensor_quant_errors(x, scales, zero_points, qmin, qmax) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32).astype(np.float64)
+    scales = np.asarray(scales, dtype=np.float64)
+    if scales.ndim == 1:
+        scales = np.broadcast_to(scales, (x.shape[0], scales.shape[0]))
+    zps = np.broadcast_to(np.asarray(zero_points, dtype=np.float64), scales.shape)
+    out = np.empty(scales.shape)
+    for r in range(x.shape[0]):
+        row = x[r][np.isfinite(x[r])]
+        for k in range(scales.shape[1]):
+            out[r, k] = ((row - quantize_dequantize(row, scales[r, k], zps[r, k], qmin, qmax)) ** 2).sum()
+    return out
+
+
+def histogram_quantiles(hist, lo, hi, qs) -> np.ndarray:
+    hist = np.asarray(hist, dtype=np.float64)
+    if hist.sum() <= 0:
+        return np.full(np.shape(np.atleast_1d(qs)), float(lo))
+    edges = np.linspace(lo, hi, hist.shape[0] + 1)
+    cdf = np.concatenate([[0.0], np.cumsum(hist)])
+    # Where the cdf is flat (empty bins) take the first edge that reaches the target.
+    targets = np.atleast_1d(qs) * cdf[-1]
+    out = []
+    for t in targets:
+        i = max(int(np.searchsorted(cdf, t, side="left")) - 1, 0)
+        i = min(i, hist.shape[0] - 1)
+        frac = (t - cdf[i]) / hist[i] if hist[i] > 0 else 0.0
+        out.append(edges[i] + np.clip(frac, 0, 1) * (edges[1] - edges[0]))
+    return np.array(out)
+
+
+def histogram_entropy_threshold(abs_hist, hi, num_quant_bins: int = 128) -> float:
+    p_all = np.asarray(abs_hist, dtype=np.float64)
+    nbins = p_all.shape[0]
+    best_kl, best_i = np.inf, num_quant_bins
+    for i in range(num_quant_bins, nbins + 1):
+        p = p_all[:i].copy()
+        p[-1] += p_all[i:].sum()
+        q = np.zeros(i)
+        for level in range(num_quant_bins):
+            start, stop = level * i // num_quant_bins, (level + 1) * i // num_quant_bins
+            nonzero = p[start:stop] != 0
+            if nonzero.any():
+                q[start:stop][nonzero] = p_all[start:stop].sum() / nonzero.sum()
+        if p.sum() <= 0 or q.sum() <= 0:
+            continue
+        pn, qn = p / p.sum(), q / q.sum()
+        mask = pn > 0
+        with np.errstate(divide="ignore"):
+            kl = float((pn[mask] * np.log(pn[mask] / qn[mask])).sum())
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i * hi / nbins
