@@ -1,0 +1,198 @@
+"""Calibration methods: from collected statistics to quantization parameters.
+
+Each method is a function registered under its enum member (no string dispatch).
+Float methods choose a clipping range; power-of-two methods choose an exponent k and
+use scale 2^k. Errors are the closed-form expected squared error of the histogram
+(pyquant.kernels.histogram_quant_errors) or, for weights, the exact error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from .. import kernels
+from ..config import CalibrateMethod, CalibrationMethod, PowerOfTwoMethod, QuantizationConfig, QuantType
+from .collector import TensorCollector
+
+# Power-of-two search: exponents from the non-overflowing one down by this many.
+# Each step halves the step size and doubles the clipping risk; 16 steps cover a
+# 65536x range, far beyond any useful clipping of an 8-bit tensor.
+POW2_SEARCH_STEPS = 16
+# Float MSE search: candidate clipping ranges alpha * [min, max], alpha on this grid.
+MSE_SEARCH_POINTS = 200
+MSE_SEARCH_MIN_FRACTION = 0.02
+# Scale used for an all-zero tensor (any positive value represents it exactly).
+ZERO_TENSOR_SCALE = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class QParams:
+    """scale and zero_point of one tensor: scalars, or 1-D along ``axis`` (per-channel)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: Optional[int] = None
+
+    @property
+    def is_power_of_two(self) -> bool:
+        exponents = np.log2(self.scale.astype(np.float64))
+        return bool(np.all(exponents == np.round(exponents)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+    """The integer grid of a tensor: zero point, clamp limits and positive levels."""
+
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    @property
+    def levels(self) -> int:  # steps from zero to the largest representable magnitude
+        return min(self.qmax - self.zero_point, self.zero_point - self.qmin) \
+            if self.zero_point > self.qmin else self.qmax - self.zero_point
+
+
+def _symmetric_grid(qtype: QuantType, non_negative: bool) -> _Grid:
+    if qtype is QuantType.QUInt8:
+        return _Grid(0, 0, 255) if non_negative else _Grid(128, 0, 255)
+    return _Grid(0, -128, 127)
+
+
+def _make(scale: float, zero_point: int, qtype: QuantType) -> QParams:
+    if not (scale > 0 and math.isfinite(scale)):
+        scale = ZERO_TENSOR_SCALE
+    return QParams(np.array(scale, dtype=np.float32), np.array(zero_point, dtype=qtype.numpy_dtype))
+
+
+def qparams_from_range(rmin: float, rmax: float, qtype: QuantType, symmetric: bool) -> QParams:
+    """Standard affine parameters for a clipping range (widened to include zero)."""
+    rmin, rmax = min(rmin, 0.0), max(rmax, 0.0)
+    if symmetric:
+        grid = _symmetric_grid(qtype, rmin >= 0)
+        return _make(max(-rmin, rmax) / grid.levels, grid.zero_point, qtype)
+    scale = (rmax - rmin) / (qtype.qmax - qtype.qmin)
+    if scale <= 0:
+        return _make(ZERO_TENSOR_SCALE, qtype.qmin if qtype is QuantType.QUInt8 else 0, qtype)
+    zero_point = int(np.clip(round(qtype.qmin - rmin / scale), qtype.qmin, qtype.qmax))
+    return _make(scale, zero_point, qtype)
+
+
+# ---- activation methods: (collector, config) -> QParams ------------------------------
+
+def _minmax(c: TensorCollector, cfg: QuantizationConfig) -> QParams:
+    return qparams_from_range(c.min, c.max, cfg.activation_type, cfg.activation_symmetric)
+
+
+def _percentile(c: TensorCollector, cfg: QuantizationConfig) -> QParams:
+    p = cfg.percentile / 100.0
+    if cfg.activation_symmetric:
+        mag, hi = c.magnitude_histogram()
+        t = float(kernels.histogram_quantiles(mag, 0.0, hi, [p])[0])
+        return qparams_from_range(max(c.min, -t), min(c.max, t), cfg.activation_type, True)
+    lo, hi = kernels.histogram_quantiles(c.hist, c.lo, c.hi, [1.0 - p, p])
+    return qparams_from_range(max(c.min, lo), min(c.max, hi), cfg.activation_type, False)
+
+
+def _entropy(c: TensorCollector, cfg: QuantizationConfig) -> QParams:
+    mag, hi = c.magnitude_histogram()
+    if hi <= 0:
+        return _minmax(c, cfg)
+    t = kernels.histogram_entropy_threshold(mag, hi, 128)
+    return qparams_from_range(max(c.min, -t), min(c.max, t), cfg.activation_type, cfg.activation_symmetric)
+
+
+def _best_of(c: TensorCollector, candidates: list, qtype: QuantType) -> QParams:
+    scales = np.array([float(q.scale) for q in candidates])
+    zps = np.array([float(q.zero_point) for q in candidates])
+    errors = kernels.histogram_quant_errors(c.hist, c.lo, c.hi, scales, zps, qtype.qmin, qtype.qmax)
+    return candidates[int(np.argmin(errors))]
+
+
+def _mse(c: TensorCollector, cfg: QuantizationConfig) -> QParams:
+    """Clipping range alpha * [min, max] with the least expected squared error."""
+    if c.count == 0 or c.abs_max == 0:
+        return _minmax(c, cfg)
+    alphas = np.linspace(MSE_SEARCH_MIN_FRACTION, 1.0, MSE_SEARCH_POINTS)
+    candidates = [qparams_from_range(a * c.min, a * c.max, cfg.activation_type, cfg.activation_symmetric)
+                  for a in alphas]
+    return _best_of(c, candidates, cfg.activation_type)
+
+
+def _pow2_candidates(abs_max: float, grid: _Grid, steps: int) -> Tuple[np.ndarray, int]:
+    """Exponents [k_no - steps, k_no]; k_no is the smallest that does not clip abs_max."""
+    k_no = math.ceil(math.log2(abs_max / grid.levels))
+    return np.arange(k_no - steps, k_no + 1), k_no
+
+
+def _pow2_activation(c: TensorCollector, cfg: QuantizationConfig, search: bool) -> QParams:
+    qtype = cfg.activation_type
+    grid = _symmetric_grid(qtype, c.min >= 0)
+    if c.count == 0 or c.abs_max == 0:
+        return _make(ZERO_TENSOR_SCALE, grid.zero_point, qtype)
+    exponents, k_no = _pow2_candidates(c.abs_max, grid, POW2_SEARCH_STEPS if search else 0)
+    if not search:
+        return _make(2.0 ** k_no, grid.zero_point, qtype)
+    scales = np.exp2(exponents.astype(np.float64))
+    errors = kernels.histogram_quant_errors(c.hist, c.lo, c.hi, scales, grid.zero_point, grid.qmin, grid.qmax)
+    return _make(float(scales[int(np.argmin(errors))]), grid.zero_point, qtype)
+
+
+ACTIVATION_METHODS: Dict[CalibrateMethod, Callable[[TensorCollector, QuantizationConfig], QParams]] = {
+    CalibrationMethod.MinMax: _minmax,
+    CalibrationMethod.Percentile: _percentile,
+    CalibrationMethod.Entropy: _entropy,
+    CalibrationMethod.MSE: _mse,
+    PowerOfTwoMethod.NonOverflow: lambda c, cfg: _pow2_activation(c, cfg, search=False),
+    PowerOfTwoMethod.MinMSE: lambda c, cfg: _pow2_activation(c, cfg, search=True),
+}
+
+
+def activation_qparams(collector: TensorCollector, config: QuantizationConfig) -> QParams:
+    """Quantization parameters of an activation tensor from its collected statistics."""
+    return ACTIVATION_METHODS[config.calibrate_method](collector, config)
+
+
+# ---- weights -------------------------------------------------------------------------
+
+def weight_qparams(weight: np.ndarray, config: QuantizationConfig, axis: Optional[int] = None) -> QParams:
+    """Symmetric int8 parameters of a weight tensor (zero point 0).
+
+    Float scales: abs-max / 127, per tensor or per channel along ``axis``.
+    Power-of-two scales (per tensor): NonOverflow takes the smallest 2^k that does not
+    clip; MinMSE the 2^k with the least exact squared error over the whole tensor.
+    """
+    qtype = config.weight_type
+    w = np.asarray(weight, dtype=np.float32)
+    if config.power_of_two:
+        grid = _symmetric_grid(qtype, non_negative=False)
+        abs_max = float(np.max(np.abs(w))) if w.size else 0.0
+        if abs_max == 0:
+            return _make(ZERO_TENSOR_SCALE, 0, qtype)
+        search = config.calibrate_method is PowerOfTwoMethod.MinMSE
+        exponents, k_no = _pow2_candidates(abs_max, grid, POW2_SEARCH_STEPS if search else 0)
+        if not search:
+            return _make(2.0 ** k_no, 0, qtype)
+        scales = np.exp2(exponents.astype(np.float64))
+        errors = kernels.tensor_quant_errors(w.reshape(1, -1), scales, 0.0, grid.qmin, grid.qmax)[0]
+        return _make(float(scales[int(np.argmin(errors))]), 0, qtype)
+    if axis is None:
+        return _make(float(np.max(np.abs(w))) / 127.0 if w.size else 0.0, 0, qtype)
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    abs_max = np.max(np.abs(moved), axis=1) if moved.shape[1] else np.zeros(moved.shape[0])
+    scale = np.where(abs_max > 0, abs_max / 127.0, ZERO_TENSOR_SCALE).astype(np.float32)
+    return QParams(scale, np.zeros(scale.shape, dtype=qtype.numpy_dtype), axis)
+
+
+def quantize_array(x: np.ndarray, qp: QParams, qtype: QuantType) -> np.ndarray:
+    """QuantizeLinear in numpy (round half to even, saturate)."""
+    scale, zp = qp.scale.astype(np.float64), qp.zero_point.astype(np.float64)
+    if qp.axis is not None:
+        shape = [1] * x.ndim
+        shape[qp.axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    q = np.clip(np.round(x.astype(np.float64) / scale) + zp, qtype.qmin, qtype.qmax)
+    return q.astype(qtype.numpy_dtype)

@@ -1,0 +1,137 @@
+"""Run the float model over calibration data and stream every planned activation into
+its collector. One batch of activations is alive at a time: onnxruntime returns the
+batch's tensors, the kernels absorb them, and they are dropped before the next run."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import ModelProto
+
+from ..config import QuantizationConfig
+from ..errors import CalibrationError, DataError
+from ..graph.plan import QuantPlan
+from ..graph.view import GraphView
+from .collector import NonFiniteValues, TensorCollector
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, Optional[int]], None]  # (batches done, total or None)
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+              "tensor(int8)": np.int8, "tensor(bool)": np.bool_}
+
+
+def make_session(model: ModelProto, outputs: List[str] = (), providers=None) -> ort.InferenceSession:
+    """An onnxruntime session of ``model`` that also returns the tensors ``outputs``."""
+    if outputs:
+        extended = ModelProto()
+        extended.CopyFrom(model)
+        existing = {o.name for o in extended.graph.output}
+        extended.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                                     for name in outputs if name not in existing)
+        model = extended
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=providers or ["CPUExecutionProvider"])
+
+
+def check_feed(session: ort.InferenceSession, feed: Dict[str, np.ndarray], batch_index: int) -> Dict[str, np.ndarray]:
+    """DataError naming the input if the feed does not match the model's inputs."""
+    if not isinstance(feed, dict):
+        raise DataError(f"batch {batch_index}: data reader returned {type(feed).__name__}, expected a dict "
+                        "{input name: array}")
+    inputs = {i.name: i for i in session.get_inputs()}
+    missing, extra = set(inputs) - set(feed), set(feed) - set(inputs)
+    if missing or extra:
+        raise DataError(f"batch {batch_index}: feed names {sorted(feed)} do not match the model inputs "
+                        f"{sorted(inputs)}")
+    for name, value in feed.items():
+        spec = inputs[name]
+        value = np.asarray(value)
+        if value.ndim != len(spec.shape):
+            raise DataError(f"batch {batch_index}: input {name!r} has rank {value.ndim} (shape {value.shape}), "
+                            f"the model expects rank {len(spec.shape)} {spec.shape}")
+        for axis, (got, want) in enumerate(zip(value.shape, spec.shape)):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise DataError(f"batch {batch_index}: input {name!r} has shape {value.shape}, the model "
+                                f"expects {spec.shape} (axis {axis})")
+        want_dtype = _ORT_TYPES.get(spec.type)
+        if want_dtype is not None and value.dtype != want_dtype:
+            raise DataError(f"batch {batch_index}: input {name!r} has dtype {value.dtype}, the model expects "
+                            f"{np.dtype(want_dtype)}")
+    return feed
+
+
+def _prefetch(reader, depth: int = 2):
+    """Yield the reader's batches, reading ahead in a thread so that image decoding
+    overlaps with inference. Errors in the reader are re-raised here."""
+    q: "queue.Queue" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            while not stop.is_set():
+                item = reader.get_next()
+                q.put(done if item is None else item)
+                if item is None:
+                    return
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True, name="pyquant-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantizationConfig,
+            progress: Optional[ProgressCallback] = None) -> Dict[str, TensorCollector]:
+    """Statistics of every planned activation over all batches of ``reader``."""
+    view = GraphView(model)
+    histogram = config.needs_histogram
+    collectors = {name: TensorCollector(config.num_bins, histogram) for name in plan.activations}
+    for name in plan.constant_activations:
+        collectors[name].update(view.constant_value(name))
+    constants = set(plan.constant_activations)
+    inputs = set(view.graph_inputs)
+    fed = [n for n in plan.activations if n in inputs]  # read from the feed, not the session
+    names = [n for n in plan.activations if n not in constants and n not in inputs]
+    session = make_session(model, names)
+    total = len(reader) if hasattr(reader, "__len__") else None
+    batches = 0
+    for feed in _prefetch(reader):
+        feed = check_feed(session, feed, batches)
+        values = session.run(names, feed) + [feed[n] for n in fed]
+        for name, value in zip(names + fed, values):
+            try:
+                collectors[name].update(value)
+            except NonFiniteValues as e:
+                raise CalibrationError(f"tensor {name!r} has {e} in calibration batch {batches}") from None
+        del values
+        batches += 1
+        if progress is not None:
+            progress(batches, total)
+    if batches == 0:
+        raise DataError("the calibration data reader produced no batch")
+    return collectors

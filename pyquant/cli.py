@@ -1,0 +1,215 @@
+"""Command line: ``pyquant quantize`` and ``pyquant eval``. The CLI owns the terminal:
+progress bars on stderr, one-line errors, exit status 2 for usage and 1 for failures."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from . import __version__
+from .config import PRESETS, get_preset
+from .errors import ConfigError, ModelError, PyquantError
+
+log = logging.getLogger("pyquant")
+
+
+def _triple(text: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("preprocessing (images)")
+    g.add_argument("--input_size", type=_positive_int, default=None,
+                   help="crop size; default: the model's static input height")
+    g.add_argument("--resize", type=_positive_int, default=None,
+                   help="shorter side before the center crop (default: input_size / 0.875)")
+    g.add_argument("--mean", type=_triple, default=(0.485, 0.456, 0.406),
+                   help="per-channel mean in units of pixel/255 (default: %(default)s)")
+    g.add_argument("--std", type=_triple, default=(0.229, 0.224, 0.225),
+                   help="per-channel std in units of pixel/255 (default: %(default)s)")
+    g.add_argument("--batch_size", type=_positive_int, default=8,
+                   help="images per onnxruntime run (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyquant", description="Post-training INT8 quantization of ONNX models.")
+    parser.add_argument("--version", action="version", version=f"pyquant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a float ONNX model with calibration data",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--model_input", required=True, help="float ONNX model")
+    q.add_argument("--model_output", required=True, help="where to write the QDQ model")
+    q.add_argument("--calib_data", required=True,
+                   help="folder of images (class sub-folders allowed), a .npy file [N, ...] or a folder of .npy batches")
+    q.add_argument("--config", default="XINT8", help=f"preset: {', '.join(PRESETS)}")
+    q.add_argument("--per_channel", action="store_true", help="per-channel weight scales (not with XINT8)")
+    q.add_argument("--num_calib", type=_positive_int, default=None, help="use at most this many calibration samples")
+    _add_common(q)
+    q.set_defaults(run=_run_quantize)
+
+    e = sub.add_parser("eval", help="top-1/top-5 accuracy and size of a classifier",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--model", required=True, help="ONNX model (float or quantized)")
+    e.add_argument("--data", required=True, help="image folder with one sub-folder per class")
+    e.add_argument("--labels", default=None,
+                   help="LOC_synset_mapping.txt (line i = class i); default: sorted sub-folder names")
+    e.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider")
+    e.add_argument("--provider_config", default=None,
+                   help="provider option config_file (e.g. vaip_config.json for VitisAIExecutionProvider)")
+    e.add_argument("--num_images", type=_positive_int, default=None, help="evaluate at most this many images")
+    e.add_argument("--json", action="store_true", help="print one JSON object (top1/top5 as fractions)")
+    _add_common(e)
+    e.set_defaults(run=_run_eval)
+    return parser
+
+
+class _Progress:
+    """tqdm bar driven by the library's (done, total) callback."""
+
+    def __init__(self, description: str, quiet: bool) -> None:
+        self.description, self.quiet, self.bar = description, quiet, None
+
+    def __call__(self, done: int, total: Optional[int]) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=self.description, unit="batch", file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _model_input_spec(path: str):
+    """(input name, layout, static input size or None) of a model, read from its graph."""
+    from .graph.model_io import load_model
+
+    model = load_model(path)
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ModelError(f"{path}: image data needs a model with one input, this one has "
+                         f"{[i.name for i in inputs]}")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise ModelError(f"{path}: input {inputs[0].name!r} has rank {len(dims)}; image data needs [N, C, H, W] "
+                         "or [N, H, W, C]")
+    layout = "NHWC" if dims[3] == 3 and dims[1] != 3 else "NCHW"
+    size = dims[2] if layout == "NCHW" else dims[1]
+    return model, inputs[0].name, layout, size
+
+
+def _preprocess(args, layout: str, static_size: Optional[int]):
+    from .data import Preprocess
+
+    size = args.input_size or static_size
+    if size is None:
+        raise ConfigError("the model input has no static size: give --input_size")
+    if args.input_size and static_size and args.input_size != static_size:
+        raise ConfigError(f"--input_size {args.input_size} does not match the model's input size {static_size}")
+    return Preprocess(input_size=size, resize=args.resize, mean=args.mean, std=args.std, layout=layout)
+
+
+def _run_quantize(args) -> int:
+    from .data import ArrayReader, ImageFolderReader, is_npy_source
+    from .graph.model_io import check_output_path, save_model
+    from .quantize import quantize_model
+
+    config = get_preset(args.config)
+    if args.per_channel:
+        if config.power_of_two:
+            raise ConfigError(f"--per_channel cannot be used with {args.config.upper()}: its power-of-two "
+                              "scales are per tensor (NPUs take one scale per tensor)")
+        config = dataclasses.replace(config, per_channel=True)
+    config = dataclasses.replace(config, calib_batch_size=args.batch_size)
+    check_output_path(args.model_output, args.model_input)
+    model, input_name, layout, size = _model_input_spec(args.model_input)
+    if is_npy_source(args.calib_data):
+        reader = ArrayReader(args.calib_data, input_name, args.batch_size, args.num_calib)
+    else:
+        reader = ImageFolderReader(args.calib_data, input_name, _preprocess(args, layout, size),
+                                   args.batch_size, args.num_calib)
+    progress = _Progress("calibrating", args.quiet)
+    start = time.perf_counter()
+    try:
+        result = quantize_model(model, reader, config, progress)
+    finally:
+        progress.close()
+    save_model(result.model, args.model_output)
+    if reader.skipped:
+        log.warning("skipped %d unreadable calibration image(s)", len(reader.skipped))
+    if not args.quiet:
+        print(f"wrote {args.model_output} ({args.config.upper()}, {len(result.plan.activations)} activations, "
+              f"{len(result.plan.weights)} weights) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _run_eval(args) -> int:
+    from .data import ImageFolderReader
+    from .evaluate import evaluate
+
+    _, input_name, layout, size = _model_input_spec(args.model)
+    reader = ImageFolderReader(args.data, input_name, _preprocess(args, layout, size), args.batch_size,
+                               args.num_images, labels_file=args.labels)
+    options = {"config_file": args.provider_config} if args.provider_config else None
+    progress = _Progress("evaluating", args.quiet or args.json)
+    try:
+        result = evaluate(args.model, reader, args.provider, options, progress)
+    finally:
+        progress.close()
+    if reader.skipped:
+        log.warning("skipped %d unreadable image(s)", len(reader.skipped))
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"top-1 {100 * result.top1:.2f} %  top-5 {100 * result.top5:.2f} %  "
+              f"n {result.n}  size {result.size_mb:.2f} MB  ({result.provider})")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="pyquant: %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("pyquant").setLevel(level)
+    try:
+        return args.run(args)
+    except PyquantError as e:
+        if args.debug:
+            raise
+        print(f"pyquant: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("pyquant: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Top-1 / top-5 accuracy and model size of a classifier on a labelled image folder."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Union
+
+import numpy as np
+import onnxruntime as ort
+from onnx import ModelProto
+
+from .errors import ConfigError, DataError
+
+ProgressCallback = Callable[[int, Optional[int]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    top1: float  # fractions in [0, 1]
+    top5: float
+    n: int
+    size_mb: float
+    provider: str
+    predictions: np.ndarray  # argmax per image, in reader order
+
+    def as_dict(self) -> dict:
+        return {"top1": self.top1, "top5": self.top5, "n": self.n, "size_mb": self.size_mb,
+                "provider": self.provider}
+
+
+def model_size_mb(model: Union[ModelProto, os.PathLike, str]) -> float:
+    if isinstance(model, ModelProto):
+        return model.ByteSize() / 1e6
+    p = Path(model)
+    data = [q for q in p.parent.glob(p.name + ".data")]
+    return (p.stat().st_size + sum(q.stat().st_size for q in data)) / 1e6
+
+
+def make_eval_session(model: Union[ModelProto, os.PathLike, str], provider: str = "CPUExecutionProvider",
+                      provider_options: Optional[dict] = None) -> ort.InferenceSession:
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise ConfigError(f"execution provider {provider!r} is not available in this onnxruntime "
+                          f"({ort.__version__}); available: {', '.join(available)}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, ModelProto) else str(model)
+    providers: List = [(provider, provider_options or {})]
+    if provider != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+    return ort.InferenceSession(source, options, providers=providers)
+
+
+def evaluate(model: Union[ModelProto, os.PathLike, str], reader, provider: str = "CPUExecutionProvider",
+             provider_options: Optional[dict] = None, progress: Optional[ProgressCallback] = None) -> EvalResult:
+    """Accuracy of ``model`` over ``reader`` (an ImageFolderReader: ``next_labeled()``)."""
+    session = make_eval_session(model, provider, provider_options)
+    input_name = session.get_inputs()[0].name
+    correct1 = correct5 = n = 0
+    predictions: List[np.ndarray] = []
+    total = len(reader) if hasattr(reader, "__len__") else None
+    batches = 0
+    reader.rewind()
+    while True:
+        item = reader.next_labeled()
+        if item is None:
+            break
+        images, labels = item
+        logits = session.run(None, {input_name: images})[0]
+        if logits.ndim != 2:
+            raise DataError(f"model output has shape {logits.shape}; evaluation needs [N, classes] logits")
+        top5 = np.argsort(-logits, axis=1)[:, :5]
+        correct1 += int((top5[:, 0] == labels).sum())
+        correct5 += int((top5 == labels[:, None]).any(axis=1).sum())
+        n += len(labels)
+        predictions.append(top5[:, 0])
+        batches += 1
+        if progress is not None:
+            progress(batches, total)
+    if n == 0:
+        raise DataError("no images to evaluate")
+    return EvalResult(correct1 / n, correct5 / n, n, model_size_mb(model), session.get_providers()[0],
+                      np.concatenate(predictions))
+
+
+def agreement(a: Sequence[int], b: Sequence[int]) -> float:
+    """Fraction of images on which two models predict the same top-1 class."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float((a == b).mean()) if a.size else 0.0

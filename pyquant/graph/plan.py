@@ -1,0 +1,200 @@
+"""Which tensors of a float model get a QuantizeLinear/DequantizeLinear pair, and which
+share one scale. Decided once from the graph, before calibration.
+
+Rules applied (all presets):
+  * Conv, Gemm and MatMul take quantized activations and int8 weights; their bias
+    becomes int32 with scale = input scale x weight scale.
+  * Conv/Gemm/MatMul/Add followed by Relu or Clip (as the only consumer) is fused:
+    no QDQ pair separates the layer from its activation, only the activation's output
+    is quantized.
+  * Data-movement ops (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice,
+    Pad, Resize, Gather, Split) keep their input scale on their output: they do not
+    change values, so one scale loses nothing and needs no requantization.
+NPU CNN rules (enable_npu_cnn, part of XINT8):
+  * Concat inputs and output share one scale (the NPU concatenates integer data).
+  * AveragePool and GlobalAveragePool keep input scale = output scale.
+Ops not listed in OP_RULES stay in float; the plan records why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Dict, List, Optional, Tuple
+
+from onnx import ModelProto, NodeProto
+
+from .view import GraphView, attribute
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRule:
+    activation_inputs: Optional[Tuple[int, ...]] = None  # None: every float input
+    weight_input: Optional[int] = None
+    bias_input: Optional[int] = None
+    same_scale: bool = False  # output shares the scale of input 0
+    npu_same_scale: bool = False  # ... under the NPU CNN rules only
+    npu_concat: bool = False  # all inputs and the output share one scale under NPU rules
+    fusable: bool = False  # may absorb a following Relu/Clip
+
+
+_DATA_MOVEMENT = OpRule(activation_inputs=(0,), same_scale=True)
+_POOL_AVG = OpRule(activation_inputs=(0,), npu_same_scale=True)
+_UNARY = OpRule(activation_inputs=(0,))
+
+OP_RULES: Dict[str, OpRule] = {
+    "Conv": OpRule(activation_inputs=(0,), weight_input=1, bias_input=2, fusable=True),
+    "Gemm": OpRule(activation_inputs=(0,), weight_input=1, bias_input=2, fusable=True),
+    "MatMul": OpRule(weight_input=1, fusable=True),
+    "Add": OpRule(fusable=True),
+    "Mul": OpRule(),
+    "Concat": OpRule(npu_concat=True),
+    "MaxPool": _DATA_MOVEMENT, "Reshape": _DATA_MOVEMENT, "Flatten": _DATA_MOVEMENT,
+    "Transpose": _DATA_MOVEMENT, "Squeeze": _DATA_MOVEMENT, "Unsqueeze": _DATA_MOVEMENT,
+    "Slice": _DATA_MOVEMENT, "Pad": _DATA_MOVEMENT, "Resize": _DATA_MOVEMENT,
+    "Gather": _DATA_MOVEMENT, "Split": _DATA_MOVEMENT,
+    "AveragePool": _POOL_AVG, "GlobalAveragePool": _POOL_AVG,
+    "Relu": _UNARY, "Clip": _UNARY, "LeakyRelu": _UNARY, "Sigmoid": _UNARY,
+    "HardSigmoid": _UNARY, "Tanh": _UNARY,
+}
+FUSED_ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightUse:
+    node: NodeProto
+    input_index: int
+    channel_axis: int  # axis of the output channels, for per-channel scales
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasUse:
+    node: NodeProto
+    input_index: int
+    activation: str  # the quantized activation input whose scale multiplies the weight scale
+    weight: str
+
+
+@dataclasses.dataclass
+class QuantPlan:
+    activations: List[str]  # tensors that get a QDQ pair, in a stable order
+    constant_activations: List[str]  # constant float inputs quantized with the activation type
+    weights: List[WeightUse]
+    biases: List[BiasUse]
+    groups: List[List[str]]  # tensors that share one scale (each activation in exactly one group)
+    skipped: Dict[str, str]  # node name -> reason it stays float
+
+    def group_of(self) -> Dict[str, int]:
+        return {t: gi for gi, members in enumerate(self.groups) for t in members}
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: Dict[str, str] = {}
+
+    def add(self, x: str) -> None:
+        self.parent.setdefault(x, x)
+
+    def find(self, x: str) -> str:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _weight_axis(node: NodeProto, weight_rank: int) -> int:
+    if node.op_type == "Gemm":
+        return 0 if attribute(node, "transB", 0) else 1
+    if node.op_type == "MatMul":
+        return weight_rank - 1
+    return 0
+
+
+def build_plan(model: ModelProto, enable_npu_cnn: bool) -> QuantPlan:
+    view = GraphView(model)
+    order: List[str] = []
+    seen = set()
+    constants: List[str] = []
+    weights: List[WeightUse] = []
+    biases: List[BiasUse] = []
+    skipped: Dict[str, str] = {}
+    uf = _UnionFind()
+
+    def want(name: str) -> bool:
+        if not name or not view.is_float(name):
+            return False
+        if name not in seen:
+            seen.add(name)
+            order.append(name)
+            uf.add(name)
+            if view.is_constant(name):
+                constants.append(name)
+        return True
+
+    fused_outputs = set()
+    for node in model.graph.node:
+        rule = OP_RULES.get(node.op_type)
+        if rule is None or not rule.fusable:
+            continue
+        nxt = view.single_consumer(node.output[0])
+        if nxt is not None and nxt.op_type in FUSED_ACTIVATIONS:
+            fused_outputs.add(node.output[0])
+
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            raise_already_quantized(view, node)
+        rule = OP_RULES.get(node.op_type)
+        if rule is None:
+            if node.op_type != "Constant":
+                skipped[view.node_name(node)] = f"op type {node.op_type} has no quantized form here"
+            continue
+        if node.op_type in ("Gemm", "MatMul", "Conv") and not _has_constant_weight(view, node, rule):
+            if node.op_type != "MatMul":
+                skipped[view.node_name(node)] = "weight is not a constant initializer"
+                continue
+        indices = rule.activation_inputs if rule.activation_inputs is not None else range(len(node.input))
+        act_inputs = []
+        for i in indices:
+            if i >= len(node.input):
+                continue
+            name = node.input[i]
+            if i == rule.weight_input and view.is_constant(name):
+                continue
+            if want(name):
+                act_inputs.append(name)
+        if rule.weight_input is not None and rule.weight_input < len(node.input):
+            w = node.input[rule.weight_input]
+            if view.is_constant(w) and view.is_float(w):
+                rank = len(view.constant_value(w).shape)
+                weights.append(WeightUse(node, rule.weight_input, _weight_axis(node, rank)))
+                if (rule.bias_input is not None and rule.bias_input < len(node.input)
+                        and node.input[rule.bias_input] and view.is_constant(node.input[rule.bias_input])
+                        and act_inputs):
+                    biases.append(BiasUse(node, rule.bias_input, act_inputs[0], w))
+        outputs = [o for o in node.output if o and o not in fused_outputs and want(o)]
+        if act_inputs and outputs and (rule.same_scale or (enable_npu_cnn and rule.npu_same_scale)):
+            uf.union(outputs[0], act_inputs[0])
+        if enable_npu_cnn and rule.npu_concat and outputs:
+            for name in act_inputs:
+                uf.union(name, outputs[0])
+
+    groups: Dict[str, List[str]] = {}
+    for name in order:
+        groups.setdefault(uf.find(name), []).append(name)
+    for name, reason in skipped.items():
+        log.info("leaving %s in float: %s", name, reason)
+    return QuantPlan(order, constants, weights, biases, list(groups.values()), skipped)
+
+
+def _has_constant_weight(view: GraphView, node: NodeProto, rule: OpRule) -> bool:
+    return rule.weight_input is not None and rule.weight_input < len(node.input) \
+        and view.is_constant(node.input[rule.weight_input])
+
+
+def raise_already_quantized(view: GraphView, node: NodeProto) -> None:
+    from ..errors import ModelError
+    raise ModelError(f"node {view.node_name(node)} is a {node.op_type}: the model is already quantized")

@@ -1,0 +1,139 @@
+"""Rewrite a float model into standard QDQ form (QuantizeLinear -> DequantizeLinear
+pairs on activations, int8 weights and int32 biases behind DequantizeLinear)."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import numpy as np
+from onnx import ModelProto, NodeProto, helper, numpy_helper
+
+from ..calibrate.methods import QParams, quantize_array, weight_qparams
+from ..config import QuantizationConfig
+from .plan import QuantPlan
+from .view import GraphView
+
+# int32 bias range: a bias that does not fit is saturated (and would need a larger
+# weight or input scale; it does not happen with 8-bit scales on real CNNs).
+_INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+class _Builder:
+    def __init__(self, view: GraphView) -> None:
+        self.view = view
+        self.initializers: List = []
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def dq(self, quantized: str, qp: QParams, out: str) -> NodeProto:
+        kwargs = {"axis": qp.axis} if qp.axis is not None else {}
+        return helper.make_node(
+            "DequantizeLinear", [quantized, self.const(out + "_scale", qp.scale),
+                                 self.const(out + "_zero_point", qp.zero_point)],
+            [out], name=out + "_DequantizeLinear", **kwargs)
+
+    def q(self, source: str, qp: QParams, out: str) -> NodeProto:
+        return helper.make_node(
+            "QuantizeLinear", [source, self.const(out + "_scale", qp.scale),
+                               self.const(out + "_zero_point", qp.zero_point)],
+            [out], name=out + "_QuantizeLinear")
+
+
+def write_qdq(model: ModelProto, plan: QuantPlan, act_qparams: Dict[str, QParams],
+              config: QuantizationConfig) -> ModelProto:
+    """A new model: ``model`` with the QDQ pairs of ``plan`` (``model`` is not changed)."""
+    out_model = ModelProto()
+    out_model.CopyFrom(model)
+    view = GraphView(out_model)
+    b = _Builder(view)
+    # The plan refers to nodes of `model`; map them to the copy by position.
+    copy_of = {id(o): c for o, c in zip(model.graph.node, out_model.graph.node)}
+
+    head: List[NodeProto] = []  # DQ of weights, biases, constants and graph inputs
+    after: Dict[str, List[NodeProto]] = {}  # producer output -> Q/DQ nodes placed right after it
+    rename: Dict[str, str] = {}  # consumer input -> DQ output
+
+    weight_qp: Dict[Tuple[int, int], QParams] = {}
+    done_weights: Dict[Tuple[str, object], str] = {}
+    for use in plan.weights:
+        node = copy_of[id(use.node)]
+        w_name = node.input[use.input_index]
+        axis = use.channel_axis if config.per_channel else None
+        key = (w_name, axis)
+        w = view.constant_value(w_name)
+        qp = weight_qparams(w, config, axis)
+        if key not in done_weights:
+            q_name = b.const(f"{w_name}_quantized", quantize_array(w, qp, config.weight_type))
+            head.append(b.dq(q_name, qp, f"{w_name}_DequantizeLinear_Output" + ("" if axis is None else "_pc")))
+            done_weights[key] = head[-1].output[0]
+        node.input[use.input_index] = done_weights[key]
+        weight_qp[(id(node), use.input_index)] = qp
+
+    for use in plan.biases:
+        node = copy_of[id(use.node)]
+        act = act_qparams.get(use.activation)
+        wqp = next((qp for (nid, _), qp in weight_qp.items() if nid == id(node)), None)
+        if act is None or wqp is None:
+            continue
+        b_name = node.input[use.input_index]
+        bias = view.constant_value(b_name).astype(np.float64)
+        scale = (act.scale.astype(np.float64) * wqp.scale.astype(np.float64))
+        scale = np.broadcast_to(scale, bias.shape) if wqp.axis is not None else scale
+        q = np.clip(np.round(bias / scale), _INT32_MIN, _INT32_MAX).astype(np.int32)
+        axis = 0 if wqp.axis is not None else None
+        qp = QParams(np.asarray(scale, dtype=np.float32), np.zeros(np.shape(scale), dtype=np.int32), axis)
+        out = f"{b_name}_{node.output[0]}_DequantizeLinear_Output"
+        head.append(b.dq(b.const(f"{b_name}_{node.output[0]}_quantized", q), qp, out))
+        node.input[use.input_index] = out
+
+    graph_outputs = set(view.graph_outputs)
+    constants = set(plan.constant_activations)
+    for name in plan.activations:
+        qp = act_qparams[name]
+        if name in constants:
+            value = view.constant_value(name)
+            q_name = b.const(f"{name}_quantized", quantize_array(value, qp, config.activation_type))
+            head.append(b.dq(q_name, qp, f"{name}_DequantizeLinear_Output"))
+            rename[name] = head[-1].output[0]
+            continue
+        q_out = f"{name}_QuantizeLinear_Output"
+        if name in graph_outputs:
+            # Keep the graph output's name: the producer writes `<name>_float`, DQ writes `<name>`.
+            source = f"{name}_float"
+            view.producer[name].output[list(view.producer[name].output).index(name)] = source
+            pair = [b.q(source, qp, q_out), b.dq(q_out, qp, name)]
+        else:
+            source = name
+            pair = [b.q(name, qp, q_out), b.dq(q_out, qp, f"{name}_DequantizeLinear_Output")]
+            rename[name] = pair[1].output[0]
+        if name in view.producer:
+            after.setdefault(source, []).extend(pair)
+        else:  # a graph input
+            head.extend(pair)
+
+    new_nodes: List[NodeProto] = list(head)
+    for node in out_model.graph.node:
+        for i, inp in enumerate(node.input):
+            if inp in rename:
+                node.input[i] = rename[inp]
+        new_nodes.append(node)
+        for o in node.output:
+            new_nodes.extend(after.get(o, []))
+    del out_model.graph.node[:]
+    out_model.graph.node.extend(new_nodes)
+    out_model.graph.initializer.extend(b.initializers)
+    _drop_unused_initializers(out_model)
+    return out_model
+
+
+def _drop_unused_initializers(model: ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input}
+    before = {t.name for t in model.graph.initializer}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    # Old models also list initializers as graph inputs: drop those that went away.
+    inputs = [i for i in model.graph.input if i.name not in before or i.name in used]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)

@@ -1,0 +1,92 @@
+"""The quantization pipeline: load, prepare, plan, calibrate, rewrite, save."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Dict, Optional
+
+import onnx
+from onnx import ModelProto
+
+from .calibrate.collector import TensorCollector
+from .calibrate.methods import QParams, activation_qparams
+from .calibrate.runner import ProgressCallback, collect
+from .config import QuantizationConfig
+from .errors import ModelError
+from .graph.fold_bn import fold_batch_norm
+from .graph.model_io import PathLike, check_output_path, load_model, save_model
+from .graph.plan import QuantPlan, build_plan
+from .graph.qdq import write_qdq
+
+log = logging.getLogger(__name__)
+# QuantizeLinear with per-axis scales needs opset 13.
+MIN_OPSET = 13
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeResult:
+    model: ModelProto
+    plan: QuantPlan
+    qparams: Dict[str, QParams]
+    seconds_calibration: float
+    seconds_total: float
+
+
+def prepare(model: ModelProto) -> ModelProto:
+    """Shape inference (for element types) and BatchNormalization folding, on a copy."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        raise ModelError(f"model opset {opset} is older than {MIN_OPSET}; convert it first "
+                         f"(onnx.version_converter.convert_version(model, {MIN_OPSET}))")
+    prepared = ModelProto()
+    prepared.CopyFrom(model)
+    fold_batch_norm(prepared)
+    try:
+        prepared = onnx.shape_inference.infer_shapes(prepared)
+    except Exception as e:
+        raise ModelError(f"shape inference failed: {e}") from None
+    return prepared
+
+
+def group_qparams(plan: QuantPlan, collectors: Dict[str, TensorCollector],
+                  config: QuantizationConfig) -> Dict[str, QParams]:
+    """One QParams per scale-sharing group, computed from the group's merged statistics."""
+    result: Dict[str, QParams] = {}
+    for members in plan.groups:
+        merged = collectors[members[0]]
+        for name in members[1:]:
+            merged = merged.merged(collectors[name])
+        qp = activation_qparams(merged, config)
+        for name in members:
+            result[name] = qp
+    return result
+
+
+def quantize_model(model: ModelProto, reader, config: QuantizationConfig,
+                   progress: Optional[ProgressCallback] = None) -> QuantizeResult:
+    """Quantize an in-memory float model with calibration data from ``reader``."""
+    start = time.perf_counter()
+    prepared = prepare(model)
+    plan = build_plan(prepared, config.enable_npu_cnn)
+    t0 = time.perf_counter()
+    collectors = collect(prepared, plan, reader, config, progress)
+    seconds_calibration = time.perf_counter() - t0
+    qparams = group_qparams(plan, collectors, config)
+    quantized = write_qdq(prepared, plan, qparams, config)
+    try:
+        onnx.checker.check_model(quantized)
+    except onnx.checker.ValidationError as e:  # a bug of ours, not of the user's model
+        raise ModelError(f"internal error: the quantized model is invalid: {str(e).splitlines()[0]}") from None
+    log.info("quantized %d activations, %d weights, %d biases; %d nodes left in float",
+             len(plan.activations), len(plan.weights), len(plan.biases), len(plan.skipped))
+    return QuantizeResult(quantized, plan, qparams, seconds_calibration, time.perf_counter() - start)
+
+
+def quantize_file(model_input: PathLike, model_output: PathLike, reader, config: QuantizationConfig,
+                  progress: Optional[ProgressCallback] = None) -> QuantizeResult:
+    """Quantize ``model_input`` into ``model_output`` (written atomically, after all checks)."""
+    check_output_path(model_output, model_input)
+    result = quantize_model(load_model(model_input), reader, config, progress)
+    save_model(result.model, model_output)
+    return result
