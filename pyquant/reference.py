@@ -31,10 +31,11 @@ def range_stats(x: np.ndarray) -> RangeStatsRef:
 
 def histogram_accumulate(x: np.ndarray, hist: np.ndarray, lo: float, hi: float) -> None:
     x = np.asarray(x, dtype=np.float32).ravel()
-    x = x[np.isfinite(x)].astype(np.float64)
+    x = x[np.isfinite(x)]
     nbins = hist.shape[0]
-    idx = np.floor((x - lo) * (nbins / (hi - lo))).astype(np.int64)
-    hist += np.bincount(np.clip(idx, 0, nbins - 1), minlength=nbins)
+    pos = (x - np.float32(lo)) * np.float32(nbins / (hi - lo))  # float32, as the kernel
+    idx = np.clip(pos, 0, nbins - 1).astype(np.int64)
+    hist += np.bincount(idx, minlength=nbins)
 
 
 def histogram_rebin(src: np.ndarray, src_lo: float, src_hi: float,

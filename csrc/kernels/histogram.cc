@@ -82,33 +82,57 @@ RangeStats range_stats(const float* x, int64_t n) {
 
 namespace {
 
-void accumulate_serial(const float* x, int64_t n, double lo, double inv_width,
+// Four interleaved count arrays: activations after ReLU/ReLU6 pile up in one or
+// two bins (0 and 6), and incrementing the same counter back to back stalls on
+// store-to-load forwarding; spreading consecutive elements over four copies of
+// the histogram breaks that dependency chain.
+constexpr int kLanes = 4;
+
+inline int64_t bin_of(float v, float lo, float inv_width, int64_t last) {
+  // Same float32 operations as pyquant.reference.histogram_accumulate.
+  const float pos = (v - lo) * inv_width;
+  if (!(pos >= 0.0f)) return 0;  // also catches pos = NaN, excluded by the caller
+  const float capped = pos < static_cast<float>(last) ? pos : static_cast<float>(last);
+  return static_cast<int64_t>(capped);
+}
+
+void accumulate_serial(const float* x, int64_t n, float lo, float inv_width,
                        int64_t* counts, int64_t nbins) {
   const int64_t last = nbins - 1;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    if (!((v - v) == 0.0f)) continue;  // NaN / Inf: reported by range_stats
-    double pos = (static_cast<double>(v) - lo) * inv_width;
-    int64_t b = static_cast<int64_t>(std::floor(pos));
-    b = b < 0 ? 0 : (b > last ? last : b);
-    ++counts[b];
+  int64_t* lane[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane[l] = counts + l * nbins;
+  int64_t i = 0;
+  bool finite_block = true;
+  for (; i + kLanes <= n; i += kLanes) {
+    finite_block = true;
+    for (int l = 0; l < kLanes; ++l) finite_block &= (x[i + l] - x[i + l]) == 0.0f;
+    if (finite_block) {
+      for (int l = 0; l < kLanes; ++l) ++lane[l][bin_of(x[i + l], lo, inv_width, last)];
+    } else {
+      for (int l = 0; l < kLanes; ++l)
+        if ((x[i + l] - x[i + l]) == 0.0f) ++lane[l][bin_of(x[i + l], lo, inv_width, last)];
+    }
   }
+  for (; i < n; ++i)
+    if ((x[i] - x[i]) == 0.0f) ++lane[0][bin_of(x[i], lo, inv_width, last)];
 }
 
 }  // namespace
 
 void histogram_accumulate(const float* x, int64_t n, double lo, double hi,
                           double* hist, int64_t nbins) {
-  const double inv_width = static_cast<double>(nbins) / (hi - lo);
+  const float lo_f = static_cast<float>(lo);
+  const float inv_width = static_cast<float>(static_cast<double>(nbins) / (hi - lo));
   // Integer counts per thread, then one reduction: doubles are only used for
   // the caller-owned histogram (so that re-binning can split bins).
   int nthreads = 1;
 #ifdef _OPENMP
   if (n >= kParallelThreshold) nthreads = omp_get_max_threads();
 #endif
-  std::vector<int64_t> counts(static_cast<size_t>(nthreads) * nbins, 0);
+  const int64_t stride = kLanes * nbins;
+  std::vector<int64_t> counts(static_cast<size_t>(nthreads) * stride, 0);
   if (nthreads == 1) {
-    accumulate_serial(x, n, lo, inv_width, counts.data(), nbins);
+    accumulate_serial(x, n, lo_f, inv_width, counts.data(), nbins);
   } else {
 #pragma omp parallel num_threads(nthreads)
     {
@@ -118,12 +142,12 @@ void histogram_accumulate(const float* x, int64_t n, double lo, double hi,
       const int64_t t = 0, nt = 1;
 #endif
       const int64_t begin = n * t / nt, end = n * (t + 1) / nt;
-      accumulate_serial(x + begin, end - begin, lo, inv_width,
-                        counts.data() + t * nbins, nbins);
+      accumulate_serial(x + begin, end - begin, lo_f, inv_width,
+                        counts.data() + t * stride, nbins);
     }
   }
-  for (int t = 0; t < nthreads; ++t)
-    for (int64_t b = 0; b < nbins; ++b) hist[b] += static_cast<double>(counts[t * nbins + b]);
+  for (int64_t k = 0; k < nthreads * kLanes; ++k)
+    for (int64_t b = 0; b < nbins; ++b) hist[b] += static_cast<double>(counts[k * nbins + b]);
 }
 
 void histogram_rebin(const double* src, int64_t nsrc, double src_lo, double src_hi,

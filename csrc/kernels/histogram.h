@@ -24,7 +24,8 @@ struct RangeStats {
 RangeStats range_stats(const float* x, int64_t n);
 
 // Adds the finite values of x to hist, nbins equal bins over [lo, hi].
-// Bin of v: floor((v - lo) * nbins / (hi - lo)), computed in double, clamped to
+// Bin of v: floor((v - lo) * inv_width) in float32 arithmetic, with
+// inv_width = float(nbins / (hi - lo)) and lo rounded to float, clamped to
 // [0, nbins - 1] (so v == hi lands in the last bin). Non-finite values are skipped.
 // Preconditions: nbins >= 1, lo and hi finite, hi > lo, hist has nbins doubles.
 void histogram_accumulate(const float* x, int64_t n, double lo, double hi,

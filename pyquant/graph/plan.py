@@ -125,7 +125,7 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool) -> QuantPlan:
     uf = _UnionFind()
 
     def want(name: str) -> bool:
-        if not name or not view.is_float(name):
+        if not name or not view.is_float(name) or name in fused_outputs:
             return False
         if name not in seen:
             seen.add(name)
