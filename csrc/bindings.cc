@@ -27,7 +27,8 @@ std::string shape_of(const py::array& a) {
 template <typename T>
 void require(const py::array& a, const char* name, const char* dtype_name,
              py::ssize_t ndim = -1, bool writable = false) {
-  if (!a.dtype().is(py::dtype::of<T>()))
+  // Equivalence, not identity: two equal dtypes need not be the same object.
+  if (!py::isinstance<py::array_t<T>>(a))
     throw py::type_error(std::string(name) + " must be " + dtype_name + ", got " +
                          py::str(a.dtype()).cast<std::string>());
   if (ndim >= 0 && a.ndim() != ndim)

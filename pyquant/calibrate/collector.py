@@ -74,9 +74,17 @@ class TensorCollector:
         if batch_min >= self.lo and batch_max <= self.hi:
             return
         width = (self.hi - self.lo) / self.num_bins
-        shift = math.ceil((self.lo - batch_min) / width) if batch_min < self.lo else 0
+        low_grew, high_grew = batch_min < self.lo, batch_max > self.hi
+        top = max(self.hi, batch_max)
+        shift = math.ceil((self.lo - batch_min) / width) if low_grew else 0
+        factor = max(1, math.ceil((top - (self.lo - shift * width)) / (self.num_bins * width)))
+        # The grid grows by at least 2x; put the spare room on the side(s) that grew, so
+        # that a range creeping outwards batch after batch re-bins O(log) times, not
+        # once per batch with the grid doubling each time.
+        spare = int((self.num_bins * factor * width - (top - (self.lo - shift * width))) / width)
+        if low_grew:
+            shift += spare // 2 if high_grew else spare
         new_lo = self.lo - shift * width
-        factor = max(1, math.ceil((max(self.hi, batch_max) - new_lo) / (self.num_bins * width)))
         new_hi = new_lo + self.num_bins * factor * width
         if new_hi < batch_max:  # floating-point rounding at the top edge
             factor += 1

@@ -122,8 +122,9 @@ def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantizationConf
     batches = 0
     for feed in _prefetch(reader):
         feed = check_feed(session, feed, batches)
-        values = session.run(names, feed) + [feed[n] for n in fed]
-        for name, value in zip(names + fed, values):
+        # Graph inputs first, then in graph order: a NaN is reported where it first appears.
+        values = [feed[n] for n in fed] + session.run(names, feed)
+        for name, value in zip(fed + names, values):
             try:
                 collectors[name].update(value)
             except NonFiniteValues as e:

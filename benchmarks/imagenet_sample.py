@@ -1,0 +1,168 @@
+"""Accuracy, size, quantize time and peak memory on EfficientNet-Lite0 with the ImageNet
+sample in ../shared (calib/ to calibrate, val/ to evaluate). Prints one markdown table.
+
+    python benchmarks/imagenet_sample.py [--shared ../shared] [--rows xint8,u8s8_pc,...]
+
+Every row runs in a fresh subprocess so that its peak RSS (ru_maxrss, read right after
+quantization) is its own. onnxruntime.quantization.quantize_static runs in the same
+script as a baseline. Not collected by pytest.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MEAN = STD = (0.5, 0.5, 0.5)  # EfficientNet-Lite0 preprocessing (see ../shared/models/README.md)
+ORT_PERCENTILE_IMAGES = 100  # onnxruntime keeps ~52.6 MB of activations per image for Percentile
+
+ROWS = {
+    "float": "float model",
+    "floor": "float inference over calib/ (the floor for calibration)",
+    "xint8": "pyquant XINT8",
+    "xint8_4x": "pyquant XINT8, calib/ repeated 4x (2000 images)",
+    "a8w8": "pyquant A8W8",
+    "u8s8": "pyquant U8S8 per-tensor",
+    "u8s8_pc": "pyquant U8S8 per-channel",
+    "ort_minmax": "onnxruntime quantize_static MinMax per-tensor (QDQ U8S8)",
+    "ort_minmax_pc": "onnxruntime quantize_static MinMax per-channel (QDQ U8S8)",
+    "ort_percentile": f"onnxruntime quantize_static Percentile 99.999 per-channel, first {ORT_PERCENTILE_IMAGES} calib images only (memory)",
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reader(shared: Path, split: str, limit=None, folder=None, batch_size=8):
+    from pyquant.data import ImageFolderReader, Preprocess
+
+    data = shared / "data" / "imagenet-sample"
+    return ImageFolderReader(folder or data / split, "input", Preprocess(224, 256, MEAN, STD), batch_size, limit,
+                             labels_file=data / "LOC_synset_mapping.txt")
+
+
+def repeated_folder(src: Path, times: int, tmp: Path) -> Path:
+    """calib/ repeated ``times`` times through symlinks (no image is copied)."""
+    root = tmp / f"calib_x{times}"
+    for k in range(times):
+        for cls in src.iterdir():
+            dst = root / cls.name
+            dst.mkdir(parents=True, exist_ok=True)
+            for img in cls.iterdir():
+                os.symlink(img, dst / f"r{k}_{img.name}")
+    return root
+
+
+def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path) -> float:
+    from pyquant.config import get_preset
+    from pyquant.graph.model_io import load_model, save_model
+    from pyquant.quantize import quantize_model
+
+    name = {"xint8": "XINT8", "xint8_4x": "XINT8", "a8w8": "A8W8", "u8s8": "U8S8", "u8s8_pc": "U8S8"}[row]
+    config = get_preset(name)
+    if row == "u8s8_pc":
+        config = dataclasses.replace(config, per_channel=True)
+    folder = repeated_folder(shared / "data/imagenet-sample/calib", 4, tmp) if row == "xint8_4x" else None
+    calib = reader(shared, "calib", folder=folder)
+    start = time.perf_counter()
+    result = quantize_model(load_model(model_path), calib, config)
+    save_model(result.model, out)
+    return time.perf_counter() - start
+
+
+def ort_row(row: str, shared: Path, model_path: Path, out: Path) -> float:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    limit = ORT_PERCENTILE_IMAGES if row == "ort_percentile" else None
+    method = CalibrationMethod.Percentile if row == "ort_percentile" else CalibrationMethod.MinMax
+    start = time.perf_counter()
+    quantize_static(str(model_path), str(out), reader(shared, "calib", limit), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=row != "ort_minmax", calibrate_method=method,
+                    extra_options={"CalibPercentile": 99.999} if method is CalibrationMethod.Percentile else {})
+    return time.perf_counter() - start
+
+
+def worker(row: str, shared: Path, model_path: Path) -> dict:
+    """Run one row; print its JSON result."""
+    import onnx
+    from pyquant.calibrate.runner import make_session
+    from pyquant.evaluate import evaluate
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        out = tmp / "quantized.onnx"
+        result = {"row": row}
+        if row == "float":
+            evaluated = model_path
+        elif row == "floor":
+            session = make_session(onnx.load(str(model_path)))
+            calib = reader(shared, "calib")
+            start = time.perf_counter()
+            while (feed := calib.get_next()) is not None:
+                session.run(None, feed)
+            return {"row": row, "seconds": time.perf_counter() - start, "rss": peak_rss_mb()}
+        elif row.startswith("ort_"):
+            result["seconds"] = ort_row(row, shared, model_path, out)
+            evaluated = out
+        else:
+            result["seconds"] = quantize_row(row, shared, model_path, out, tmp)
+            evaluated = out
+        result["rss"] = peak_rss_mb()
+        ev = evaluate(evaluated, reader(shared, "val", batch_size=25))
+        result.update(top1=ev.top1, top5=ev.top5, size_mb=ev.size_mb, predictions=ev.predictions.tolist())
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    model_path = args.shared / "models" / "efficientnet_lite0.onnx"
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.shared, model_path)))
+        return
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
+    if "float" not in rows:
+        rows.insert(0, "float")
+    results = {}
+    for row in rows:
+        proc = subprocess.run([sys.executable, __file__, "--shared", str(args.shared), "--worker", row],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"row {row} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[row] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"done: {row}", file=sys.stderr)
+    float_pred = results["float"]["predictions"]
+    floor = results.get("floor", {}).get("seconds")
+    print("| configuration | top-1 % | top-5 % | top-1 agreement with float % | size MB | quantize s | x floor | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row, r in results.items():
+        if row == "floor":
+            print(f"| {ROWS[row]} | | | | | {r['seconds']:.1f} | 1.0 | {r['rss']:.0f} |")
+            continue
+        agree = 100 * sum(a == b for a, b in zip(r["predictions"], float_pred)) / len(float_pred)
+        secs = f"{r['seconds']:.1f}" if "seconds" in r else ""
+        ratio = f"{r['seconds'] / floor:.1f}" if "seconds" in r and floor else ""
+        rss = f"{r['rss']:.0f}" if "seconds" in r else ""
+        print(f"| {ROWS[row]} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} | {agree:.1f} | {r['size_mb']:.2f} "
+              f"| {secs} | {ratio} | {rss} |")
+
+
+if __name__ == "__main__":
+    main()

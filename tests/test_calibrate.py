@@ -1,0 +1,181 @@
+"""Streaming collectors and calibration methods."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from pyquant import reference
+from pyquant.calibrate import NonFiniteValues, TensorCollector, activation_qparams, weight_qparams
+from pyquant.calibrate.methods import ACTIVATION_METHODS, qparams_from_range
+from pyquant.config import CalibrationMethod, PowerOfTwoMethod, QuantizationConfig, QuantType
+from pyquant import kernels
+
+
+def batches(rng, n=6, scale_growth=True):
+    return [(rng.standard_normal((4, 16, 20)) * (1 + i * scale_growth) + i * 0.3).astype(np.float32)
+            for i in range(n)]
+
+
+def test_streaming_matches_one_shot_range_and_count():
+    rng = np.random.default_rng(0)
+    data = batches(rng)
+    c = TensorCollector(512)
+    for b in data:
+        c.update(b)
+    allx = np.concatenate([b.ravel() for b in data])
+    assert c.min == allx.min() and c.max == allx.max()
+    assert c.count == allx.size and c.hist.sum() == pytest.approx(allx.size)
+    assert c.lo <= allx.min() and c.hi >= allx.max()
+
+
+def test_growing_histogram_is_close_to_one_shot_histogram():
+    rng = np.random.default_rng(1)
+    data = batches(rng)
+    c = TensorCollector(512)
+    for b in data:
+        c.update(b)
+    allx = np.concatenate([b.ravel() for b in data])
+    direct = np.zeros(512)
+    reference.histogram_accumulate(allx, direct, c.lo, c.hi)
+    # Re-binning only coarsens: each old bin lies inside one new bin, so the
+    # cumulative distributions agree at the coarse grid's resolution.
+    cdf_stream = np.cumsum(c.hist) / c.hist.sum()
+    cdf_direct = np.cumsum(direct) / direct.sum()
+    assert np.abs(cdf_stream - cdf_direct).max() < 0.02
+
+
+@pytest.mark.parametrize("direction", [-1, 1])
+def test_creeping_range_keeps_resolution(direction):
+    # Each batch extends the range a little on one side: the grid must not double each time.
+    c = TensorCollector(2048)
+    rng = np.random.default_rng(9)
+    for i in range(60):
+        c.update((direction * np.abs(rng.standard_normal(1000)) * (1 + 0.05 * i)).astype(np.float32))
+    assert (c.hi - c.lo) <= 4 * (c.max - c.min)
+
+
+def test_memory_does_not_grow_with_batches():
+    c = TensorCollector(256)
+    rng = np.random.default_rng(2)
+    for b in batches(rng, 20):
+        c.update(b)
+    assert c.hist.shape == (256,)
+
+
+def test_nan_is_reported_and_not_absorbed():
+    c = TensorCollector(64)
+    c.update(np.ones(10, np.float32))
+    with pytest.raises(NonFiniteValues, match="1 NaN, 0 \\+Inf and 0 -Inf"):
+        c.update(np.array([1.0, np.nan], np.float32))
+    assert c.count == 10
+
+
+def test_constant_tensor_and_empty_batches():
+    c = TensorCollector(64)
+    c.update(np.zeros(0, np.float32))
+    assert c.count == 0
+    c.update(np.full(100, 3.0, np.float32))
+    assert c.min == c.max == 3.0 and c.hist.sum() == 100
+    c.update(np.full(100, -1.0, np.float32))
+    assert c.min == -1.0 and c.hist.sum() == 200
+
+
+def test_merge_equals_collecting_both():
+    rng = np.random.default_rng(3)
+    data = batches(rng)
+    a, b, both = TensorCollector(256), TensorCollector(256), TensorCollector(256)
+    for i, x in enumerate(data):
+        (a if i % 2 else b).update(x)
+        both.update(x)
+    m = a.merged(b)
+    assert (m.min, m.max, m.count) == (both.min, both.max, both.count)
+    assert m.hist.sum() == pytest.approx(both.hist.sum())
+
+
+def test_magnitude_histogram_folds_mass():
+    c = TensorCollector(200)
+    c.update(np.array([-2.0, -1.0, 0.5, 3.0], np.float32))
+    c.update(np.array([-5.0], np.float32))  # grows the grid
+    mag, hi = c.magnitude_histogram()
+    assert hi == pytest.approx(max(abs(c.lo), abs(c.hi)))
+    assert mag.sum() == pytest.approx(5.0)
+
+
+def collector_of(x, bins=2048):
+    c = TensorCollector(bins)
+    c.update(x)
+    return c
+
+
+def hist_error(c, qp, qtype):
+    return kernels.histogram_quant_errors(c.hist, c.lo, c.hi, [float(qp.scale)], [float(qp.zero_point)],
+                                          qtype.qmin, qtype.qmax)[0]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_search_is_never_worse_than_minmax(symmetric):
+    x = np.random.default_rng(4).standard_t(3, 100_000).astype(np.float32)
+    c = collector_of(x)
+    cfg = QuantizationConfig(calibrate_method=CalibrationMethod.MSE, activation_symmetric=symmetric)
+    mse = activation_qparams(c, cfg)
+    minmax = activation_qparams(c, dataclasses.replace(cfg, calibrate_method=CalibrationMethod.MinMax))
+    assert hist_error(c, mse, cfg.activation_type) <= hist_error(c, minmax, cfg.activation_type)
+    assert float(mse.scale) < float(minmax.scale)  # a heavy tail is worth clipping
+
+
+def test_pow2_minmse_is_power_of_two_and_never_worse_than_nonoverflow():
+    x = np.random.default_rng(5).standard_t(3, 100_000).astype(np.float32)
+    c = collector_of(x)
+    cfg = QuantizationConfig(calibrate_method=PowerOfTwoMethod.MinMSE, activation_symmetric=True)
+    best = activation_qparams(c, cfg)
+    no = activation_qparams(c, dataclasses.replace(cfg, calibrate_method=PowerOfTwoMethod.NonOverflow))
+    assert best.is_power_of_two and no.is_power_of_two
+    assert hist_error(c, best, cfg.activation_type) <= hist_error(c, no, cfg.activation_type)
+    assert int(best.zero_point) == 128  # uint8 with negative values: symmetric around 128
+    assert float(no.scale) * 127 >= c.abs_max > float(no.scale) * 127 / 2
+
+
+def test_pow2_for_non_negative_tensor_uses_full_uint8_range():
+    c = collector_of(np.random.default_rng(6).uniform(0, 6, 10000).astype(np.float32))
+    qp = activation_qparams(c, QuantizationConfig(calibrate_method=PowerOfTwoMethod.NonOverflow,
+                                                  activation_symmetric=True))
+    assert int(qp.zero_point) == 0 and float(qp.scale) == 2.0 ** -5  # 255 / 32 = 7.97 >= 6
+
+
+@pytest.mark.parametrize("method", list(ACTIVATION_METHODS))
+def test_every_method_handles_all_zero_tensor(method):
+    c = collector_of(np.zeros(100, np.float32))
+    qp = activation_qparams(c, QuantizationConfig(calibrate_method=method))
+    assert float(qp.scale) > 0 and np.isfinite(float(qp.scale))
+
+
+def test_percentile_is_monotone_and_bounded_by_minmax():
+    x = np.random.default_rng(7).standard_normal(200_000).astype(np.float32)
+    c = collector_of(x)
+    scales = [float(activation_qparams(c, QuantizationConfig(calibrate_method=CalibrationMethod.Percentile,
+                                                               percentile=p, activation_symmetric=True)).scale)
+              for p in (99.0, 99.9, 99.99, 100.0)]
+    assert scales == sorted(scales)
+    assert scales[-1] == pytest.approx(c.abs_max / 127, rel=1e-3)
+
+
+def test_qparams_from_range_asymmetric_represents_zero_exactly():
+    qp = qparams_from_range(-1.0, 3.0, QuantType.QUInt8, symmetric=False)
+    assert float(qp.scale) == pytest.approx(4.0 / 255)
+    assert int(qp.zero_point) == 64
+
+
+def test_weight_pow2_minmse_beats_nonoverflow_on_exact_error():
+    w = np.random.default_rng(8).standard_t(2, (32, 3, 3, 3)).astype(np.float32)
+    cfg = QuantizationConfig(calibrate_method=PowerOfTwoMethod.MinMSE)
+    best = weight_qparams(w, cfg)
+    no = weight_qparams(w, dataclasses.replace(cfg, calibrate_method=PowerOfTwoMethod.NonOverflow))
+    err = lambda qp: reference.tensor_quant_errors(w.reshape(1, -1), [float(qp.scale)], 0, -128, 127)[0, 0]
+    assert best.is_power_of_two and err(best) <= err(no)
+
+
+def test_weight_per_channel_scales_follow_axis():
+    w = np.stack([np.full((2, 3), v, np.float32) for v in (1.0, 2.0, 4.0)], axis=1)  # [2, 3, 3] axis 1
+    qp = weight_qparams(w, QuantizationConfig(per_channel=True), axis=1)
+    np.testing.assert_allclose(qp.scale, np.array([1.0, 2.0, 4.0]) / 127)
+    assert qp.axis == 1

@@ -1,0 +1,129 @@
+"""The command line: the main path, and one clear error (no traceback, no output file)
+for each kind of bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from pyquant.cli import main
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for cls in ("n001", "n002"):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+def quantize_args(model, out, data, *extra):
+    return ["quantize", "--model_input", str(model), "--model_output", str(out), "--calib_data", str(data),
+            "--quiet", *extra]
+
+
+def expect_error(capsys, argv, code, *fragments):
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("pyquant: error:"), err
+    assert "Traceback" not in "\n".join(err)
+    for f in fragments:
+        assert f in err[-1], err[-1]
+
+
+@pytest.mark.parametrize("preset", ["XINT8", "A8W8", "U8S8"])
+def test_quantize_then_eval_json(tmp_path, tiny_model_path, image_folder, capsys, preset):
+    out = tmp_path / "q.onnx"
+    assert main(quantize_args(tiny_model_path, out, image_folder, "--config", preset)) == 0
+    onnx.checker.check_model(onnx.load(out))
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", str(image_folder), "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 10 and 0 <= result["top1"] <= result["top5"] <= 1 and result["size_mb"] > 0
+
+
+def test_quantize_from_npy(tmp_path, tiny_model_path, tiny_data):
+    np.save(tmp_path / "calib.npy", tiny_data)
+    out = tmp_path / "q.onnx"
+    assert main(quantize_args(tiny_model_path, out, tmp_path / "calib.npy", "--config", "U8S8",
+                              "--per_channel")) == 0
+    assert out.exists()
+
+
+def test_corrupt_image_is_skipped_with_a_count(tmp_path, tiny_model_path, image_folder, caplog):
+    (image_folder / "n001" / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "q.onnx"
+    assert main(quantize_args(tiny_model_path, out, image_folder)) == 0
+    assert out.exists()
+    assert "skipped 1 unreadable calibration image" in caplog.text
+
+
+def test_missing_model(tmp_path, image_folder, capsys):
+    expect_error(capsys, quantize_args(tmp_path / "nope.onnx", tmp_path / "q.onnx", image_folder), 1,
+                 "model file not found", "nope.onnx")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_model_is_directory(tmp_path, image_folder, capsys):
+    expect_error(capsys, quantize_args(tmp_path, tmp_path / "q.onnx", image_folder), 1, "is a directory")
+
+
+@pytest.mark.parametrize("content", [b"garbage, not protobuf \x00\xff" * 10, "truncated"])
+def test_not_onnx_or_truncated(tmp_path, tiny_model_path, image_folder, capsys, content):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(tiny_model_path.read_bytes()[:200] if content == "truncated" else content)
+    expect_error(capsys, quantize_args(bad, tmp_path / "q.onnx", image_folder), 1, "bad.onnx")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_missing_and_empty_calibration_folder(tmp_path, tiny_model_path, capsys):
+    expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "none"), 1, "not found")
+    (tmp_path / "empty").mkdir()
+    expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "empty"), 1, "no images")
+
+
+def test_unknown_preset_and_contradiction_are_usage_errors(tmp_path, tiny_model_path, image_folder, capsys):
+    expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", image_folder, "--config", "INT3"), 2,
+                 "unknown preset 'INT3'", "XINT8")
+    expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", image_folder, "--per_channel"), 2,
+                 "--per_channel", "XINT8")
+
+
+def test_bad_output_paths(tmp_path, tiny_model_path, image_folder, capsys):
+    expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "no" / "q.onnx", image_folder), 1,
+                 "output folder does not exist")
+    expect_error(capsys, quantize_args(tiny_model_path, tiny_model_path, image_folder), 1, "is the input model")
+
+
+def test_nan_activation_names_tensor_and_batch(tmp_path, tiny_model_path, tiny_data, capsys):
+    data = tiny_data.copy()
+    data[20, 0, 0, 0] = np.nan
+    np.save(tmp_path / "calib.npy", data)
+    expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
+                                       "--batch_size", "8"), 1, "NaN", "'x'", "batch 2")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_npy_with_wrong_shape_names_the_input(tmp_path, tiny_model_path, capsys):
+    np.save(tmp_path / "calib.npy", np.zeros((4, 3, 8, 8), np.float32))
+    expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy"), 1,
+                 "input 'x'", "(4, 3, 8, 8)")
+
+
+def test_unavailable_provider(tiny_model_path, image_folder, capsys):
+    expect_error(capsys, ["eval", "--model", str(tiny_model_path), "--data", str(image_folder), "--quiet",
+                          "--provider", "VitisAIExecutionProvider"], 2, "VitisAIExecutionProvider", "not available")
+
+
+def test_console_script_help_lists_options():
+    out = subprocess.run([sys.executable, "-m", "pyquant.cli", "quantize", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for option in ("--model_input", "--calib_data", "--config", "--per_channel", "--num_calib", "--mean",
+                   "--input_size", "--resize"):
+        assert option in out

@@ -1,0 +1,159 @@
+"""BN folding, the quantization plan, and the QDQ rewrite on small models built here."""
+import collections
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pyquant.config import PRESETS, get_preset
+from pyquant.data import ArrayReader
+from pyquant.errors import ModelError
+from pyquant.graph.fold_bn import fold_batch_norm
+from pyquant.graph.plan import build_plan
+from pyquant.quantize import prepare, quantize_model
+
+from conftest import tiny_cnn
+
+# Relative RMS error of the logits of the tiny CNN after quantization (measured: XINT8
+# 0.033, the float-scale presets 0.010 to 0.017); 0.1 leaves room for other seeds.
+MAX_RELATIVE_RMS_ERROR = 0.1
+BN_FOLD_ATOL = 1e-5
+
+
+def run(model, x):
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})[0]
+
+
+def rel_rms(a, b):
+    return float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2)))
+
+
+def test_fold_batch_norm_preserves_output(tiny_model, tiny_data):
+    folded = onnx.ModelProto()
+    folded.CopyFrom(tiny_model)
+    assert fold_batch_norm(folded) == 1
+    assert "BatchNormalization" not in {n.op_type for n in folded.graph.node}
+    np.testing.assert_allclose(run(folded, tiny_data), run(tiny_model, tiny_data), atol=BN_FOLD_ATOL)
+
+
+def test_plan_fuses_activations_and_shares_npu_scales(tiny_model):
+    prepared = prepare(tiny_model)
+    plan = build_plan(prepared, enable_npu_cnn=True)
+    conv_out = {n.op_type + n.output[0] for n in prepared.graph.node}
+    assert "r1" in plan.activations and "bn1" not in plan.activations  # Conv(+BN) -> Relu fused
+    assert "r2" in plan.activations and "c2" not in plan.activations  # Conv -> Clip fused
+    assert "c3" in plan.activations  # Conv -> Add is not an activation
+    groups = plan.group_of()
+    assert groups["p1"] == groups["a1"]  # MaxPool keeps its input scale (all presets)
+    assert groups["p2"] == groups["a1"] == groups["cat"]  # NPU: AveragePool, Concat
+    assert groups["flat"] == groups["gap"] == groups["cat"]
+    assert len(plan.weights) == 4 and len(plan.biases) == 3 and conv_out
+
+
+def test_plan_without_npu_rules_keeps_average_pool_and_concat_separate(tiny_model):
+    plan = build_plan(prepare(tiny_model), enable_npu_cnn=False)
+    groups = plan.group_of()
+    assert groups["p1"] == groups["a1"]
+    assert groups["p2"] != groups["a1"] and groups["cat"] != groups["p1"]
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quantized_model_is_valid_runs_and_is_accurate(preset, per_channel, tiny_model, tiny_data):
+    config = get_preset(preset)
+    if per_channel and config.power_of_two:
+        pytest.skip("per-channel does not combine with power-of-two scales")
+    config = dataclasses.replace(config, per_channel=per_channel)
+    result = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16), config)
+    q = result.model
+    onnx.checker.check_model(q)
+    ops = collections.Counter(n.op_type for n in q.graph.node)
+    acts = [a for a in result.plan.activations if a not in result.plan.constant_activations]
+    assert ops["QuantizeLinear"] == len(acts)
+    assert ops["DequantizeLinear"] == len(result.plan.activations) + len(result.plan.weights) + len(result.plan.biases)
+    assert [o.name for o in q.graph.output] == ["y"]
+    err = rel_rms(run(q, tiny_data), run(tiny_model, tiny_data))
+    assert err < MAX_RELATIVE_RMS_ERROR, f"{preset}: relative RMS error {err:.3f}"
+
+
+def _initializers(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_xint8_uses_power_of_two_scales_int8_weights_and_int32_bias(tiny_model, tiny_data):
+    q = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16), get_preset("XINT8")).model
+    inits = _initializers(q)
+    for node in q.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        scale = inits[node.input[1]]
+        assert scale.size == 1
+        assert np.log2(scale) == np.round(np.log2(scale)), node.name
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            data = inits[node.input[0]]
+            assert data.dtype in (np.int8, np.int32, np.uint8)
+    conv = next(n for n in q.graph.node if n.op_type == "Conv")
+    producers = {o: n for n in q.graph.node for o in n.output}
+    x_scale = inits[producers[conv.input[0]].input[1]]
+    w_scale = inits[producers[conv.input[1]].input[1]]
+    b_dq = producers[conv.input[2]]
+    assert inits[b_dq.input[0]].dtype == np.int32
+    np.testing.assert_allclose(inits[b_dq.input[1]], x_scale * w_scale, rtol=1e-6)
+
+
+def test_per_channel_weights_have_an_axis(tiny_model, tiny_data):
+    cfg = dataclasses.replace(get_preset("U8S8"), per_channel=True)
+    q = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16), cfg).model
+    inits = _initializers(q)
+    gemm = next(n for n in q.graph.node if n.op_type == "Gemm")
+    dq = next(n for n in q.graph.node if n.output[0] == gemm.input[1])
+    assert inits[dq.input[1]].shape == (10,)
+    assert helper.get_attribute_value(dq.attribute[0]) == 0
+
+
+def test_unsupported_op_stays_float_and_is_reported(tiny_data):
+    model = tiny_cnn()
+    gemm = model.graph.node[-1]
+    gemm.output[0] = "logits"
+    model.graph.node.append(helper.make_node("Softmax", ["logits"], ["y"], axis=1))
+    result = quantize_model(model, ArrayReader(tiny_data, "x", 16), get_preset("U8S8"))
+    assert any("Softmax" in reason for reason in result.plan.skipped.values())
+    assert "Softmax" in {n.op_type for n in result.model.graph.node}
+    onnx.checker.check_model(result.model)
+
+
+def test_already_quantized_model_is_rejected(tiny_model, tiny_data):
+    q = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16), get_preset("U8S8")).model
+    with pytest.raises(ModelError, match="already quantized"):
+        quantize_model(q, ArrayReader(tiny_data, "x", 16), get_preset("U8S8"))
+
+
+def test_old_opset_is_rejected_with_advice(tiny_data):
+    with pytest.raises(ModelError, match="opset 11"):
+        quantize_model(tiny_cnn(opset=11), ArrayReader(tiny_data, "x", 16), get_preset("U8S8"))
+
+
+def test_matmul_with_two_activations_quantizes_both_inputs():
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [4, 8])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [8, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])
+    model = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "mm", [a, b], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+
+    class Reader:
+        def __init__(self):
+            self.left = 3
+
+        def get_next(self):
+            self.left -= 1
+            return None if self.left < 0 else {"a": rng.standard_normal((4, 8)).astype(np.float32),
+                                               "b": rng.standard_normal((8, 3)).astype(np.float32)}
+
+    result = quantize_model(model, Reader(), get_preset("A8W8"))
+    assert set(result.plan.activations) == {"a", "b", "y"}
+    onnx.checker.check_model(result.model)
