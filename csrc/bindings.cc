@@ -90,6 +90,25 @@ PYBIND11_MODULE(_kernels, m) {
   }, py::arg("x"), py::arg("hist"), py::arg("lo"), py::arg("hi"),
      "Add the finite values of x to hist (equal bins over [lo, hi], clamped at the ends).");
 
+  m.def("histogram_accumulate_if_in_range", [](const py::array& x, py::array& hist, double lo, double hi) {
+    require<float>(x, "x", "float32");
+    require<double>(hist, "hist", "float64", 1, true);
+    require_nonempty(hist, "hist");
+    require_range(lo, hi, "histogram");
+    const float* px = static_cast<const float*>(x.data());
+    double* ph = static_cast<double*>(hist.mutable_data());
+    const int64_t n = x.size(), nbins = hist.size();
+    pyquant::RangeStats stats;
+    bool added;
+    {
+      py::gil_scoped_release release;
+      added = pyquant::histogram_accumulate_if_in_range(px, n, lo, hi, ph, nbins, &stats);
+    }
+    return py::make_tuple(added, stats);
+  }, py::arg("x"), py::arg("hist"), py::arg("lo"), py::arg("hi"),
+     "One pass: RangeStats of x, and x added to hist only if all finite and inside [lo, hi]. "
+     "Returns (added, stats).");
+
   m.def("histogram_rebin", [](const py::array& src, double src_lo, double src_hi,
                               py::array& dst, double dst_lo, double dst_hi) {
     require<double>(src, "src", "float64", 1);

@@ -3,6 +3,8 @@
 return named results. pyquant.reference holds the numpy version of each."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import numpy.typing as npt
 
@@ -10,7 +12,7 @@ from . import _kernels
 from ._kernels import RangeStats
 
 __all__ = [
-    "RangeStats", "range_stats", "histogram_accumulate", "histogram_rebin", "histogram_quant_errors",
+    "RangeStats", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range", "histogram_rebin", "histogram_quant_errors",
     "tensor_quant_errors", "histogram_quantiles", "histogram_entropy_threshold",
 ]
 
@@ -23,6 +25,12 @@ def _as_f64(x: npt.ArrayLike) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float64)
 
 
+def _check_hist(hist: np.ndarray) -> None:
+    if not (isinstance(hist, np.ndarray) and hist.dtype == np.float64 and hist.ndim == 1
+            and hist.flags.c_contiguous):
+        raise TypeError("hist must be a C-contiguous 1-D float64 numpy array (it is updated in place)")
+
+
 def range_stats(x: npt.ArrayLike) -> RangeStats:
     """Finite min/max and NaN/+Inf/-Inf counts of a tensor of any shape."""
     return _kernels.range_stats(_as_f32(x))
@@ -30,10 +38,21 @@ def range_stats(x: npt.ArrayLike) -> RangeStats:
 
 def histogram_accumulate(x: npt.ArrayLike, hist: np.ndarray, lo: float, hi: float) -> None:
     """Add the finite values of ``x`` to ``hist`` in place (equal bins over [lo, hi])."""
-    if not (isinstance(hist, np.ndarray) and hist.dtype == np.float64 and hist.ndim == 1
-            and hist.flags.c_contiguous):
-        raise TypeError("hist must be a C-contiguous 1-D float64 numpy array (it is updated in place)")
+    _check_hist(hist)
     _kernels.histogram_accumulate(_as_f32(x), hist, float(lo), float(hi))
+
+
+class CheckedAccumulate(NamedTuple):
+    added: bool  # False: hist unchanged (a value was non-finite or outside [lo, hi])
+    stats: RangeStats
+
+
+def histogram_accumulate_if_in_range(x: npt.ArrayLike, hist: np.ndarray, lo: float, hi: float) -> CheckedAccumulate:
+    """One pass over ``x``: its RangeStats, and its values added to ``hist`` only if all are
+    finite and inside [lo, hi]."""
+    _check_hist(hist)
+    added, stats = _kernels.histogram_accumulate_if_in_range(_as_f32(x), hist, float(lo), float(hi))
+    return CheckedAccumulate(added, stats)
 
 
 def histogram_rebin(src: npt.ArrayLike, src_lo: float, src_hi: float,

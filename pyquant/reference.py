@@ -38,6 +38,14 @@ def histogram_accumulate(x: np.ndarray, hist: np.ndarray, lo: float, hi: float) 
     hist += np.bincount(idx, minlength=nbins)
 
 
+def histogram_accumulate_if_in_range(x: np.ndarray, hist: np.ndarray, lo: float, hi: float):
+    stats = range_stats(x)
+    fits = stats.nan == stats.pos_inf == stats.neg_inf == 0 and (stats.finite == 0 or lo <= stats.min and stats.max <= hi)
+    if fits:
+        histogram_accumulate(x, hist, lo, hi)
+    return fits, stats
+
+
 def histogram_rebin(src: np.ndarray, src_lo: float, src_hi: float,
                     dst_lo: float, dst_hi: float, dst_bins: int) -> np.ndarray:
     """Exact redistribution through the cumulative distribution function."""

@@ -58,6 +58,33 @@ def test_histogram_accumulate_matches_reference(n, kind, nbins):
     assert got.sum() == n
 
 
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("kind", ["normal", "relu6", "constant", "huge"])
+@pytest.mark.parametrize("grid", ["covers", "too_narrow"])
+def test_accumulate_if_in_range_matches_reference(n, kind, grid):
+    x = make(n, kind, np.random.default_rng(n + 1))
+    lo, hi = (float(x.min()), float(x.max())) if n else (0.0, 1.0)
+    lo, hi = lo - abs(lo) - 1.0, hi + abs(hi) + 1.0
+    if grid == "too_narrow":
+        hi = (lo + hi) / 2
+    got, want = np.zeros(512), np.zeros(512)
+    added, stats = kernels.histogram_accumulate_if_in_range(x, got, lo, hi)
+    want_added, want_stats = reference.histogram_accumulate_if_in_range(x, want, lo, hi)
+    assert added == want_added
+    assert (stats.finite, stats.nan, stats.pos_inf, stats.neg_inf) == want_stats[:4]
+    if n:
+        assert (stats.min, stats.max) == (want_stats.min, want_stats.max)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_accumulate_if_in_range_leaves_hist_alone_on_nan():
+    x = np.ones(100_000, np.float32)
+    x[77_777] = np.nan
+    h = np.zeros(16)
+    added, stats = kernels.histogram_accumulate_if_in_range(x, h, 0.0, 2.0)
+    assert not added and stats.nan == 1 and h.sum() == 0
+
+
 def test_histogram_skips_non_finite_and_clamps_outside_values():
     x = np.array([np.nan, -10.0, 0.5, np.inf, 10.0, -np.inf], np.float32)
     h = np.zeros(4)

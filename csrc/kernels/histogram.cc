@@ -40,6 +40,8 @@ PartialRange scan_range(const float* x, int64_t n) {
   return r;
 }
 
+void count_non_finite(const float* x, int64_t n, RangeStats* s);
+
 }  // namespace
 
 RangeStats range_stats(const float* x, int64_t n) {
@@ -70,84 +72,145 @@ RangeStats range_stats(const float* x, int64_t n) {
   s.min = total.min;
   s.max = total.max;
   s.finite = n - total.nonfinite;
-  if (total.nonfinite > 0) {  // rare: a second pass tells NaN from +/-Inf
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = x[i];
-      if (std::isnan(v)) ++s.nan;
-      else if (std::isinf(v)) (v > 0 ? s.pos_inf : s.neg_inf) += 1;
-    }
-  }
+  if (total.nonfinite > 0) count_non_finite(x, n, &s);  // rare: tell NaN from +/-Inf
   return s;
 }
 
 namespace {
 
-// Four interleaved count arrays: activations after ReLU/ReLU6 pile up in one or
-// two bins (0 and 6), and incrementing the same counter back to back stalls on
-// store-to-load forwarding; spreading consecutive elements over four copies of
-// the histogram breaks that dependency chain.
+// Binning runs in blocks: a first loop computes bin indices, the range and the
+// non-finite count for kBlock values (branch-free, so the compiler vectorises
+// it); a second loop increments the counts. Non-finite values get the index
+// nbins, a sentinel bin that is dropped. The counts are spread over four
+// interleaved copies of the histogram: activations after ReLU/ReLU6 pile up in
+// one or two bins, and incrementing the same counter back to back stalls on
+// store-to-load forwarding.
 constexpr int kLanes = 4;
+constexpr int64_t kBlock = 1024;
 
-inline int64_t bin_of(float v, float lo, float inv_width, int64_t last) {
-  // Same float32 operations as pyquant.reference.histogram_accumulate.
-  const float pos = (v - lo) * inv_width;
-  if (!(pos >= 0.0f)) return 0;  // also catches pos = NaN, excluded by the caller
-  const float capped = pos < static_cast<float>(last) ? pos : static_cast<float>(last);
-  return static_cast<int64_t>(capped);
+// counts: kLanes arrays of (nbins + 1) uint32 (small enough to stay in L1 cache for
+// 2048 bins); the caller keeps n below 2^32. Bin of v as documented in the header.
+PartialRange accumulate_tracking(const float* x, int64_t n, float lo, float inv_width,
+                                 uint32_t* counts, int64_t nbins) {
+  PartialRange r;
+  const float last = static_cast<float>(nbins - 1);
+  const int64_t lane_size = nbins + 1;
+  float mn = r.min, mx = r.max;
+  int64_t bad = 0;
+  int32_t index[kBlock];
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    const float* xb = x + start;
+    // Non-finite values enter the reductions as neutral elements (+inf for the
+    // min, -inf for the max), so both are plain reductions that vectorise.
+    constexpr float kInf = std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(+ : bad)
+    for (int64_t j = 0; j < len; ++j) {
+      const float v = xb[j];
+      const bool finite = (v - v) == 0.0f;
+      mn = std::min(mn, finite ? v : kInf);
+      mx = std::max(mx, finite ? v : -kInf);
+      bad += finite ? 0 : 1;
+      float pos = (v - lo) * inv_width;
+      pos = pos >= 0.0f ? pos : 0.0f;  // NaN compares false: 0, then the sentinel below
+      pos = pos < last ? pos : last;
+      index[j] = finite ? static_cast<int32_t>(pos) : static_cast<int32_t>(nbins);
+    }
+    int64_t j = 0;
+    for (; j + kLanes <= len; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) ++counts[l * lane_size + index[j + l]];
+    for (; j < len; ++j) ++counts[index[j]];
+  }
+  r.min = mn;
+  r.max = mx;
+  r.nonfinite = bad;
+  return r;
 }
 
-void accumulate_serial(const float* x, int64_t n, float lo, float inv_width,
-                       int64_t* counts, int64_t nbins) {
-  const int64_t last = nbins - 1;
-  int64_t* lane[kLanes];
-  for (int l = 0; l < kLanes; ++l) lane[l] = counts + l * nbins;
-  int64_t i = 0;
-  bool finite_block = true;
-  for (; i + kLanes <= n; i += kLanes) {
-    finite_block = true;
-    for (int l = 0; l < kLanes; ++l) finite_block &= (x[i + l] - x[i + l]) == 0.0f;
-    if (finite_block) {
-      for (int l = 0; l < kLanes; ++l) ++lane[l][bin_of(x[i + l], lo, inv_width, last)];
-    } else {
-      for (int l = 0; l < kLanes; ++l)
-        if ((x[i + l] - x[i + l]) == 0.0f) ++lane[l][bin_of(x[i + l], lo, inv_width, last)];
+// Runs accumulate_tracking over x on all threads; returns the combined range and
+// the per-thread counts (kLanes * (nbins + 1) per thread).
+PartialRange accumulate_parallel(const float* x, int64_t n, double lo, double hi, int64_t nbins,
+                                 std::vector<int64_t>& counts, int& nthreads) {
+  // uint32 lane counts are flushed into the int64 totals every kFlush values.
+  constexpr int64_t kFlush = int64_t{1} << 31;
+  const float lo_f = static_cast<float>(lo);
+  const float inv_width = static_cast<float>(static_cast<double>(nbins) / (hi - lo));
+  nthreads = 1;
+#ifdef _OPENMP
+  if (n >= kParallelThreshold) nthreads = omp_get_max_threads();
+#endif
+  const int64_t stride = kLanes * (nbins + 1);
+  counts.assign(static_cast<size_t>(nthreads) * stride, 0);
+  std::vector<PartialRange> parts(static_cast<size_t>(nthreads));
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int64_t t = 0, nt = 1;
+#endif
+    const int64_t begin = n * t / nt, end = n * (t + 1) / nt;
+    std::vector<uint32_t> lanes(static_cast<size_t>(stride));
+    PartialRange mine;
+    for (int64_t chunk = begin; chunk < end; chunk += kFlush) {
+      std::fill(lanes.begin(), lanes.end(), 0u);
+      const PartialRange p = accumulate_tracking(x + chunk, std::min(kFlush, end - chunk), lo_f,
+                                                 inv_width, lanes.data(), nbins);
+      mine.min = std::min(mine.min, p.min);
+      mine.max = std::max(mine.max, p.max);
+      mine.nonfinite += p.nonfinite;
+      for (int64_t k = 0; k < stride; ++k) counts[t * stride + k] += lanes[k];
     }
+    parts[t] = mine;
   }
-  for (; i < n; ++i)
-    if ((x[i] - x[i]) == 0.0f) ++lane[0][bin_of(x[i], lo, inv_width, last)];
+  PartialRange total;
+  for (const PartialRange& p : parts) {
+    total.min = std::min(total.min, p.min);
+    total.max = std::max(total.max, p.max);
+    total.nonfinite += p.nonfinite;
+  }
+  return total;
+}
+
+void add_counts(const std::vector<int64_t>& counts, int nthreads, int64_t nbins, double* hist) {
+  const int64_t lane_size = nbins + 1;
+  for (int64_t k = 0; k < static_cast<int64_t>(nthreads) * kLanes; ++k)
+    for (int64_t b = 0; b < nbins; ++b) hist[b] += static_cast<double>(counts[k * lane_size + b]);
+}
+
+void count_non_finite(const float* x, int64_t n, RangeStats* s) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    if (std::isnan(v)) ++s->nan;
+    else if (std::isinf(v)) (v > 0 ? s->pos_inf : s->neg_inf) += 1;
+  }
 }
 
 }  // namespace
 
+bool histogram_accumulate_if_in_range(const float* x, int64_t n, double lo, double hi,
+                                      double* hist, int64_t nbins, RangeStats* stats) {
+  std::vector<int64_t> counts;
+  int nthreads = 1;
+  const PartialRange total = accumulate_parallel(x, n, lo, hi, nbins, counts, nthreads);
+  *stats = RangeStats();
+  stats->min = total.min;
+  stats->max = total.max;
+  stats->finite = n - total.nonfinite;
+  if (total.nonfinite > 0) count_non_finite(x, n, stats);
+  const bool fits = total.nonfinite == 0 &&
+                    (stats->finite == 0 || (static_cast<double>(total.min) >= lo &&
+                                            static_cast<double>(total.max) <= hi));
+  if (fits) add_counts(counts, nthreads, nbins, hist);
+  return fits;
+}
+
 void histogram_accumulate(const float* x, int64_t n, double lo, double hi,
                           double* hist, int64_t nbins) {
-  const float lo_f = static_cast<float>(lo);
-  const float inv_width = static_cast<float>(static_cast<double>(nbins) / (hi - lo));
-  // Integer counts per thread, then one reduction: doubles are only used for
-  // the caller-owned histogram (so that re-binning can split bins).
+  std::vector<int64_t> counts;
   int nthreads = 1;
-#ifdef _OPENMP
-  if (n >= kParallelThreshold) nthreads = omp_get_max_threads();
-#endif
-  const int64_t stride = kLanes * nbins;
-  std::vector<int64_t> counts(static_cast<size_t>(nthreads) * stride, 0);
-  if (nthreads == 1) {
-    accumulate_serial(x, n, lo_f, inv_width, counts.data(), nbins);
-  } else {
-#pragma omp parallel num_threads(nthreads)
-    {
-#ifdef _OPENMP
-      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-      const int64_t t = 0, nt = 1;
-#endif
-      const int64_t begin = n * t / nt, end = n * (t + 1) / nt;
-      accumulate_serial(x + begin, end - begin, lo_f, inv_width,
-                        counts.data() + t * stride, nbins);
-    }
-  }
-  for (int64_t k = 0; k < nthreads * kLanes; ++k)
-    for (int64_t b = 0; b < nbins; ++b) hist[b] += static_cast<double>(counts[k * nbins + b]);
+  accumulate_parallel(x, n, lo, hi, nbins, counts, nthreads);
+  add_counts(counts, nthreads, nbins, hist);
 }
 
 void histogram_rebin(const double* src, int64_t nsrc, double src_lo, double src_hi,

@@ -31,6 +31,15 @@ RangeStats range_stats(const float* x, int64_t n);
 void histogram_accumulate(const float* x, int64_t n, double lo, double hi,
                           double* hist, int64_t nbins);
 
+// One pass that does both: computes the RangeStats of x and bins it as
+// histogram_accumulate would, but adds the counts to hist only if every value is
+// finite and inside [lo, hi] (the common case once a few batches have set the
+// range). Returns true if hist was updated; otherwise hist is unchanged and the
+// caller grows the range and calls histogram_accumulate.
+// Preconditions: as histogram_accumulate.
+bool histogram_accumulate_if_in_range(const float* x, int64_t n, double lo, double hi,
+                                      double* hist, int64_t nbins, RangeStats* stats);
+
 // Re-bins a histogram onto a new grid, assuming a uniform density inside each
 // source bin: each source bin's count is split over the destination bins in
 // proportion to their overlap. Mass outside [dst_lo, dst_hi] is dropped. When

@@ -51,7 +51,16 @@ class TensorCollector:
     def update(self, x: np.ndarray) -> kernels.RangeStats:
         """Absorb one batch. Raises NonFiniteValues (and absorbs nothing) on NaN/Inf."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        stats = kernels.range_stats(x)
+        if self.hist is not None and self.count:
+            # Usual case: the batch fits the grid, one pass over the data does everything.
+            added, stats = kernels.histogram_accumulate_if_in_range(x, self.hist, self.lo, self.hi)
+            if added:  # (with no finite value, stats.min/max are +inf/-inf: no change)
+                self.min = min(self.min, float(stats.min))
+                self.max = max(self.max, float(stats.max))
+                self.count += stats.finite
+                return stats
+        else:
+            stats = kernels.range_stats(x)
         if stats.nan or stats.pos_inf or stats.neg_inf:
             raise NonFiniteValues(stats)
         if stats.finite == 0:

@@ -38,6 +38,9 @@ def make_session(model: ModelProto, outputs: List[str] = (), providers=None) -> 
         model = extended
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Between runs the calibration kernels and the image decoder need the cores;
+    # onnxruntime's worker threads would otherwise spin-wait on them.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options,
                                 providers=providers or ["CPUExecutionProvider"])
 
@@ -67,6 +70,38 @@ def check_feed(session: ort.InferenceSession, feed: Dict[str, np.ndarray], batch
             raise DataError(f"batch {batch_index}: input {name!r} has dtype {value.dtype}, the model expects "
                             f"{np.dtype(want_dtype)}")
     return feed
+
+
+class _BoundRunner:
+    """session.run for the requested outputs, writing into buffers that are reused from
+    one batch to the next while the input shapes stay the same (onnxruntime IOBinding).
+    Allocating ~28 MB of fresh outputs per image on every run costs page faults that are
+    a large part of a calibration pass. The returned arrays are overwritten by the next run."""
+
+    def __init__(self, session: ort.InferenceSession, names: List[str]) -> None:
+        self.session, self.names = session, names
+        self.shapes_key = None
+        self.buffers: List[np.ndarray] = []
+        self.binding = None
+
+    def run(self, feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
+        key = tuple(sorted((k, np.shape(v)) for k, v in feed.items()))
+        if key != self.shapes_key:  # first batch, or a new shape (e.g. a short last batch)
+            values = self.session.run(self.names, feed)
+            self.shapes_key, self.buffers = key, values
+            self.binding = self.session.io_binding()
+            for name, buf in zip(self.names, values):
+                if buf.dtype != np.float32 or not buf.flags.c_contiguous:
+                    self.binding = None
+                    break
+                self.binding.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            return values
+        if self.binding is None:
+            return self.session.run(self.names, feed)
+        for name, value in feed.items():
+            self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        self.session.run_with_iobinding(self.binding)
+        return self.buffers
 
 
 def _prefetch(reader, depth: int = 2):
@@ -118,12 +153,13 @@ def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantizationConf
     fed = [n for n in plan.activations if n in inputs]  # read from the feed, not the session
     names = [n for n in plan.activations if n not in constants and n not in inputs]
     session = make_session(model, names)
+    runner = _BoundRunner(session, names)
     total = len(reader) if hasattr(reader, "__len__") else None
     batches = 0
     for feed in _prefetch(reader):
         feed = check_feed(session, feed, batches)
         # Graph inputs first, then in graph order: a NaN is reported where it first appears.
-        values = [feed[n] for n in fed] + session.run(names, feed)
+        values = [feed[n] for n in fed] + runner.run(feed)
         for name, value in zip(fed + names, values):
             try:
                 collectors[name].update(value)
