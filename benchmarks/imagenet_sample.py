@@ -67,7 +67,7 @@ def repeated_folder(src: Path, times: int, tmp: Path) -> Path:
 def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path) -> float:
     from pyquant.config import get_preset
     from pyquant.graph.model_io import load_model, save_model
-    from pyquant.quantize import quantize_model
+    from pyquant.pipeline import quantize_model
 
     name = {"xint8": "XINT8", "xint8_4x": "XINT8", "a8w8": "A8W8", "u8s8": "U8S8", "u8s8_pc": "U8S8"}[row]
     config = get_preset(name)
@@ -97,7 +97,7 @@ def ort_row(row: str, shared: Path, model_path: Path, out: Path) -> float:
 def worker(row: str, shared: Path, model_path: Path) -> dict:
     """Run one row; print its JSON result."""
     import onnxruntime as ort
-    from pyquant.evaluate import evaluate
+    from pyquant.evaluation import evaluate
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

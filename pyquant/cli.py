@@ -139,7 +139,7 @@ def _preprocess(args, layout: str, static_size: Optional[int]):
 def _run_quantize(args) -> int:
     from .data import ArrayReader, ImageFolderReader, is_npy_source
     from .graph.model_io import check_output_path, save_model
-    from .quantize import quantize_model
+    from .pipeline import quantize_model
 
     config = get_preset(args.config)
     if args.per_channel:
@@ -172,7 +172,7 @@ def _run_quantize(args) -> int:
 
 def _run_eval(args) -> int:
     from .data import ImageFolderReader
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     _, input_name, layout, size = _model_input_spec(args.model)
     reader = ImageFolderReader(args.data, input_name, _preprocess(args, layout, size), args.batch_size,

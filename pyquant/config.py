@@ -59,7 +59,7 @@ CalibrateMethod = Union[CalibrationMethod, PowerOfTwoMethod]
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizationConfig:
+class QuantConfig:
     """What to quantize and how. Frozen: derive variants with ``dataclasses.replace``.
 
     Attributes:
@@ -114,9 +114,9 @@ class QuantizationConfig:
         return self.calibrate_method is not CalibrationMethod.MinMax
 
 
-PRESETS: Dict[str, QuantizationConfig] = {
+PRESETS: Dict[str, QuantConfig] = {
     # Power-of-two symmetric scales, per-tensor int8 weights, uint8 activations, NPU rules.
-    "XINT8": QuantizationConfig(
+    "XINT8": QuantConfig(
         activation_type=QuantType.QUInt8,
         calibrate_method=PowerOfTwoMethod.MinMSE,
         activation_symmetric=True,
@@ -124,14 +124,14 @@ PRESETS: Dict[str, QuantizationConfig] = {
     ),
     # int8 symmetric activations and weights with float scales. Percentile 99.99 measured
     # best of MinMax/MSE/Percentile on EfficientNet-Lite0 (benchmarks/imagenet_sample.py).
-    "A8W8": QuantizationConfig(
+    "A8W8": QuantConfig(
         activation_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.Percentile,
         percentile=99.99,
         activation_symmetric=True,
     ),
     # uint8 asymmetric activations, int8 symmetric weights.
-    "U8S8": QuantizationConfig(
+    "U8S8": QuantConfig(
         activation_type=QuantType.QUInt8,
         calibrate_method=CalibrationMethod.Percentile,
         percentile=99.99,
@@ -140,7 +140,7 @@ PRESETS: Dict[str, QuantizationConfig] = {
 }
 
 
-def get_preset(name: str) -> QuantizationConfig:
+def get_preset(name: str) -> QuantConfig:
     """The preset called ``name`` (case-insensitive); ConfigError names the valid ones."""
     try:
         return PRESETS[name.upper()]

@@ -7,7 +7,7 @@ import pytest
 from pyquant import reference
 from pyquant.calibrate import NonFiniteValues, TensorCollector, activation_qparams, weight_qparams
 from pyquant.calibrate.methods import ACTIVATION_METHODS, qparams_from_range
-from pyquant.config import CalibrationMethod, PowerOfTwoMethod, QuantizationConfig, QuantType
+from pyquant.config import CalibrationMethod, PowerOfTwoMethod, QuantConfig, QuantType
 from pyquant import kernels
 
 
@@ -116,7 +116,7 @@ def hist_error(c, qp, qtype):
 def test_mse_search_is_never_worse_than_minmax(symmetric):
     x = np.random.default_rng(4).standard_t(3, 100_000).astype(np.float32)
     c = collector_of(x)
-    cfg = QuantizationConfig(calibrate_method=CalibrationMethod.MSE, activation_symmetric=symmetric)
+    cfg = QuantConfig(calibrate_method=CalibrationMethod.MSE, activation_symmetric=symmetric)
     mse = activation_qparams(c, cfg)
     minmax = activation_qparams(c, dataclasses.replace(cfg, calibrate_method=CalibrationMethod.MinMax))
     assert hist_error(c, mse, cfg.activation_type) <= hist_error(c, minmax, cfg.activation_type)
@@ -126,7 +126,7 @@ def test_mse_search_is_never_worse_than_minmax(symmetric):
 def test_pow2_minmse_is_power_of_two_and_never_worse_than_nonoverflow():
     x = np.random.default_rng(5).standard_t(3, 100_000).astype(np.float32)
     c = collector_of(x)
-    cfg = QuantizationConfig(calibrate_method=PowerOfTwoMethod.MinMSE, activation_symmetric=True)
+    cfg = QuantConfig(calibrate_method=PowerOfTwoMethod.MinMSE, activation_symmetric=True)
     best = activation_qparams(c, cfg)
     no = activation_qparams(c, dataclasses.replace(cfg, calibrate_method=PowerOfTwoMethod.NonOverflow))
     assert best.is_power_of_two and no.is_power_of_two
@@ -137,7 +137,7 @@ def test_pow2_minmse_is_power_of_two_and_never_worse_than_nonoverflow():
 
 def test_pow2_for_non_negative_tensor_uses_full_uint8_range():
     c = collector_of(np.random.default_rng(6).uniform(0, 6, 10000).astype(np.float32))
-    qp = activation_qparams(c, QuantizationConfig(calibrate_method=PowerOfTwoMethod.NonOverflow,
+    qp = activation_qparams(c, QuantConfig(calibrate_method=PowerOfTwoMethod.NonOverflow,
                                                   activation_symmetric=True))
     assert int(qp.zero_point) == 0 and float(qp.scale) == 2.0 ** -5  # 255 / 32 = 7.97 >= 6
 
@@ -145,14 +145,14 @@ def test_pow2_for_non_negative_tensor_uses_full_uint8_range():
 @pytest.mark.parametrize("method", list(ACTIVATION_METHODS))
 def test_every_method_handles_all_zero_tensor(method):
     c = collector_of(np.zeros(100, np.float32))
-    qp = activation_qparams(c, QuantizationConfig(calibrate_method=method))
+    qp = activation_qparams(c, QuantConfig(calibrate_method=method))
     assert float(qp.scale) > 0 and np.isfinite(float(qp.scale))
 
 
 def test_percentile_is_monotone_and_bounded_by_minmax():
     x = np.random.default_rng(7).standard_normal(200_000).astype(np.float32)
     c = collector_of(x)
-    scales = [float(activation_qparams(c, QuantizationConfig(calibrate_method=CalibrationMethod.Percentile,
+    scales = [float(activation_qparams(c, QuantConfig(calibrate_method=CalibrationMethod.Percentile,
                                                                percentile=p, activation_symmetric=True)).scale)
               for p in (99.0, 99.9, 99.99, 100.0)]
     assert scales == sorted(scales)
@@ -167,7 +167,7 @@ def test_qparams_from_range_asymmetric_represents_zero_exactly():
 
 def test_weight_pow2_minmse_beats_nonoverflow_on_exact_error():
     w = np.random.default_rng(8).standard_t(2, (32, 3, 3, 3)).astype(np.float32)
-    cfg = QuantizationConfig(calibrate_method=PowerOfTwoMethod.MinMSE)
+    cfg = QuantConfig(calibrate_method=PowerOfTwoMethod.MinMSE)
     best = weight_qparams(w, cfg)
     no = weight_qparams(w, dataclasses.replace(cfg, calibrate_method=PowerOfTwoMethod.NonOverflow))
     err = lambda qp: reference.tensor_quant_errors(w.reshape(1, -1), [float(qp.scale)], 0, -128, 127)[0, 0]
@@ -176,6 +176,6 @@ def test_weight_pow2_minmse_beats_nonoverflow_on_exact_error():
 
 def test_weight_per_channel_scales_follow_axis():
     w = np.stack([np.full((2, 3), v, np.float32) for v in (1.0, 2.0, 4.0)], axis=1)  # [2, 3, 3] axis 1
-    qp = weight_qparams(w, QuantizationConfig(per_channel=True), axis=1)
+    qp = weight_qparams(w, QuantConfig(per_channel=True), axis=1)
     np.testing.assert_allclose(qp.scale, np.array([1.0, 2.0, 4.0]) / 127)
     assert qp.axis == 1

@@ -13,7 +13,7 @@ from pyquant.data import ArrayReader
 from pyquant.errors import ModelError
 from pyquant.graph.fold_bn import fold_batch_norm
 from pyquant.graph.plan import build_plan
-from pyquant.quantize import prepare, quantize_model
+from pyquant.pipeline import prepare, quantize_model
 
 from conftest import tiny_cnn
 

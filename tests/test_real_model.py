@@ -5,9 +5,9 @@ import pytest
 
 from pyquant.config import get_preset
 from pyquant.data import ImageFolderReader, Preprocess
-from pyquant.evaluate import agreement, evaluate
+from pyquant.evaluation import agreement, evaluate
 from pyquant.graph.model_io import load_model
-from pyquant.quantize import quantize_model
+from pyquant.pipeline import quantize_model
 
 from conftest import SHARED
 

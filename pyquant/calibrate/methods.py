@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 
 from .. import kernels
-from ..config import CalibrateMethod, CalibrationMethod, PowerOfTwoMethod, QuantizationConfig, QuantType
+from ..config import CalibrateMethod, CalibrationMethod, PowerOfTwoMethod, QuantConfig, QuantType
 from .collector import TensorCollector
 
 # Power-of-two search: exponents from the non-overflowing one down by this many.
@@ -83,11 +83,11 @@ def qparams_from_range(rmin: float, rmax: float, qtype: QuantType, symmetric: bo
 
 # ---- activation methods: (collector, config) -> QParams ------------------------------
 
-def _minmax(c: TensorCollector, cfg: QuantizationConfig) -> QParams:
+def _minmax(c: TensorCollector, cfg: QuantConfig) -> QParams:
     return qparams_from_range(c.min, c.max, cfg.activation_type, cfg.activation_symmetric)
 
 
-def _percentile(c: TensorCollector, cfg: QuantizationConfig) -> QParams:
+def _percentile(c: TensorCollector, cfg: QuantConfig) -> QParams:
     p = cfg.percentile / 100.0
     if cfg.activation_symmetric:
         mag, hi = c.magnitude_histogram()
@@ -97,7 +97,7 @@ def _percentile(c: TensorCollector, cfg: QuantizationConfig) -> QParams:
     return qparams_from_range(max(c.min, lo), min(c.max, hi), cfg.activation_type, False)
 
 
-def _entropy(c: TensorCollector, cfg: QuantizationConfig) -> QParams:
+def _entropy(c: TensorCollector, cfg: QuantConfig) -> QParams:
     mag, hi = c.magnitude_histogram()
     if hi <= 0:
         return _minmax(c, cfg)
@@ -112,7 +112,7 @@ def _best_of(c: TensorCollector, candidates: list, qtype: QuantType) -> QParams:
     return candidates[int(np.argmin(errors))]
 
 
-def _mse(c: TensorCollector, cfg: QuantizationConfig) -> QParams:
+def _mse(c: TensorCollector, cfg: QuantConfig) -> QParams:
     """Clipping range alpha * [min, max] with the least expected squared error."""
     if c.count == 0 or c.abs_max == 0:
         return _minmax(c, cfg)
@@ -128,7 +128,7 @@ def _pow2_candidates(abs_max: float, grid: _Grid, steps: int) -> Tuple[np.ndarra
     return np.arange(k_no - steps, k_no + 1), k_no
 
 
-def _pow2_activation(c: TensorCollector, cfg: QuantizationConfig, search: bool) -> QParams:
+def _pow2_activation(c: TensorCollector, cfg: QuantConfig, search: bool) -> QParams:
     qtype = cfg.activation_type
     grid = _symmetric_grid(qtype, c.min >= 0)
     if c.count == 0 or c.abs_max == 0:
@@ -141,7 +141,7 @@ def _pow2_activation(c: TensorCollector, cfg: QuantizationConfig, search: bool) 
     return _make(float(scales[int(np.argmin(errors))]), grid.zero_point, qtype)
 
 
-ACTIVATION_METHODS: Dict[CalibrateMethod, Callable[[TensorCollector, QuantizationConfig], QParams]] = {
+ACTIVATION_METHODS: Dict[CalibrateMethod, Callable[[TensorCollector, QuantConfig], QParams]] = {
     CalibrationMethod.MinMax: _minmax,
     CalibrationMethod.Percentile: _percentile,
     CalibrationMethod.Entropy: _entropy,
@@ -151,14 +151,14 @@ ACTIVATION_METHODS: Dict[CalibrateMethod, Callable[[TensorCollector, Quantizatio
 }
 
 
-def activation_qparams(collector: TensorCollector, config: QuantizationConfig) -> QParams:
+def activation_qparams(collector: TensorCollector, config: QuantConfig) -> QParams:
     """Quantization parameters of an activation tensor from its collected statistics."""
     return ACTIVATION_METHODS[config.calibrate_method](collector, config)
 
 
 # ---- weights -------------------------------------------------------------------------
 
-def weight_qparams(weight: np.ndarray, config: QuantizationConfig, axis: Optional[int] = None) -> QParams:
+def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] = None) -> QParams:
     """Symmetric int8 parameters of a weight tensor (zero point 0).
 
     Float scales: abs-max / 127, per tensor or per channel along ``axis``.

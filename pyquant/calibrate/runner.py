@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 from onnx import ModelProto
 
-from ..config import QuantizationConfig
+from ..config import QuantConfig
 from ..errors import CalibrationError, DataError
 from ..graph.plan import QuantPlan
 from ..graph.view import GraphView
@@ -140,7 +140,7 @@ def _prefetch(reader, depth: int = 2):
                 thread.join(timeout=0.05)
 
 
-def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantizationConfig,
+def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
             progress: Optional[ProgressCallback] = None) -> Dict[str, TensorCollector]:
     """Statistics of every planned activation over all batches of ``reader``."""
     view = GraphView(model)

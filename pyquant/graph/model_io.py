@@ -61,7 +61,10 @@ def save_model(model: ModelProto, path: PathLike) -> None:
     half-written model and an interrupted run leaves nothing behind."""
     out = check_output_path(path)
     large = model.ByteSize() >= _PROTOBUF_LIMIT
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write in {out.parent}: {e.strerror or e}") from None
     os.close(fd)
     data_name = out.name + ".data"
     try:

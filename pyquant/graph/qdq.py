@@ -8,7 +8,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from ..calibrate.methods import QParams, quantize_array, weight_qparams
-from ..config import QuantizationConfig
+from ..config import QuantConfig
 from .plan import QuantPlan
 from .view import GraphView
 
@@ -41,7 +41,7 @@ class _Builder:
 
 
 def write_qdq(model: ModelProto, plan: QuantPlan, act_qparams: Dict[str, QParams],
-              config: QuantizationConfig) -> ModelProto:
+              config: QuantConfig) -> ModelProto:
     """A new model: ``model`` with the QDQ pairs of ``plan`` (``model`` is not changed)."""
     out_model = ModelProto()
     out_model.CopyFrom(model)

@@ -12,7 +12,7 @@ from onnx import ModelProto
 from .calibrate.collector import TensorCollector
 from .calibrate.methods import QParams, activation_qparams
 from .calibrate.runner import ProgressCallback, collect
-from .config import QuantizationConfig
+from .config import QuantConfig
 from .errors import ModelError
 from .graph.fold_bn import fold_batch_norm
 from .graph.model_io import PathLike, check_output_path, load_model, save_model
@@ -50,7 +50,7 @@ def prepare(model: ModelProto) -> ModelProto:
 
 
 def group_qparams(plan: QuantPlan, collectors: Dict[str, TensorCollector],
-                  config: QuantizationConfig) -> Dict[str, QParams]:
+                  config: QuantConfig) -> Dict[str, QParams]:
     """One QParams per scale-sharing group, computed from the group's merged statistics."""
     result: Dict[str, QParams] = {}
     for members in plan.groups:
@@ -63,7 +63,7 @@ def group_qparams(plan: QuantPlan, collectors: Dict[str, TensorCollector],
     return result
 
 
-def quantize_model(model: ModelProto, reader, config: QuantizationConfig,
+def quantize_model(model: ModelProto, reader, config: QuantConfig,
                    progress: Optional[ProgressCallback] = None) -> QuantizeResult:
     """Quantize an in-memory float model with calibration data from ``reader``."""
     start = time.perf_counter()
@@ -83,7 +83,7 @@ def quantize_model(model: ModelProto, reader, config: QuantizationConfig,
     return QuantizeResult(quantized, plan, qparams, seconds_calibration, time.perf_counter() - start)
 
 
-def quantize_file(model_input: PathLike, model_output: PathLike, reader, config: QuantizationConfig,
+def quantize_file(model_input: PathLike, model_output: PathLike, reader, config: QuantConfig,
                   progress: Optional[ProgressCallback] = None) -> QuantizeResult:
     """Quantize ``model_input`` into ``model_output`` (written atomically, after all checks)."""
     check_output_path(model_output, model_input)

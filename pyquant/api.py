@@ -1,0 +1,151 @@
+"""The stable entry points for other tools: ``pyquant.quantize`` and ``pyquant.evaluate``.
+
+Models may be paths or onnx.ModelProto. Calibration data may be a reader with
+onnxruntime's ``get_next()`` protocol, a numpy array [N, ...] (one-input models), a dict
+{input name: array [N, ...]}, an iterable of feed dicts, or a path (image folder, .npy
+file or folder of .npy batches).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
+
+import numpy as np
+from onnx import ModelProto
+
+from .data import ArrayReader, ImageFolderReader, Preprocess, is_npy_source
+from .errors import DataError, ModelError
+from .evaluation import EvalResult
+from .evaluation import evaluate as _evaluate
+from .graph.model_io import check_output_path, load_model, save_model
+
+ModelLike = Union[str, "os.PathLike[str]", ModelProto]
+Progress = Optional[Callable[[int, Optional[int]], None]]
+
+
+def _input_names(model: ModelProto) -> list:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
+def _static_image_size(model: ModelProto) -> Tuple[str, Optional[int]]:
+    dims = [d.dim_value if d.HasField("dim_value") else None
+            for d in next(i for i in model.graph.input if i.name == _input_names(model)[0]).type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise ModelError(f"image data needs an input of rank 4, the model's has rank {len(dims)}")
+    layout = "NHWC" if dims[3] == 3 and dims[1] != 3 else "NCHW"
+    return layout, dims[2] if layout == "NCHW" else dims[1]
+
+
+class _IterableReader:
+    """get_next() over an iterable of feed dicts."""
+
+    def __init__(self, feeds: Iterable[Dict[str, np.ndarray]]) -> None:
+        self._iter: Iterator = iter(feeds)
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        return next(self._iter, None)
+
+
+class _DictReader:
+    """Batches from {input name: array [N, ...]} (all arrays with the same N)."""
+
+    def __init__(self, arrays: Dict[str, np.ndarray], batch_size: int) -> None:
+        lengths = {k: len(v) for k, v in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise DataError(f"calibration arrays have different lengths: {lengths}")
+        self.arrays, self.batch_size, self.n, self.pos = arrays, batch_size, next(iter(lengths.values())), 0
+
+    def __len__(self) -> int:
+        return (self.n + self.batch_size - 1) // self.batch_size
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        if self.pos >= self.n:
+            return None
+        feed = {k: np.ascontiguousarray(v[self.pos:self.pos + self.batch_size]) for k, v in self.arrays.items()}
+        self.pos += self.batch_size
+        return feed
+
+
+def as_reader(data: Any, model: ModelProto, batch_size: int = 8, preprocess: Optional[Preprocess] = None,
+              limit: Optional[int] = None):
+    """A get_next() reader for any accepted form of calibration data."""
+    if hasattr(data, "get_next"):
+        return data
+    names = _input_names(model)
+    if isinstance(data, (str, os.PathLike)):
+        if is_npy_source(data):
+            return ArrayReader(data, names[0], batch_size, limit)
+        if preprocess is None:
+            layout, size = _static_image_size(model)
+            if size is None:
+                raise DataError("the model input has no static size: pass preprocess=Preprocess(input_size=...)")
+            preprocess = Preprocess(input_size=size, layout=layout)
+        return ImageFolderReader(data, names[0], preprocess, batch_size, limit)
+    if isinstance(data, np.ndarray):
+        if len(names) != 1:
+            raise DataError(f"a single array needs a one-input model; this one has inputs {names}: pass a dict")
+        return ArrayReader(data, names[0], batch_size, limit)
+    if isinstance(data, dict):
+        return _DictReader({k: np.asarray(v)[:limit] for k, v in data.items()}, batch_size)
+    if isinstance(data, Iterable):
+        return _IterableReader(data)
+    raise DataError(f"unsupported calibration data of type {type(data).__name__}")
+
+
+def quantize(model: ModelLike, data: Any, config: Any = "XINT8", output: Optional[ModelLike] = None,
+             batch_size: int = 8, preprocess: Optional[Preprocess] = None, progress: Progress = None):
+    """Quantize ``model`` with calibration ``data`` under ``config`` (a preset name,
+    QuantConfig, or Quark-style QuantizationConfig/Config).
+
+    Returns the quantized onnx.ModelProto, or, when ``output`` is a path, writes it there
+    (atomically) and returns the path.
+    """
+    from .compat import resolve
+    from .pipeline import quantize_model
+
+    quant_config = resolve(config)
+    if output is not None:
+        check_output_path(output, model if not isinstance(model, ModelProto) else None)
+    proto = model if isinstance(model, ModelProto) else load_model(model)
+    result = quantize_model(proto, as_reader(data, proto, batch_size, preprocess), quant_config, progress)
+    if output is None:
+        return result.model
+    save_model(result.model, output)
+    return Path(output)
+
+
+def evaluate(model: ModelLike, data: Any, labels: Any = None, provider: str = "CPUExecutionProvider",
+             preprocess: Optional[Preprocess] = None, batch_size: int = 25, progress: Progress = None) -> EvalResult:
+    """Top-1/top-5 of a classifier. ``data``: an image folder (``labels``: an optional
+    LOC_synset_mapping.txt), an ImageFolderReader, or an array [N, ...] with ``labels`` [N]."""
+    proto = model if isinstance(model, ModelProto) else load_model(model)
+    if isinstance(data, (str, os.PathLike)):
+        if preprocess is None:
+            layout, size = _static_image_size(proto)
+            preprocess = Preprocess(input_size=size or 224, layout=layout)
+        data = ImageFolderReader(data, _input_names(proto)[0], preprocess, batch_size, labels_file=labels)
+    elif isinstance(data, np.ndarray):
+        if labels is None or len(labels) != len(data):
+            raise DataError("an array of inputs needs labels of the same length")
+        data = _LabelledArrays(data, np.asarray(labels), batch_size)
+    return _evaluate(model, data, provider, progress=progress)
+
+
+class _LabelledArrays:
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
+        self.x, self.y, self.batch_size, self.pos = x, y, batch_size, 0
+
+    def __len__(self) -> int:
+        return (len(self.x) + self.batch_size - 1) // self.batch_size
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+    def next_labeled(self):
+        if self.pos >= len(self.x):
+            return None
+        s = slice(self.pos, self.pos + self.batch_size)
+        self.pos += self.batch_size
+        return np.ascontiguousarray(self.x[s]), self.y[s]
