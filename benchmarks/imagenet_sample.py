@@ -30,6 +30,7 @@ ROWS = {
     "float": "float model",
     "floor": "float inference over calib/ (the floor for calibration)",
     "xint8": "pyquant XINT8",
+    "xint8_nobc": "pyquant XINT8 without bias correction",
     "xint8_4x": "pyquant XINT8, calib/ repeated 4x (2000 images)",
     "a8w8": "pyquant A8W8",
     "u8s8": "pyquant U8S8 per-tensor",
@@ -69,10 +70,13 @@ def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path)
     from pyquant.graph.model_io import load_model, save_model
     from pyquant.pipeline import quantize_model
 
-    name = {"xint8": "XINT8", "xint8_4x": "XINT8", "a8w8": "A8W8", "u8s8": "U8S8", "u8s8_pc": "U8S8"}[row]
+    name = {"xint8": "XINT8", "xint8_nobc": "XINT8", "xint8_4x": "XINT8", "a8w8": "A8W8", "u8s8": "U8S8",
+            "u8s8_pc": "U8S8"}[row]
     config = get_preset(name)
     if row == "u8s8_pc":
         config = dataclasses.replace(config, per_channel=True)
+    if row == "xint8_nobc":
+        config = dataclasses.replace(config, bias_correction=False)
     folder = repeated_folder(shared / "data/imagenet-sample/calib", 4, tmp) if row == "xint8_4x" else None
     calib = reader(shared, "calib", folder=folder)
     start = time.perf_counter()

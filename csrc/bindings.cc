@@ -8,6 +8,7 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/channel_stats.h"
 #include "kernels/histogram.h"
 #include "kernels/scale_search.h"
 
@@ -108,6 +109,19 @@ PYBIND11_MODULE(_kernels, m) {
   }, py::arg("x"), py::arg("hist"), py::arg("lo"), py::arg("hi"),
      "One pass: RangeStats of x, and x added to hist only if all finite and inside [lo, hi]. "
      "Returns (added, stats).");
+
+  m.def("channel_sums", [](const py::array& x, py::array& sums) {
+    require<float>(x, "x", "float32", 3);
+    require<double>(sums, "sums", "float64", 1, true);
+    if (sums.shape(0) != x.shape(1))
+      throw py::value_error("sums must have x.shape[1] = " + std::to_string(x.shape(1)) +
+                            " entries, got " + shape_of(sums));
+    const float* px = static_cast<const float*>(x.data());
+    double* ps = static_cast<double*>(sums.mutable_data());
+    const int64_t outer = x.shape(0), channels = x.shape(1), inner = x.shape(2);
+    py::gil_scoped_release release;
+    pyquant::channel_sums(px, outer, channels, inner, ps);
+  }, py::arg("x"), py::arg("sums"), "sums[c] += x[:, c, :].sum() for x viewed as [outer, channels, inner].");
 
   m.def("histogram_rebin", [](const py::array& src, double src_lo, double src_hi,
                               py::array& dst, double dst_lo, double dst_hi) {

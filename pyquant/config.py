@@ -75,6 +75,8 @@ class QuantConfig:
         percentile: the percentile (in %) kept by CalibrationMethod.Percentile.
         num_bins: histogram bins per activation tensor.
         calib_batch_size: images per onnxruntime run during calibration; bounds peak memory.
+        bias_correction: correct each Conv/Gemm bias for the mean output shift caused by
+            weight rounding (pyquant.techniques.bias_correction); on in every preset.
     """
 
     activation_type: QuantType = QuantType.QUInt8
@@ -86,6 +88,7 @@ class QuantConfig:
     percentile: float = 99.999
     num_bins: int = 2048
     calib_batch_size: int = 8
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.activation_type, QuantType) or not isinstance(self.weight_type, QuantType):

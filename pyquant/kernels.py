@@ -12,7 +12,7 @@ from . import _kernels
 from ._kernels import RangeStats
 
 __all__ = [
-    "RangeStats", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range", "histogram_rebin", "histogram_quant_errors",
+    "RangeStats", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range", "channel_sums", "histogram_rebin", "histogram_quant_errors",
     "tensor_quant_errors", "histogram_quantiles", "histogram_entropy_threshold",
 ]
 
@@ -53,6 +53,19 @@ def histogram_accumulate_if_in_range(x: npt.ArrayLike, hist: np.ndarray, lo: flo
     _check_hist(hist)
     added, stats = _kernels.histogram_accumulate_if_in_range(_as_f32(x), hist, float(lo), float(hi))
     return CheckedAccumulate(added, stats)
+
+
+def channel_sums(x: npt.ArrayLike, sums: np.ndarray, channel_axis: int = 1) -> None:
+    """``sums[c] += `` the sum of ``x`` over every axis but ``channel_axis`` (in place)."""
+    x = _as_f32(x)
+    if not (isinstance(sums, np.ndarray) and sums.dtype == np.float64 and sums.ndim == 1 and sums.flags.c_contiguous):
+        raise TypeError("sums must be a C-contiguous 1-D float64 numpy array (it is updated in place)")
+    if x.ndim == 0 or not -x.ndim <= channel_axis < x.ndim:
+        raise ValueError(f"channel_axis {channel_axis} is out of range for shape {x.shape}")
+    axis = channel_axis % x.ndim
+    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
+    inner = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+    _kernels.channel_sums(x.reshape(outer, x.shape[axis], inner), sums)
 
 
 def histogram_rebin(src: npt.ArrayLike, src_lo: float, src_hi: float,

@@ -18,6 +18,7 @@ from .graph.fold_bn import fold_batch_norm
 from .graph.model_io import PathLike, check_output_path, load_model, save_model
 from .graph.plan import QuantPlan, build_plan
 from .graph.qdq import write_qdq
+from .techniques import bias_correction
 
 log = logging.getLogger(__name__)
 # QuantizeLinear with per-axis scales needs opset 13.
@@ -70,9 +71,14 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig,
     prepared = prepare(model)
     plan = build_plan(prepared, config.enable_npu_cnn)
     t0 = time.perf_counter()
-    collectors = collect(prepared, plan, reader, config, progress)
+    means_needed = bias_correction.needed_means(plan) if config.bias_correction else {}
+    stats = collect(prepared, plan, reader, config, progress, means_needed)
     seconds_calibration = time.perf_counter() - t0
-    qparams = group_qparams(plan, collectors, config)
+    qparams = group_qparams(plan, stats.ranges, config)
+    if config.bias_correction:
+        means = {name: c.mean for name, c in stats.channel_means.items()}
+        bias_correction.apply_bias_correction(prepared, plan, means, config)
+        plan = build_plan(prepared, config.enable_npu_cnn)  # layers may have gained a bias input
     quantized = write_qdq(prepared, plan, qparams, config)
     try:
         onnx.checker.check_model(quantized)

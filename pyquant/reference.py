@@ -46,6 +46,12 @@ def histogram_accumulate_if_in_range(x: np.ndarray, hist: np.ndarray, lo: float,
     return fits, stats
 
 
+def channel_sums(x: np.ndarray, sums: np.ndarray, channel_axis: int = 1) -> None:
+    x = np.asarray(x, dtype=np.float64)
+    axes = tuple(a for a in range(x.ndim) if a != channel_axis % x.ndim)
+    sums += x.sum(axis=axes)
+
+
 def histogram_rebin(src: np.ndarray, src_lo: float, src_hi: float,
                     dst_lo: float, dst_hi: float, dst_bins: int) -> np.ndarray:
     """Exact redistribution through the cumulative distribution function."""

@@ -215,3 +215,35 @@ def test_quantile_is_monotone_in_p(counts, p1, p2):
     hist = np.array(counts)
     a, b = kernels.histogram_quantiles(hist, 0, 1, sorted([p1, p2]))
     assert a <= b + 1e-12
+
+
+CHANNEL_SUM_RTOL = 1e-6  # float blocks of 256 values, then double
+
+
+@pytest.mark.parametrize("shape,axis", [((0, 3, 4), 1), ((1, 1), 1), ((7, 8, 9, 9), 1), ((2, 1023), 1),
+                                        ((4, 96, 56, 56), 1), ((5, 6), 0), ((3, 4, 5), -1)])
+def test_channel_sums_match_reference(shape, axis):
+    x = (np.random.default_rng(len(shape)).standard_normal(shape) * 3 + 1).astype(np.float32)
+    c = shape[axis]
+    got, want = np.zeros(c), np.zeros(c)
+    kernels.channel_sums(x, got, axis)
+    reference.channel_sums(x, want, axis)
+    np.testing.assert_allclose(got, want, rtol=CHANNEL_SUM_RTOL, atol=1e-6)
+
+
+def test_channel_sums_accumulate_and_accept_non_contiguous_views():
+    x = np.random.default_rng(0).standard_normal((6, 4, 10, 10)).astype(np.float32)
+    view = x[:, :, ::2, ::3]
+    got, want = np.ones(4), np.ones(4)
+    kernels.channel_sums(view, got)
+    reference.channel_sums(view, want)
+    np.testing.assert_allclose(got, want, rtol=CHANNEL_SUM_RTOL)
+
+
+def test_channel_sums_of_constant_and_huge_values():
+    x = np.full((3, 2, 1000), 1e30, np.float32)
+    got = np.zeros(2)
+    kernels.channel_sums(x, got)
+    np.testing.assert_allclose(got, [3e33, 3e33], rtol=CHANNEL_SUM_RTOL)
+    with pytest.raises(ValueError, match="sums must have"):
+        _kernels.channel_sums(x, np.zeros(3))

@@ -123,3 +123,29 @@ class TensorCollector:
         positive = kernels.histogram_rebin(self.hist, self.lo, self.hi, 0.0, hi, self.num_bins)
         negative = kernels.histogram_rebin(self.hist[::-1], -self.hi, -self.lo, 0.0, hi, self.num_bins)
         return positive + negative, hi
+
+
+class ChannelMeanCollector:
+    """Running per-channel mean of a tensor (sums in float64; C + 1 numbers of state)."""
+
+    def __init__(self, channel_axis: int = 1) -> None:
+        self.channel_axis = channel_axis
+        self.sums: Optional[np.ndarray] = None
+        self.count = 0  # values per channel absorbed so far
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        channels = x.shape[self.channel_axis]
+        if self.sums is None:
+            self.sums = np.zeros(channels)
+        elif self.sums.shape[0] != channels:
+            raise ValueError(f"tensor has {channels} channels on axis {self.channel_axis}, earlier batches "
+                             f"had {self.sums.shape[0]}")
+        kernels.channel_sums(x, self.sums, self.channel_axis)
+        self.count += x.size // channels if channels else 0
+
+    @property
+    def mean(self) -> np.ndarray:
+        if self.sums is None or self.count == 0:
+            raise ValueError("no data absorbed")
+        return self.sums / self.count

@@ -196,3 +196,13 @@ def quantize_array(x: np.ndarray, qp: QParams, qtype: QuantType) -> np.ndarray:
         scale, zp = scale.reshape(shape), zp.reshape(shape)
     q = np.clip(np.round(x.astype(np.float64) / scale) + zp, qtype.qmin, qtype.qmax)
     return q.astype(qtype.numpy_dtype)
+
+
+def dequantize_array(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """DequantizeLinear in numpy (float64)."""
+    scale, zp = qp.scale.astype(np.float64), qp.zero_point.astype(np.float64)
+    if qp.axis is not None:
+        shape = [1] * q.ndim
+        shape[qp.axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return (q.astype(np.float64) - zp) * scale

@@ -3,10 +3,12 @@ its collector. One batch of activations is alive at a time: onnxruntime returns 
 batch's tensors, the kernels absorb them, and they are dropped before the next run."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
-from typing import Callable, Dict, List, Optional
+from types import MappingProxyType
+from typing import Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import onnx
@@ -17,7 +19,7 @@ from ..config import QuantConfig
 from ..errors import CalibrationError, DataError
 from ..graph.plan import QuantPlan
 from ..graph.view import GraphView
-from .collector import NonFiniteValues, TensorCollector
+from .collector import ChannelMeanCollector, NonFiniteValues, TensorCollector
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +142,26 @@ def _prefetch(reader, depth: int = 2):
                 thread.join(timeout=0.05)
 
 
+@dataclasses.dataclass
+class Statistics:
+    ranges: Dict[str, TensorCollector]  # every planned activation
+    channel_means: Dict[str, ChannelMeanCollector]  # the tensors asked for
+    batches: int
+
+
 def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
-            progress: Optional[ProgressCallback] = None) -> Dict[str, TensorCollector]:
-    """Statistics of every planned activation over all batches of ``reader``."""
+            progress: Optional[ProgressCallback] = None,
+            channel_means: Mapping[str, int] = MappingProxyType({})) -> Statistics:
+    """Statistics of every planned activation over all batches of ``reader``, and the
+    per-channel means of the tensors in ``channel_means`` ({name: channel axis}; each must
+    be a planned activation)."""
     view = GraphView(model)
     histogram = config.needs_histogram
     collectors = {name: TensorCollector(config.num_bins, histogram) for name in plan.activations}
+    means = {name: ChannelMeanCollector(axis) for name, axis in channel_means.items()}
+    missing = set(means) - set(collectors)
+    if missing:
+        raise ValueError(f"channel means asked for tensors that are not calibrated: {sorted(missing)}")
     for name in plan.constant_activations:
         collectors[name].update(view.constant_value(name))
     constants = set(plan.constant_activations)
@@ -165,10 +181,12 @@ def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
                 collectors[name].update(value)
             except NonFiniteValues as e:
                 raise CalibrationError(f"tensor {name!r} has {e} in calibration batch {batches}") from None
+            if name in means:
+                means[name].update(value)
         del values
         batches += 1
         if progress is not None:
             progress(batches, total)
     if batches == 0:
         raise DataError("the calibration data reader produced no batch")
-    return collectors
+    return Statistics(collectors, means, batches)
