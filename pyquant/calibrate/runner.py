@@ -89,6 +89,7 @@ class _BoundRunner:
     def run(self, feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
         key = tuple(sorted((k, np.shape(v)) for k, v in feed.items()))
         if key != self.shapes_key:  # first batch, or a new shape (e.g. a short last batch)
+            self.buffers, self.binding = [], None  # free the old outputs before allocating new ones
             values = self.session.run(self.names, feed)
             self.shapes_key, self.buffers = key, values
             self.binding = self.session.io_binding()
