@@ -131,7 +131,9 @@ def test_ctrl_c_during_calibration_exits_promptly_and_leaves_no_file(tmp_path, t
         sys.exit(main(["quantize", "--model_input", {str(tiny_model_path)!r}, "--model_output", {str(out)!r},
                        "--calib_data", {str(tmp_path / 'calib.npy')!r}, "--quiet", "--batch_size", "1"]))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # cwd: outside the source tree, so that the installed (compiled) package is imported
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(2.0)
     start = time.monotonic()

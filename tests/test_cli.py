@@ -88,6 +88,16 @@ def test_missing_and_empty_calibration_folder(tmp_path, tiny_model_path, capsys)
     expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "empty"), 1, "no images")
 
 
+def test_folder_without_a_readable_image(tmp_path, tiny_model_path, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", folder), 1,
+                 "no readable image", "3 unreadable")
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_unknown_preset_and_contradiction_are_usage_errors(tmp_path, tiny_model_path, image_folder, capsys):
     expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", image_folder, "--config", "INT3"), 2,
                  "unknown preset 'INT3'", "XINT8")
@@ -121,9 +131,9 @@ def test_unavailable_provider(tiny_model_path, image_folder, capsys):
                           "--provider", "VitisAIExecutionProvider"], 2, "VitisAIExecutionProvider", "not available")
 
 
-def test_console_script_help_lists_options():
+def test_console_script_help_lists_options(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pyquant.cli", "quantize", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, cwd=tmp_path).stdout
     for option in ("--model_input", "--calib_data", "--config", "--per_channel", "--num_calib", "--mean",
                    "--input_size", "--resize"):
         assert option in out
