@@ -9,6 +9,7 @@
 #include <string>
 
 #include "kernels/channel_stats.h"
+#include "kernels/cle.h"
 #include "kernels/histogram.h"
 #include "kernels/scale_search.h"
 
@@ -122,6 +123,49 @@ PYBIND11_MODULE(_kernels, m) {
     py::gil_scoped_release release;
     pyquant::channel_sums(px, outer, channels, inner, ps);
   }, py::arg("x"), py::arg("sums"), "sums[c] += x[:, c, :].sum() for x viewed as [outer, channels, inner].");
+
+  m.def("channel_abs_max", [](const py::array& w, py::array& out) {
+    require<float>(w, "w", "float32", 4);
+    require<float>(out, "out", "float32", 1, true);
+    if (out.shape(0) != w.shape(0) * w.shape(2))
+      throw py::value_error("out must have w.shape[0] * w.shape[2] entries, got " + shape_of(out) +
+                            " for w " + shape_of(w));
+    const float* pw = static_cast<const float*>(w.data());
+    float* po = static_cast<float*>(out.mutable_data());
+    const int64_t A = w.shape(0), B = w.shape(1), C = w.shape(2), D = w.shape(3);
+    py::gil_scoped_release release;
+    pyquant::channel_abs_max(pw, A, B, C, D, po);
+  }, py::arg("w"), py::arg("out"), "out[a*C + c] = max |w[a, :, c, :]| for w of shape [A, B, C, D].");
+
+  m.def("equalization_scales", [](const py::array& r1, const py::array& r2, double max_scale, py::array& out) {
+    require<float>(r1, "r1", "float32", 1);
+    require<float>(r2, "r2", "float32", 1);
+    require<float>(out, "out", "float32", 1, true);
+    if (r2.shape(0) != r1.shape(0) || out.shape(0) != r1.shape(0))
+      throw py::value_error("r1, r2 and out must have the same length, got " + shape_of(r1) + ", " +
+                            shape_of(r2) + ", " + shape_of(out));
+    if (!(max_scale >= 1.0)) throw py::value_error("max_scale must be at least 1");
+    const float* p1 = static_cast<const float*>(r1.data());
+    const float* p2 = static_cast<const float*>(r2.data());
+    float* po = static_cast<float*>(out.mutable_data());
+    const int64_t n = r1.shape(0);
+    py::gil_scoped_release release;
+    pyquant::equalization_scales(p1, p2, n, max_scale, po);
+  }, py::arg("r1"), py::arg("r2"), py::arg("max_scale"), py::arg("out"),
+     "Equalizing scales sqrt(r1 / r2) (1 where a range is 0), clamped to [1/max_scale, max_scale].");
+
+  m.def("scale_channels", [](py::array& w, const py::array& s, bool divide) {
+    require<float>(w, "w", "float32", 4, true);
+    require<float>(s, "s", "float32", 1);
+    if (s.shape(0) != w.shape(0) * w.shape(2))
+      throw py::value_error("s must have w.shape[0] * w.shape[2] entries, got " + shape_of(s) + " for w " +
+                            shape_of(w));
+    float* pw = static_cast<float*>(w.mutable_data());
+    const float* ps = static_cast<const float*>(s.data());
+    const int64_t A = w.shape(0), B = w.shape(1), C = w.shape(2), D = w.shape(3);
+    py::gil_scoped_release release;
+    pyquant::scale_channels(pw, A, B, C, D, ps, divide);
+  }, py::arg("w"), py::arg("s"), py::arg("divide"), "w[a, :, c, :] *= s[a*C + c] (/= if divide), in place.");
 
   m.def("histogram_rebin", [](const py::array& src, double src_lo, double src_hi,
                               py::array& dst, double dst_lo, double dst_hi) {

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", default="XINT8", help=f"preset: {', '.join(PRESETS)}")
     q.add_argument("--per_channel", action="store_true", help="per-channel weight scales (not with XINT8)")
     q.add_argument("--num_calib", type=_positive_int, default=None, help="use at most this many calibration samples")
+    q.add_argument("--cross_layer_equalization", action="store_true",
+                   help="add cross-layer equalization to the preset (INT8_CLE has it)")
     _add_common(q)
     q.set_defaults(run=_run_quantize)
 
@@ -168,7 +170,8 @@ def _run_quantize(args) -> int:
             raise ConfigError(f"--per_channel cannot be used with {args.config.upper()}: its power-of-two "
                               "scales are per tensor (NPUs take one scale per tensor)")
         config = dataclasses.replace(config, per_channel=True)
-    config = dataclasses.replace(config, calib_batch_size=args.batch_size)
+    config = dataclasses.replace(config, calib_batch_size=args.batch_size,
+                                 cross_layer_equalization=config.cross_layer_equalization or args.cross_layer_equalization)
     check_output_path(args.model_output, args.model_input)
     model, input_name, layout, size = _model_input_spec(args.model_input)
     if is_npy_source(args.calib_data):

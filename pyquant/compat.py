@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Optional
 
 from .config import PRESETS, CalibrateMethod, CalibrationMethod, QuantConfig, QuantType, get_preset
 from .errors import ConfigError
+from .techniques.cle import CLEOptions
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -41,6 +42,12 @@ EXTRA_OPTIONS: Dict[str, Callable[[str, Any], Dict[str, Any]]] = {
     "Percentile": lambda k, v: {"percentile": _number(k, v)},
     "NumBins": lambda k, v: {"num_bins": int(_number(k, v))},
     "CalibDataBatchSize": lambda k, v: {"calib_batch_size": int(_number(k, v))},
+    # Cross-layer equalization (CLEOptions): sweeps, convergence tolerance on the scales,
+    # Clip -> Relu replacement (changes the network), bias included in the first layer's range.
+    "CLESteps": lambda k, v: {"cle.steps": int(_number(k, v))},
+    "CLETotalLayerDiffThreshold": lambda k, v: {"cle.tolerance": _number(k, v)},
+    "ReplaceClip6Relu": lambda k, v: {"cle.replace_clip_with_relu": _bool(k, v)},
+    "CLEScaleAppendBias": lambda k, v: {"cle.scale_append_bias": _bool(k, v)},
 }
 
 
@@ -62,8 +69,6 @@ class QuantizationConfig:
     extra_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_quant_config(self) -> QuantConfig:
-        if self.include_cle:
-            raise ConfigError("include_cle: cross-layer equalization is not available in this version of pyquant")
         if self.include_fast_ft:
             raise ConfigError("include_fast_ft: fast finetune is not available in this version of pyquant")
         if not isinstance(self.extra_options, dict):
@@ -73,18 +78,25 @@ class QuantizationConfig:
             if key not in EXTRA_OPTIONS:
                 raise ConfigError(f"unknown extra_options key {key!r}; valid keys: {', '.join(sorted(EXTRA_OPTIONS))}")
             fields.update(EXTRA_OPTIONS[key](key, value))
+        cle_fields = {k.split(".", 1)[1]: fields.pop(k) for k in list(fields) if k.startswith("cle.")}
         return QuantConfig(activation_type=self.activation_type, weight_type=self.weight_type,
                            calibrate_method=self.calibrate_method, per_channel=self.per_channel,
-                           enable_npu_cnn=self.enable_npu_cnn, **fields)
+                           enable_npu_cnn=self.enable_npu_cnn, cross_layer_equalization=self.include_cle,
+                           cle=CLEOptions(**cle_fields), **fields)
 
     @classmethod
     def from_quant_config(cls, config: QuantConfig) -> "QuantizationConfig":
         extra: Dict[str, Any] = {"ActivationSymmetric": config.activation_symmetric}
         if config.calibrate_method is CalibrationMethod.Percentile:
             extra["Percentile"] = config.percentile
+        if config.cross_layer_equalization:
+            extra.update(CLESteps=config.cle.steps, CLETotalLayerDiffThreshold=config.cle.tolerance,
+                         ReplaceClip6Relu=config.cle.replace_clip_with_relu,
+                         CLEScaleAppendBias=config.cle.scale_append_bias)
         return cls(calibrate_method=config.calibrate_method, activation_type=config.activation_type,
                    weight_type=config.weight_type, per_channel=config.per_channel,
-                   enable_npu_cnn=config.enable_npu_cnn, extra_options=extra)
+                   enable_npu_cnn=config.enable_npu_cnn, include_cle=config.cross_layer_equalization,
+                   extra_options=extra)
 
 
 @dataclasses.dataclass

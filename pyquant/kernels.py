@@ -12,7 +12,7 @@ from . import _kernels
 from ._kernels import RangeStats
 
 __all__ = [
-    "RangeStats", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range", "channel_sums", "histogram_rebin", "histogram_quant_errors",
+    "RangeStats", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range", "channel_sums", "channel_abs_max", "equalization_scales", "scale_channels", "histogram_rebin", "histogram_quant_errors",
     "tensor_quant_errors", "histogram_quantiles", "histogram_entropy_threshold",
 ]
 
@@ -66,6 +66,32 @@ def channel_sums(x: npt.ArrayLike, sums: np.ndarray, channel_axis: int = 1) -> N
     outer = int(np.prod(x.shape[:axis], dtype=np.int64))
     inner = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
     _kernels.channel_sums(x.reshape(outer, x.shape[axis], inner), sums)
+
+
+def channel_abs_max(w4: npt.ArrayLike) -> np.ndarray:
+    """max |w[a, :, c, :]| for each (a, c) of a tensor viewed as [A, B, C, D], as [A*C]."""
+    w4 = _as_f32(w4)
+    if w4.ndim != 4:
+        raise ValueError(f"w must be viewed as [A, B, C, D], got shape {w4.shape}")
+    out = np.empty(w4.shape[0] * w4.shape[2], dtype=np.float32)
+    _kernels.channel_abs_max(w4, out)
+    return out
+
+
+def equalization_scales(r1: npt.ArrayLike, r2: npt.ArrayLike, max_scale: float = 1e4) -> np.ndarray:
+    """Cross-layer equalization scales sqrt(r1 / r2), 1 where a range is zero."""
+    r1, r2 = _as_f32(r1), _as_f32(r2)
+    out = np.empty_like(r1)
+    _kernels.equalization_scales(r1, r2, float(max_scale), out)
+    return out
+
+
+def scale_channels(w4: np.ndarray, s: npt.ArrayLike, divide: bool = False) -> None:
+    """In place: w[a, :, c, :] *= s[a*C + c] (/= if divide); ``w4`` must be a C-contiguous
+    float32 array (a reshaped view of the weight is fine)."""
+    if not (isinstance(w4, np.ndarray) and w4.dtype == np.float32 and w4.flags.c_contiguous):
+        raise TypeError("w must be a C-contiguous float32 numpy array (it is updated in place)")
+    _kernels.scale_channels(w4, _as_f32(s), bool(divide))
 
 
 def histogram_rebin(src: npt.ArrayLike, src_lo: float, src_hi: float,

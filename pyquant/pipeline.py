@@ -18,7 +18,7 @@ from .graph.fold_bn import fold_batch_norm
 from .graph.model_io import PathLike, check_output_path, load_model, save_model
 from .graph.plan import QuantPlan, build_plan
 from .graph.qdq import write_qdq
-from .techniques import bias_correction
+from .techniques import bias_correction, cle
 
 log = logging.getLogger(__name__)
 # QuantizeLinear with per-axis scales needs opset 13.
@@ -64,11 +64,39 @@ def group_qparams(plan: QuantPlan, collectors: Dict[str, TensorCollector],
     return result
 
 
+class _PeekedReader:
+    """A reader whose first batch was read ahead (to check a transform on real data)."""
+
+    def __init__(self, reader) -> None:
+        self.reader = reader
+        self.first = reader.get_next()
+        self._pending = self.first is not None
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def get_next(self):
+        if self._pending:
+            self._pending = False
+            return self.first
+        return self.reader.get_next()
+
+
 def quantize_model(model: ModelProto, reader, config: QuantConfig,
                    progress: Optional[ProgressCallback] = None) -> QuantizeResult:
     """Quantize an in-memory float model with calibration data from ``reader``."""
     start = time.perf_counter()
     prepared = prepare(model)
+    if config.cross_layer_equalization:
+        reader = _PeekedReader(reader)
+        original = ModelProto()  # the function CLE must preserve
+        original.CopyFrom(prepared)
+        if config.cle.replace_clip_with_relu:
+            cle.replace_clips_with_relu(original)
+        report = cle.equalize(prepared, config.cle)
+        if reader.first is not None:  # on a real batch, before any statistics are taken
+            cle.check_equivalence(original, prepared, [reader.first], config.cle.check_rtol, report.pair_list)
+        del original
     plan = build_plan(prepared, config.enable_npu_cnn)
     t0 = time.perf_counter()
     means_needed = bias_correction.needed_means(plan) if config.bias_correction else {}

@@ -52,6 +52,27 @@ def channel_sums(x: np.ndarray, sums: np.ndarray, channel_axis: int = 1) -> None
     sums += x.sum(axis=axes)
 
 
+def channel_abs_max(w4: np.ndarray) -> np.ndarray:
+    w4 = np.abs(np.asarray(w4, dtype=np.float32))
+    if w4.shape[1] == 0 or w4.shape[3] == 0:
+        return np.zeros(w4.shape[0] * w4.shape[2], np.float32)
+    return w4.max(axis=(1, 3)).reshape(-1)
+
+
+def equalization_scales(r1, r2, max_scale: float = 1e4) -> np.ndarray:
+    r1, r2 = np.asarray(r1, np.float64), np.asarray(r2, np.float64)
+    ok = (r1 > 0) & (r2 > 0) & np.isfinite(r1) & np.isfinite(r2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(ok, np.sqrt(r1 / r2), 1.0)
+    return np.clip(s, 1.0 / max_scale, max_scale).astype(np.float32)
+
+
+def scale_channels(w4: np.ndarray, s, divide: bool = False) -> np.ndarray:
+    s = np.asarray(s, np.float32).reshape(w4.shape[0], 1, w4.shape[2], 1)
+    factor = (np.float32(1.0) / s) if divide else s
+    return (w4 * factor).astype(np.float32)
+
+
 def histogram_rebin(src: np.ndarray, src_lo: float, src_hi: float,
                     dst_lo: float, dst_hi: float, dst_bins: int) -> np.ndarray:
     """Exact redistribution through the cumulative distribution function."""

@@ -27,15 +27,28 @@ def test_default_configs_round_trip_to_the_presets(name):
     ("Percentile", 99.9999, "percentile", 99.9999),
     ("NumBins", 4096, "num_bins", 4096),
     ("CalibDataBatchSize", 4, "calib_batch_size", 4),
+    ("CLESteps", 7, "cle.steps", 7),
+    ("CLETotalLayerDiffThreshold", 0.01, "cle.tolerance", 0.01),
+    ("ReplaceClip6Relu", True, "cle.replace_clip_with_relu", True),
+    ("CLEScaleAppendBias", True, "cle.scale_append_bias", True),
 ])
 def test_every_extra_option_maps_to_the_typed_config(key, value, field, expected):
-    cfg = QuantizationConfig(calibrate_method=CalibrationMethod.Percentile, extra_options={key: value})
-    assert getattr(cfg.to_quant_config(), field) == expected
+    cfg = QuantizationConfig(calibrate_method=CalibrationMethod.Percentile, include_cle=True,
+                             extra_options={key: value}).to_quant_config()
+    for part in field.split("."):
+        cfg = getattr(cfg, part)
+    assert cfg == expected
 
 
 def test_every_documented_extra_option_is_tested():
-    tested = {"ActivationSymmetric", "Percentile", "NumBins", "CalibDataBatchSize", "WeightSymmetric"}
+    tested = {"ActivationSymmetric", "Percentile", "NumBins", "CalibDataBatchSize", "WeightSymmetric", "CLESteps",
+              "CLETotalLayerDiffThreshold", "ReplaceClip6Relu", "CLEScaleAppendBias"}
     assert set(EXTRA_OPTIONS) == tested
+
+
+def test_include_cle_turns_on_equalization():
+    assert QuantizationConfig(include_cle=True).to_quant_config().cross_layer_equalization
+    assert not QuantizationConfig().to_quant_config().cross_layer_equalization
 
 
 def test_unknown_extra_option_is_an_error_listing_valid_keys():
@@ -46,7 +59,7 @@ def test_unknown_extra_option_is_an_error_listing_valid_keys():
 @pytest.mark.parametrize("kwargs,message", [
     ({"extra_options": {"WeightSymmetric": False}}, "WeightSymmetric"),
     ({"extra_options": {"ActivationSymmetric": "yes"}}, "True or False"),
-    ({"include_cle": True}, "include_cle"),
+    ({"include_cle": True, "extra_options": {"CLESteps": 0}}, "CLE steps"),
     ({"include_fast_ft": True}, "include_fast_ft"),
     ({"calibrate_method": PowerOfTwoMethod.MinMSE, "per_channel": True}, "per_channel"),
     ({"weight_type": QuantType.QUInt8}, "weight_type"),
@@ -57,7 +70,7 @@ def test_contradictions_and_unavailable_options_are_errors(kwargs, message):
 
 
 def test_unknown_preset_names_the_valid_ones():
-    with pytest.raises(ConfigError, match="valid presets: XINT8, A8W8, U8S8"):
+    with pytest.raises(ConfigError, match="valid presets: XINT8, INT8_CLE, A8W8, U8S8"):
         get_default_config("XINT9")
 
 

@@ -171,7 +171,10 @@ def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
     names = [n for n in plan.activations if n not in constants and n not in inputs]
     session = make_session(model, names)
     runner = _BoundRunner(session, names)
-    total = len(reader) if hasattr(reader, "__len__") else None
+    try:
+        total: Optional[int] = len(reader)
+    except TypeError:  # a reader without a length
+        total = None
     batches = 0
     for feed in _prefetch(reader):
         feed = check_feed(session, feed, batches)

@@ -56,9 +56,12 @@ OP_RULES: Dict[str, OpRule] = {
     "Gather": _DATA_MOVEMENT, "Split": _DATA_MOVEMENT,
     "AveragePool": _POOL_AVG, "GlobalAveragePool": _POOL_AVG,
     "Relu": _UNARY, "Clip": _UNARY, "LeakyRelu": _UNARY, "Sigmoid": _UNARY,
-    "HardSigmoid": _UNARY, "Tanh": _UNARY,
+    "HardSigmoid": _UNARY, "Tanh": _UNARY, "Min": _UNARY, "Max": _UNARY, "Identity": _DATA_MOVEMENT,
 }
 FUSED_ACTIVATIONS = ("Relu", "Clip")
+# Min/Max with a constant bound after Relu/Clip: a clipped activation with per-channel
+# bounds (what cross-layer equalization makes of ReLU6); fused like Clip.
+FUSED_BOUNDS = ("Min", "Max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +143,15 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool) -> QuantPlan:
         rule = OP_RULES.get(node.op_type)
         if rule is None or not rule.fusable:
             continue
-        nxt = view.single_consumer(node.output[0])
-        if nxt is not None and nxt.op_type in FUSED_ACTIVATIONS:
-            fused_outputs.add(node.output[0])
+        current, allowed = node, FUSED_ACTIVATIONS
+        while True:  # layer -> Relu/Clip [-> Min/Max with constant bound]*
+            nxt = view.single_consumer(current.output[0])
+            if nxt is None or nxt.op_type not in allowed or nxt.input[0] != current.output[0]:
+                break
+            if nxt.op_type in FUSED_BOUNDS and not all(view.is_constant(i) for i in nxt.input[1:]):
+                break
+            fused_outputs.add(current.output[0])
+            current, allowed = nxt, FUSED_BOUNDS
 
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):

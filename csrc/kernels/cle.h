@@ -1,0 +1,26 @@
+// Cross-layer equalization kernels (Nagel et al. 2019, "Data-Free Quantization Through
+// Weight Equalization and Bias Correction", section 4.1).
+//
+// Every weight layout is handled through one view: a tensor seen as [A, B, C, D]
+// (row-major) whose channel a*C + c is the slice w[a, :, c, :]. Output channels of a
+// Conv [O, I/g, kh, kw] are [O, 1, 1, I/g*kh*kw]; input channels of a grouped Conv are
+// [g, O/g, I/g, kh*kw]; a Gemm weight [N, K] has output channels [N, 1, 1, K] and input
+// channels [1, N, K, 1].
+#pragma once
+#include <cstdint>
+
+namespace pyquant {
+
+// out[a*C + c] = max |w[a, :, c, :]| (0 for an empty slice). out has A*C floats.
+void channel_abs_max(const float* w, int64_t A, int64_t B, int64_t C, int64_t D, float* out);
+
+// Equalizing scales s_i = sqrt(r1_i / r2_i), computed in double: dividing the first
+// layer's output channel i by s_i and multiplying the second layer's input channel i by
+// s_i leaves both with range sqrt(r1_i * r2_i). s_i = 1 where r1_i or r2_i is zero or
+// not finite (nothing to balance). Scales are clamped to [1/max_scale, max_scale].
+void equalization_scales(const float* r1, const float* r2, int64_t n, double max_scale, float* s);
+
+// w[a, :, c, :] *= s[a*C + c] (or /= when divide). In place.
+void scale_channels(float* w, int64_t A, int64_t B, int64_t C, int64_t D, const float* s, bool divide);
+
+}  // namespace pyquant
