@@ -32,7 +32,7 @@ from ..graph.view import GraphView, attribute
 
 log = logging.getLogger(__name__)
 
-HOMOGENEOUS = ("Relu", "LeakyRelu")
+HOMOGENEOUS = ("Relu", "LeakyRelu", "Identity")
 # Scales are clamped so that a dead channel (range ~0 in one layer) cannot blow up the other.
 MAX_SCALE = 1e4
 
@@ -124,7 +124,7 @@ def _is_weighted(view: GraphView, node: NodeProto) -> bool:
 def _commutes_with_scaling(view: GraphView, node: NodeProto) -> Optional[str]:
     """None if node(x / s) = node(x) / s per channel (possibly after a Clip rewrite), else why not."""
     if node.op_type in HOMOGENEOUS:
-        return None if node.op_type == "Relu" or attribute(node, "alpha", 0.01) > 0 else "LeakyRelu alpha <= 0"
+        return None if node.op_type != "LeakyRelu" or attribute(node, "alpha", 0.01) > 0 else "LeakyRelu alpha <= 0"
     if node.op_type == "Clip":
         if any(i and not view.is_constant(i) for i in node.input[1:]):
             return "Clip bounds are not constants"
