@@ -32,6 +32,10 @@ ROWS = {
     "xint8": "pyquant XINT8",
     "xint8_nobc": "pyquant XINT8 without bias correction",
     "xint8_4x": "pyquant XINT8, calib/ repeated 4x (2000 images)",
+    "float_cle": "float model after pyquant CLE (must equal float; time = CLE transform)",
+    "int8_cle": "pyquant INT8_CLE (XINT8 + CLE + bias correction)",
+    "int8_cle_nobc": "pyquant XINT8 + CLE without bias correction",
+    "int8_cle_relu": "pyquant XINT8 + CLE, ReLU6 replaced by ReLU (reference behaviour)",
     "a8w8": "pyquant A8W8",
     "u8s8": "pyquant U8S8 per-tensor",
     "u8s8_pc": "pyquant U8S8 per-channel",
@@ -69,10 +73,15 @@ def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path)
     from pyquant.config import get_preset
     from pyquant.graph.model_io import load_model, save_model
     from pyquant.pipeline import quantize_model
+    from pyquant.techniques.cle import CLEOptions
 
     name = {"xint8": "XINT8", "xint8_nobc": "XINT8", "xint8_4x": "XINT8", "a8w8": "A8W8", "u8s8": "U8S8",
-            "u8s8_pc": "U8S8"}[row]
+            "u8s8_pc": "U8S8", "int8_cle": "INT8_CLE", "int8_cle_nobc": "INT8_CLE", "int8_cle_relu": "INT8_CLE"}[row]
     config = get_preset(name)
+    if row == "int8_cle_nobc":
+        config = dataclasses.replace(config, bias_correction=False)
+    if row == "int8_cle_relu":
+        config = dataclasses.replace(config, cle=CLEOptions(replace_clip_with_relu=True))
     if row == "u8s8_pc":
         config = dataclasses.replace(config, per_channel=True)
     if row == "xint8_nobc":
@@ -116,6 +125,17 @@ def worker(row: str, shared: Path, model_path: Path) -> dict:
             while (feed := calib.get_next()) is not None:
                 session.run(None, feed)
             return {"row": row, "seconds": time.perf_counter() - start, "rss": peak_rss_mb()}
+        elif row == "float_cle":
+            from pyquant.graph.model_io import load_model, save_model
+            from pyquant.pipeline import prepare
+            from pyquant.techniques import cle
+
+            model = prepare(load_model(model_path))
+            start = time.perf_counter()
+            cle.equalize(model)
+            result["seconds"] = time.perf_counter() - start
+            save_model(model, out)
+            evaluated = out
         elif row.startswith("ort_"):
             result["seconds"] = ort_row(row, shared, model_path, out)
             evaluated = out
