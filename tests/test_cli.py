@@ -82,6 +82,20 @@ def test_not_onnx_or_truncated(tmp_path, tiny_model_path, image_folder, capsys, 
     assert not (tmp_path / "q.onnx").exists()
 
 
+def test_missing_external_data(tmp_path, tiny_model, image_folder, capsys):
+    model = tmp_path / "ext.onnx"
+    onnx.save_model(tiny_model, model, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.onnx.data", size_threshold=0)
+    (tmp_path / "ext.onnx.data").unlink()
+    expect_error(capsys, quantize_args(model, tmp_path / "q.onnx", image_folder), 1, "ext.onnx", "external data")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_unwritable_output_folder(tiny_model_path, image_folder, capsys):
+    expect_error(capsys, quantize_args(tiny_model_path, "/proc/pyquant-q.onnx", image_folder), 1, "cannot write",
+                 "/proc")
+
+
 def test_missing_and_empty_calibration_folder(tmp_path, tiny_model_path, capsys):
     expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "none"), 1, "not found")
     (tmp_path / "empty").mkdir()

@@ -25,11 +25,16 @@ def load_model(path: PathLike) -> ModelProto:
     if p.is_dir():
         raise ModelError(f"model path is a directory, not an ONNX file: {p}")
     try:
-        model = onnx.load(str(p), load_external_data=True)
-    except FileNotFoundError as e:
-        raise ModelError(f"{p}: external data file missing ({e.filename or e})") from None
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError and friends on junk
         raise ModelError(f"{p}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    for location in sorted(_external_locations(model)):
+        if not (p.parent / location).is_file():
+            raise ModelError(f"{p}: external data file missing: {p.parent / location}")
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except Exception as e:
+        raise ModelError(f"{p}: cannot read its external data ({type(e).__name__}: {e})") from None
     if not model.graph.node:
         raise ModelError(f"{p}: not an ONNX model (no graph nodes)")
     try:
@@ -39,6 +44,26 @@ def load_model(path: PathLike) -> ModelProto:
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{p}: invalid ONNX model: {first}") from None
     return model
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Initializers and tensor attributes of a graph and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def _external_locations(model: ModelProto) -> set:
+    """The external data files a model refers to (relative to its folder)."""
+    return {entry.value for tensor in _tensors(model.graph) if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data if entry.key == "location"}
 
 
 def check_output_path(output: PathLike, input_path: PathLike = None) -> Path:
