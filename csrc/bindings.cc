@@ -53,6 +53,23 @@ void require_nonempty(const py::array& a, const char* name) {
   if (a.size() == 0) throw py::value_error(std::string(name) + " must have at least one bin");
 }
 
+// The checked arguments of the two histogram-accumulating kernels.
+struct HistogramArgs {
+  const float* x;
+  int64_t n;
+  double* hist;
+  int64_t nbins;
+};
+
+HistogramArgs histogram_args(const py::array& x, py::array& hist, double lo, double hi) {
+  require<float>(x, "x", "float32");
+  require<double>(hist, "hist", "float64", 1, true);
+  require_nonempty(hist, "hist");
+  require_range(lo, hi, "histogram");
+  return {static_cast<const float*>(x.data()), static_cast<int64_t>(x.size()),
+          static_cast<double*>(hist.mutable_data()), static_cast<int64_t>(hist.size())};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -80,31 +97,19 @@ PYBIND11_MODULE(_kernels, m) {
   }, py::arg("x"), "Finite min/max and NaN/Inf counts of a float32 tensor of any shape.");
 
   m.def("histogram_accumulate", [](const py::array& x, py::array& hist, double lo, double hi) {
-    require<float>(x, "x", "float32");
-    require<double>(hist, "hist", "float64", 1, true);
-    require_nonempty(hist, "hist");
-    require_range(lo, hi, "histogram");
-    const float* px = static_cast<const float*>(x.data());
-    double* ph = static_cast<double*>(hist.mutable_data());
-    const int64_t n = x.size(), nbins = hist.size();
+    const HistogramArgs a = histogram_args(x, hist, lo, hi);
     py::gil_scoped_release release;
-    pyquant::histogram_accumulate(px, n, lo, hi, ph, nbins);
+    pyquant::histogram_accumulate(a.x, a.n, lo, hi, a.hist, a.nbins);
   }, py::arg("x"), py::arg("hist"), py::arg("lo"), py::arg("hi"),
      "Add the finite values of x to hist (equal bins over [lo, hi], clamped at the ends).");
 
   m.def("histogram_accumulate_if_in_range", [](const py::array& x, py::array& hist, double lo, double hi) {
-    require<float>(x, "x", "float32");
-    require<double>(hist, "hist", "float64", 1, true);
-    require_nonempty(hist, "hist");
-    require_range(lo, hi, "histogram");
-    const float* px = static_cast<const float*>(x.data());
-    double* ph = static_cast<double*>(hist.mutable_data());
-    const int64_t n = x.size(), nbins = hist.size();
+    const HistogramArgs a = histogram_args(x, hist, lo, hi);
     pyquant::RangeStats stats;
     bool added;
     {
       py::gil_scoped_release release;
-      added = pyquant::histogram_accumulate_if_in_range(px, n, lo, hi, ph, nbins, &stats);
+      added = pyquant::histogram_accumulate_if_in_range(a.x, a.n, lo, hi, a.hist, a.nbins, &stats);
     }
     return py::make_tuple(added, stats);
   }, py::arg("x"), py::arg("hist"), py::arg("lo"), py::arg("hi"),

@@ -42,6 +42,23 @@ PartialRange scan_range(const float* x, int64_t n) {
 
 void count_non_finite(const float* x, int64_t n, RangeStats* s);
 
+// This thread's contiguous share [begin, end) of n elements in a parallel region.
+void thread_slice(int64_t n, int64_t* begin, int64_t* end) {
+#ifdef _OPENMP
+  const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+  const int64_t t = 0, nt = 1;
+#endif
+  *begin = n * t / nt;
+  *end = n * (t + 1) / nt;
+}
+
+void merge_into(PartialRange* total, const PartialRange& part) {
+  total->min = std::min(total->min, part.min);
+  total->max = std::max(total->max, part.max);
+  total->nonfinite += part.nonfinite;
+}
+
 }  // namespace
 
 RangeStats range_stats(const float* x, int64_t n) {
@@ -49,20 +66,11 @@ RangeStats range_stats(const float* x, int64_t n) {
   if (n >= kParallelThreshold) {
 #pragma omp parallel
     {
-      PartialRange local;
-#ifdef _OPENMP
-      const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-      const int64_t nt = 1, t = 0;
-#endif
-      const int64_t begin = n * t / nt, end = n * (t + 1) / nt;
-      local = scan_range(x + begin, end - begin);
+      int64_t begin, end;
+      thread_slice(n, &begin, &end);
+      const PartialRange local = scan_range(x + begin, end - begin);
 #pragma omp critical
-      {
-        total.min = std::min(total.min, local.min);
-        total.max = std::max(total.max, local.max);
-        total.nonfinite += local.nonfinite;
-      }
+      merge_into(&total, local);
     }
   } else {
     total = scan_range(x, n);
@@ -145,30 +153,24 @@ PartialRange accumulate_parallel(const float* x, int64_t n, double lo, double hi
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
 #ifdef _OPENMP
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t t = omp_get_thread_num();
 #else
-    const int64_t t = 0, nt = 1;
+    const int64_t t = 0;
 #endif
-    const int64_t begin = n * t / nt, end = n * (t + 1) / nt;
+    int64_t begin, end;
+    thread_slice(n, &begin, &end);
     std::vector<uint32_t> lanes(static_cast<size_t>(stride));
     PartialRange mine;
     for (int64_t chunk = begin; chunk < end; chunk += kFlush) {
       std::fill(lanes.begin(), lanes.end(), 0u);
-      const PartialRange p = accumulate_tracking(x + chunk, std::min(kFlush, end - chunk), lo_f,
-                                                 inv_width, lanes.data(), nbins);
-      mine.min = std::min(mine.min, p.min);
-      mine.max = std::max(mine.max, p.max);
-      mine.nonfinite += p.nonfinite;
+      merge_into(&mine, accumulate_tracking(x + chunk, std::min(kFlush, end - chunk), lo_f, inv_width,
+                                            lanes.data(), nbins));
       for (int64_t k = 0; k < stride; ++k) counts[t * stride + k] += lanes[k];
     }
     parts[t] = mine;
   }
   PartialRange total;
-  for (const PartialRange& p : parts) {
-    total.min = std::min(total.min, p.min);
-    total.max = std::max(total.max, p.max);
-    total.nonfinite += p.nonfinite;
-  }
+  for (const PartialRange& p : parts) merge_into(&total, p);
   return total;
 }
 
