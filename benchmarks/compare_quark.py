@@ -1,0 +1,89 @@
+"""pyquant beside the reference tool (AMD Quark) on EfficientNet-Lite0 and the ImageNet
+sample in ../shared, in one run, with one evaluation. Prints one markdown table.
+
+amd-quark pins its own onnx, so it lives in its own environment, never in pyquant's:
+
+    python -m venv /tmp/quarkvenv
+    /tmp/quarkvenv/bin/pip install torch==2.13.0     # first: the CPU build on this disk
+    /tmp/quarkvenv/bin/pip install amd-quark onnxruntime pillow
+    python benchmarks/compare_quark.py --quark-python /tmp/quarkvenv/bin/python
+
+Quark runs in a subprocess (benchmarks/quark_worker.py, its own peak RSS); pyquant rows
+reuse benchmarks/imagenet_sample.py's workers. `--slow` adds Quark's AdaRound configs
+(about 20 minutes each here).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import imagenet_sample  # noqa: E402  (the pyquant rows and the evaluation)
+
+QUARK_ROWS = {
+    "XINT8": "Quark XINT8 (its default config includes CLE)",
+    "XINT8_NO_CLE": "Quark XINT8 with include_cle=False",
+}
+QUARK_SLOW_ROWS = {
+    "XINT8_ADAROUND": "Quark XINT8_ADAROUND",
+    "INT8_CNN_ACCURATE": "Quark INT8_CNN_ACCURATE",
+}
+PYQUANT_ROWS = ["xint8", "int8_cle"]
+
+
+def run_quark(python: str, name: str, shared: Path, model: Path, out: Path) -> dict:
+    proc = subprocess.run([python, str(HERE / "quark_worker.py"), "--model", str(model), "--out", str(out),
+                           "--calib", str(shared / "data/imagenet-sample/calib"), "--config", name],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"Quark {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=imagenet_sample.REPO.parent / "shared")
+    parser.add_argument("--quark-python", default=None, help="Python of an environment with amd-quark")
+    parser.add_argument("--slow", action="store_true", help="also Quark's AdaRound configs")
+    args = parser.parse_args()
+    if not args.quark_python:
+        parser.error("--quark-python is required (see the module docstring for how to install amd-quark)")
+    from pyquant.evaluation import evaluate
+
+    model = args.shared / "models" / "efficientnet_lite0.onnx"
+    quark_rows = dict(QUARK_ROWS, **(QUARK_SLOW_ROWS if args.slow else {}))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ["float"] + PYQUANT_ROWS:
+            proc = subprocess.run([sys.executable, str(HERE / "imagenet_sample.py"), "--shared", str(args.shared),
+                                   "--worker", name], capture_output=True, text=True, check=True)
+            results[imagenet_sample.ROWS[name]] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"done: {name}", file=sys.stderr)
+        for name, label in quark_rows.items():
+            out = Path(tmp) / f"quark_{name}.onnx"
+            r = run_quark(args.quark_python, name, args.shared, model, out)
+            ev = evaluate(out, imagenet_sample.reader(args.shared, "val", batch_size=25))
+            r.update(top1=ev.top1, top5=ev.top5, size_mb=ev.size_mb, predictions=ev.predictions.tolist())
+            results[label] = r
+            print(f"done: Quark {name}", file=sys.stderr)
+    float_pred = results[imagenet_sample.ROWS["float"]]["predictions"]
+    quark_xint8 = results[QUARK_ROWS["XINT8"]]["seconds"]
+    print("| configuration | top-1 % | top-5 % | top-1 agreement with float % | size MB | quantize s "
+          "| time / Quark XINT8 | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, r in results.items():
+        agree = 100 * sum(a == b for a, b in zip(r["predictions"], float_pred)) / len(float_pred)
+        secs = f"{r['seconds']:.1f}" if "seconds" in r else ""
+        ratio = f"{r['seconds'] / quark_xint8:.3f}" if "seconds" in r else ""
+        rss = f"{r['rss']:.0f}" if "seconds" in r else ""
+        print(f"| {label} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} | {agree:.1f} | {r['size_mb']:.2f} "
+              f"| {secs} | {ratio} | {rss} |")
+
+
+if __name__ == "__main__":
+    main()
