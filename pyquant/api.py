@@ -9,33 +9,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 
 import numpy as np
 from onnx import ModelProto
 
 from .data import ArrayReader, ImageFolderReader, Preprocess, is_npy_source
-from .errors import DataError, ModelError
+from .errors import DataError
 from .evaluation import EvalResult
 from .evaluation import evaluate as _evaluate
 from .graph.model_io import check_output_path, load_model, save_model
+from .graph.view import GraphView, image_input
 
 ModelLike = Union[str, "os.PathLike[str]", ModelProto]
 Progress = Optional[Callable[[int, Optional[int]], None]]
-
-
-def _input_names(model: ModelProto) -> list:
-    initializers = {t.name for t in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in initializers]
-
-
-def _static_image_size(model: ModelProto) -> Tuple[str, Optional[int]]:
-    dims = [d.dim_value if d.HasField("dim_value") else None
-            for d in next(i for i in model.graph.input if i.name == _input_names(model)[0]).type.tensor_type.shape.dim]
-    if len(dims) != 4:
-        raise ModelError(f"image data needs an input of rank 4, the model's has rank {len(dims)}")
-    layout = "NHWC" if dims[3] == 3 and dims[1] != 3 else "NCHW"
-    return layout, dims[2] if layout == "NCHW" else dims[1]
 
 
 class _IterableReader:
@@ -73,16 +60,16 @@ def as_reader(data: Any, model: ModelProto, batch_size: int = 8, preprocess: Opt
     """A get_next() reader for any accepted form of calibration data."""
     if hasattr(data, "get_next"):
         return data
-    names = _input_names(model)
+    names = GraphView(model).graph_inputs
     if isinstance(data, (str, os.PathLike)):
         if is_npy_source(data):
             return ArrayReader(data, names[0], batch_size, limit)
+        spec = image_input(model)
         if preprocess is None:
-            layout, size = _static_image_size(model)
-            if size is None:
+            if spec.size is None:
                 raise DataError("the model input has no static size: pass preprocess=Preprocess(input_size=...)")
-            preprocess = Preprocess(input_size=size, layout=layout)
-        return ImageFolderReader(data, names[0], preprocess, batch_size, limit)
+            preprocess = Preprocess(input_size=spec.size, layout=spec.layout)
+        return ImageFolderReader(data, spec.name, preprocess, batch_size, limit)
     if isinstance(data, np.ndarray):
         if len(names) != 1:
             raise DataError(f"a single array needs a one-input model; this one has inputs {names}: pass a dict")
@@ -122,10 +109,10 @@ def evaluate(model: ModelLike, data: Any, labels: Any = None, provider: str = "C
     LOC_synset_mapping.txt), an ImageFolderReader, or an array [N, ...] with ``labels`` [N]."""
     proto = model if isinstance(model, ModelProto) else load_model(model)
     if isinstance(data, (str, os.PathLike)):
+        spec = image_input(proto)
         if preprocess is None:
-            layout, size = _static_image_size(proto)
-            preprocess = Preprocess(input_size=size or 224, layout=layout)
-        data = ImageFolderReader(data, _input_names(proto)[0], preprocess, batch_size, labels_file=labels)
+            preprocess = Preprocess(input_size=spec.size or 224, layout=spec.layout)
+        data = ImageFolderReader(data, spec.name, preprocess, batch_size, labels_file=labels)
     elif isinstance(data, np.ndarray):
         if labels is None or len(labels) != len(data):
             raise DataError("an array of inputs needs labels of the same length")

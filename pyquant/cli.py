@@ -9,7 +9,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from . import __version__
 from .config import PRESETS, get_preset
@@ -130,22 +130,16 @@ class _Progress:
 
 
 def _model_input_spec(path: str):
-    """(input name, layout, static input size or None) of a model, read from its graph."""
+    """(model, input name, layout, static input size or None); errors name the file."""
     from .graph.model_io import load_model
+    from .graph.view import image_input
 
     model = load_model(path)
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise ModelError(f"{path}: image data needs a model with one input, this one has "
-                         f"{[i.name for i in inputs]}")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
-    if len(dims) != 4:
-        raise ModelError(f"{path}: input {inputs[0].name!r} has rank {len(dims)}; image data needs [N, C, H, W] "
-                         "or [N, H, W, C]")
-    layout = "NHWC" if dims[3] == 3 and dims[1] != 3 else "NCHW"
-    size = dims[2] if layout == "NCHW" else dims[1]
-    return model, inputs[0].name, layout, size
+    try:
+        spec = image_input(model)
+    except ModelError as e:
+        raise ModelError(f"{path}: {e}") from None
+    return model, spec.name, spec.layout, spec.size
 
 
 def _preprocess(args, layout: str, static_size: Optional[int]):

@@ -15,7 +15,6 @@ from .calibrate.runner import ProgressCallback, collect
 from .config import QuantConfig
 from .errors import ModelError
 from .graph.fold_bn import fold_batch_norm
-from .graph.model_io import PathLike, check_output_path, load_model, save_model
 from .graph.plan import QuantPlan, build_plan
 from .graph.qdq import write_qdq
 from .techniques import bias_correction, cle
@@ -115,12 +114,3 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig,
     log.info("quantized %d activations, %d weights, %d biases; %d nodes left in float",
              len(plan.activations), len(plan.weights), len(plan.biases), len(plan.skipped))
     return QuantizeResult(quantized, plan, qparams, seconds_calibration, time.perf_counter() - start)
-
-
-def quantize_file(model_input: PathLike, model_output: PathLike, reader, config: QuantConfig,
-                  progress: Optional[ProgressCallback] = None) -> QuantizeResult:
-    """Quantize ``model_input`` into ``model_output`` (written atomically, after all checks)."""
-    check_output_path(model_output, model_input)
-    result = quantize_model(load_model(model_input), reader, config, progress)
-    save_model(result.model, model_output)
-    return result

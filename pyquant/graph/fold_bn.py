@@ -7,7 +7,7 @@ import logging
 import numpy as np
 from onnx import ModelProto
 
-from .view import GraphView, attribute
+from .view import GraphView, attribute, drop_unused_initializers
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,6 @@ def fold_batch_norm(model: ModelProto) -> int:
         view.refresh()
         folded += 1
     if folded:
-        _drop_unused_initializers(model)
+        drop_unused_initializers(model)
         log.info("folded %d BatchNormalization nodes into Conv", folded)
     return folded
-
-
-def _drop_unused_initializers(model: ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)

@@ -10,7 +10,7 @@ from onnx import ModelProto, NodeProto, helper, numpy_helper
 from ..calibrate.methods import QParams, quantize_array, weight_qparams
 from ..config import QuantConfig
 from .plan import QuantPlan
-from .view import GraphView
+from .view import GraphView, drop_unused_initializers
 
 # int32 bias range: a bias that does not fit is saturated (and would need a larger
 # weight or input scale; it does not happen with 8-bit scales on real CNNs).
@@ -54,7 +54,7 @@ def write_qdq(model: ModelProto, plan: QuantPlan, act_qparams: Dict[str, QParams
     after: Dict[str, List[NodeProto]] = {}  # producer output -> Q/DQ nodes placed right after it
     rename: Dict[str, str] = {}  # consumer input -> DQ output
 
-    weight_qp: Dict[Tuple[int, int], QParams] = {}
+    weight_qp: Dict[int, QParams] = {}  # id(node) -> its weight's parameters
     done_weights: Dict[Tuple[str, object], str] = {}
     for use in plan.weights:
         node = copy_of[id(use.node)]
@@ -68,12 +68,12 @@ def write_qdq(model: ModelProto, plan: QuantPlan, act_qparams: Dict[str, QParams
             head.append(b.dq(q_name, qp, f"{w_name}_DequantizeLinear_Output" + ("" if axis is None else "_pc")))
             done_weights[key] = head[-1].output[0]
         node.input[use.input_index] = done_weights[key]
-        weight_qp[(id(node), use.input_index)] = qp
+        weight_qp[id(node)] = qp
 
     for use in plan.biases:
         node = copy_of[id(use.node)]
         act = act_qparams.get(use.activation)
-        wqp = next((qp for (nid, _), qp in weight_qp.items() if nid == id(node)), None)
+        wqp = weight_qp.get(id(node))
         if act is None or wqp is None:
             continue
         b_name = node.input[use.input_index]
@@ -123,17 +123,5 @@ def write_qdq(model: ModelProto, plan: QuantPlan, act_qparams: Dict[str, QParams
     del out_model.graph.node[:]
     out_model.graph.node.extend(new_nodes)
     out_model.graph.initializer.extend(b.initializers)
-    _drop_unused_initializers(out_model)
+    drop_unused_initializers(out_model)
     return out_model
-
-
-def _drop_unused_initializers(model: ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input}
-    before = {t.name for t in model.graph.initializer}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    # Old models also list initializers as graph inputs: drop those that went away.
-    inputs = [i for i in model.graph.input if i.name not in before or i.name in used]
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)

@@ -2,6 +2,7 @@
 initializers, element types). Everything that walks the graph goes through it."""
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from typing import Dict, List, Optional
 
@@ -80,6 +81,43 @@ class GraphView:
         else:
             self.graph.initializer.append(new)
         self.initializers[name] = new
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInput:
+    name: str
+    layout: str  # "NCHW" or "NHWC"
+    size: Optional[int]  # static height (= width), None if dynamic
+
+
+def image_input(model: ModelProto) -> ImageInput:
+    """The single image input of a model: name, layout (NHWC if the last axis is 3 and the
+    second is not), static size. ModelError if there is not exactly one rank-4 input."""
+    from ..errors import ModelError
+
+    view = GraphView(model)
+    if len(view.graph_inputs) != 1:
+        raise ModelError(f"image data needs a model with one input, this one has {view.graph_inputs}")
+    name = view.graph_inputs[0]
+    spec = next(i for i in model.graph.input if i.name == name)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in spec.type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise ModelError(f"input {name!r} has rank {len(dims)}; image data needs [N, C, H, W] or [N, H, W, C]")
+    layout = "NHWC" if dims[3] == 3 and dims[1] != 3 else "NCHW"
+    return ImageInput(name, layout, dims[2] if layout == "NCHW" else dims[1])
+
+
+def drop_unused_initializers(model: ModelProto) -> None:
+    """Remove initializers no node reads (and, for old models that list initializers as
+    graph inputs, those inputs too)."""
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    before = {t.name for t in model.graph.initializer}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    inputs = [i for i in model.graph.input if i.name not in before or i.name in used]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
 
 
 def attribute(node: NodeProto, name: str, default=None):
