@@ -1,5 +1,4 @@
 """The library surface: pyquant.quantize / evaluate and the Quark-compatible layer."""
-import dataclasses
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from onnx import numpy_helper
 
 import pyquant
 from pyquant import (CalibrationMethod, Config, ConfigError, DataError, ModelQuantizer, OutputError, PowerOfTwoMethod,
-                     QuantConfig, QuantizationConfig, QuantType, get_default_config, get_preset)
+                     QuantizationConfig, QuantType, get_default_config, get_preset)
 from pyquant.compat import EXTRA_OPTIONS, resolve
 
 

@@ -1,6 +1,5 @@
 """XINT8 end to end on the real EfficientNet-Lite0 from ../shared (small subsets, so the
 suite stays fast; benchmarks/imagenet_sample.py measures the full sets)."""
-import numpy as np
 import pytest
 
 from pyquant.config import get_preset
