@@ -36,6 +36,10 @@ ROWS = {
     "int8_cle": "pyquant INT8_CLE (XINT8 + CLE + bias correction)",
     "int8_cle_nobc": "pyquant XINT8 + CLE without bias correction",
     "int8_cle_relu": "pyquant XINT8 + CLE, ReLU6 replaced by ReLU (reference behaviour)",
+    "xint8_ft": "pyquant XINT8 + fast finetune (AdaRound)",
+    "int8_cnn_accurate": "pyquant INT8_CNN_ACCURATE (Percentile 99.9999 + AdaRound)",
+    "u8s8_pc_ft": "pyquant U8S8 per-channel + fast finetune",
+    "int8_cle_ft": "pyquant INT8_CLE + fast finetune (XINT8 + CLE + AdaRound)",
     "a8w8": "pyquant A8W8",
     "u8s8": "pyquant U8S8 per-tensor",
     "u8s8_pc": "pyquant U8S8 per-channel",
@@ -74,16 +78,21 @@ def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path)
     from pyquant.graph.model_io import load_model, save_model
     from pyquant.pipeline import quantize_model
     from pyquant.techniques.cle import CLEOptions
+    from pyquant.techniques.fast_finetune.options import FastFinetuneOptions
 
     name = {"xint8": "XINT8", "xint8_nobc": "XINT8", "xint8_4x": "XINT8", "a8w8": "A8W8", "u8s8": "U8S8",
-            "u8s8_pc": "U8S8", "int8_cle": "INT8_CLE", "int8_cle_nobc": "INT8_CLE", "int8_cle_relu": "INT8_CLE"}[row]
+            "u8s8_pc": "U8S8", "int8_cle": "INT8_CLE", "int8_cle_nobc": "INT8_CLE", "int8_cle_relu": "INT8_CLE",
+            "xint8_ft": "XINT8", "int8_cnn_accurate": "INT8_CNN_ACCURATE", "u8s8_pc_ft": "U8S8",
+            "int8_cle_ft": "INT8_CLE"}[row]
     config = get_preset(name)
     if row == "int8_cle_nobc":
         config = dataclasses.replace(config, bias_correction=False)
     if row == "int8_cle_relu":
         config = dataclasses.replace(config, cle=CLEOptions(replace_clip_with_relu=True))
-    if row == "u8s8_pc":
+    if row in ("u8s8_pc", "u8s8_pc_ft"):
         config = dataclasses.replace(config, per_channel=True)
+    if row.endswith("_ft"):
+        config = dataclasses.replace(config, fast_finetune=FastFinetuneOptions())
     if row == "xint8_nobc":
         config = dataclasses.replace(config, bias_correction=False)
     folder = repeated_folder(shared / "data/imagenet-sample/calib", 4, tmp) if row == "xint8_4x" else None
@@ -91,7 +100,12 @@ def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path)
     start = time.perf_counter()
     result = quantize_model(load_model(model_path), calib, config)
     save_model(result.model, out)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if result.finetune is not None:
+        ft = result.finetune
+        print(ft.summary(), file=sys.stderr)
+        return seconds, ft.seconds_inference + ft.seconds_gram + ft.seconds_fit
+    return seconds, None
 
 
 def ort_row(row: str, shared: Path, model_path: Path, out: Path) -> float:
@@ -140,7 +154,7 @@ def worker(row: str, shared: Path, model_path: Path) -> dict:
             result["seconds"] = ort_row(row, shared, model_path, out)
             evaluated = out
         else:
-            result["seconds"] = quantize_row(row, shared, model_path, out, tmp)
+            result["seconds"], result["finetune_seconds"] = quantize_row(row, shared, model_path, out, tmp)
             evaluated = out
         result["rss"] = peak_rss_mb()
         ev = evaluate(evaluated, reader(shared, "val", batch_size=25))
@@ -175,18 +189,20 @@ def main() -> None:
         print(f"done: {row}", file=sys.stderr)
     float_pred = results["float"]["predictions"]
     floor = results.get("floor", {}).get("seconds")
-    print("| configuration | top-1 % | top-5 % | top-1 agreement with float % | size MB | quantize s | x floor | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| configuration | top-1 % | top-5 % | top-1 agreement with float % | size MB | quantize s | x floor "
+          "| finetune s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row, r in results.items():
         if row == "floor":
-            print(f"| {ROWS[row]} | | | | | {r['seconds']:.1f} | 1.0 | {r['rss']:.0f} |")
+            print(f"| {ROWS[row]} | | | | | {r['seconds']:.1f} | 1.0 | | {r['rss']:.0f} |")
             continue
         agree = 100 * sum(a == b for a, b in zip(r["predictions"], float_pred)) / len(float_pred)
         secs = f"{r['seconds']:.1f}" if "seconds" in r else ""
         ratio = f"{r['seconds'] / floor:.1f}" if "seconds" in r and floor else ""
         rss = f"{r['rss']:.0f}" if "seconds" in r else ""
+        ft = f"{r['finetune_seconds']:.1f}" if r.get("finetune_seconds") is not None else ""
         print(f"| {ROWS[row]} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} | {agree:.1f} | {r['size_mb']:.2f} "
-              f"| {secs} | {ratio} | {rss} |")
+              f"| {secs} | {ratio} | {ft} | {rss} |")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,17 @@
 // then releases the GIL around the kernel.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
 #include "kernels/channel_stats.h"
 #include "kernels/cle.h"
 #include "kernels/histogram.h"
+#include "kernels/rounding.h"
+#include "kernels/window_gram.h"
 #include "kernels/scale_search.h"
 
 namespace py = pybind11;
@@ -275,4 +279,128 @@ PYBIND11_MODULE(_kernels, m) {
     return pyquant::histogram_entropy_threshold(ph, nbins, hi, num_quant_bins);
   }, py::arg("abs_hist"), py::arg("hi"), py::arg("num_quant_bins"),
      "KL-divergence (entropy) clipping threshold of a histogram of |x| over [0, hi].");
+
+  m.def("fit_rounding", [](const py::array& weight, const py::array& scale, const py::array& gram,
+                           const py::array& target, int qmin, int qmax, int algorithm, int64_t iterations,
+                           double learning_rate, double reg_param, double beta_start, double beta_end,
+                           double warm_start, bool keep_best, py::array& out, py::object param_out) {
+    require<float>(weight, "weight", "float32", 3);
+    require<float>(scale, "scale", "float32", 2);
+    require<float>(gram, "gram", "float32", 3);
+    require<float>(target, "target", "float32", 3);
+    require<int8_t>(out, "out", "int8", 3, true);
+    const int64_t groups = weight.shape(0), rows = weight.shape(1), k = weight.shape(2);
+    const std::string want = "(" + std::to_string(groups) + ", " + std::to_string(rows) + ", " + std::to_string(k) + ")";
+    if (scale.shape(0) != groups || scale.shape(1) != rows)
+      throw py::value_error("scale must have shape (groups, rows) of weight " + want + ", got " + shape_of(scale));
+    if (gram.shape(0) != groups || gram.shape(1) != k || gram.shape(2) != k)
+      throw py::value_error("gram must have shape (groups, k, k) for weight " + want + ", got " + shape_of(gram));
+    if (target.shape(0) != groups || target.shape(1) != rows || target.shape(2) != k)
+      throw py::value_error("target must have the shape of weight " + want + ", got " + shape_of(target));
+    if (out.shape(0) != groups || out.shape(1) != rows || out.shape(2) != k)
+      throw py::value_error("out must have the shape of weight " + want + ", got " + shape_of(out));
+    float* pp = nullptr;
+    if (!param_out.is_none()) {
+      py::array p = param_out.cast<py::array>();
+      require<float>(p, "param_out", "float32", 3, true);
+      if (p.shape(0) != groups || p.shape(1) != rows || p.shape(2) != k)
+        throw py::value_error("param_out must have the shape of weight " + want + ", got " + shape_of(p));
+      pp = static_cast<float*>(p.mutable_data());
+    }
+    if (qmin < -128 || qmax > 127 || qmin >= qmax)
+      throw py::value_error("need -128 <= qmin < qmax <= 127, got [" + std::to_string(qmin) + ", " + std::to_string(qmax) + "]");
+    if (algorithm != 0 && algorithm != 1) throw py::value_error("algorithm must be 0 (AdaRound) or 1 (AdaQuant)");
+    if (iterations < 0) throw py::value_error("iterations must be >= 0");
+    if (!(warm_start >= 0.0 && warm_start < 1.0)) throw py::value_error("warm_start must be in [0, 1)");
+    if (!(learning_rate > 0.0) || !std::isfinite(learning_rate)) throw py::value_error("learning_rate must be > 0");
+    const float* ps = static_cast<const float*>(scale.data());
+    for (int64_t i = 0; i < scale.size(); ++i)
+      if (!(ps[i] > 0.0f) || !std::isfinite(ps[i])) throw py::value_error("scale must be finite and > 0");
+    pyquant::RoundingOptions o;
+    o.algorithm = static_cast<pyquant::RoundingAlgorithm>(algorithm);
+    o.iterations = iterations;
+    o.learning_rate = float(learning_rate);
+    o.reg_param = float(reg_param);
+    o.beta_start = float(beta_start);
+    o.beta_end = float(beta_end);
+    o.warm_start = warm_start;
+    o.keep_best = keep_best;
+    const float* pw = static_cast<const float*>(weight.data());
+    const float* pg = static_cast<const float*>(gram.data());
+    const float* pt = static_cast<const float*>(target.data());
+    int8_t* po = static_cast<int8_t*>(out.mutable_data());
+    py::gil_scoped_release release;
+    pyquant::fit_rounding(pw, ps, pg, pt, groups, rows, k, qmin, qmax, o, po, pp);
+  }, py::arg("weight"), py::arg("scale"), py::arg("gram"), py::arg("target"), py::arg("qmin"), py::arg("qmax"),
+     py::arg("algorithm"), py::arg("iterations"), py::arg("learning_rate"), py::arg("reg_param"),
+     py::arg("beta_start"), py::arg("beta_end"), py::arg("warm_start"), py::arg("keep_best"), py::arg("out"), py::arg("param_out") = py::none(),
+     "Learned integer weights of a layer in Gram form (AdaRound / AdaQuant); see csrc/kernels/rounding.h.");
+
+  m.def("gram_product", [](const py::array& x, const py::array& gram, py::array& out) {
+    require<float>(x, "x", "float32", 2);
+    require<float>(gram, "gram", "float32", 2);
+    require<float>(out, "out", "float32", 2, true);
+    const int64_t rows = x.shape(0), k = x.shape(1);
+    if (gram.shape(0) != k || gram.shape(1) != k)
+      throw py::value_error("gram must be (k, k) with k = x.shape[1] = " + std::to_string(k) + ", got " + shape_of(gram));
+    if (out.shape(0) != rows || out.shape(1) != k)
+      throw py::value_error("out must have the shape of x " + shape_of(x) + ", got " + shape_of(out));
+    const float* px = static_cast<const float*>(x.data());
+    const float* pg = static_cast<const float*>(gram.data());
+    float* po = static_cast<float*>(out.mutable_data());
+    py::gil_scoped_release release;
+    pyquant::gram_product(px, pg, rows, k, po);
+  }, py::arg("x"), py::arg("gram"), py::arg("out"), "out = x @ gram (the product inside fit_rounding).");
+
+  m.def("window_gram", [](const py::array& q, py::object f_or_none, int64_t groups, std::vector<int64_t> kernel,
+                          std::vector<int64_t> strides, std::vector<int64_t> dilations, std::vector<int64_t> pads,
+                          py::array& qq, py::array& qf, py::array& ff, py::array& sum_q, py::array& sum_f) {
+    require<float>(q, "q", "float32", 4);
+    const float* pf = nullptr;
+    if (!f_or_none.is_none()) {
+      py::array f = f_or_none.cast<py::array>();
+      require<float>(f, "f", "float32", 4);
+      if (!std::equal(q.shape(), q.shape() + 4, f.shape()))
+        throw py::value_error("q and f must have the same shape, got " + shape_of(q) + " and " + shape_of(f));
+      pf = static_cast<const float*>(f.data());
+    }
+    if (kernel.size() != 2 || strides.size() != 2 || dilations.size() != 2 || pads.size() != 4)
+      throw py::value_error("kernel, strides, dilations must have 2 values and pads 4 (top, left, bottom, right)");
+    const int64_t n = q.shape(0), c = q.shape(1), h = q.shape(2), w = q.shape(3);
+    if (groups < 1 || c % groups) throw py::value_error("groups must divide the channels");
+    for (int i = 0; i < 2; ++i)
+      if (kernel[i] < 1 || strides[i] < 1 || dilations[i] < 1) throw py::value_error("kernel/strides/dilations must be >= 1");
+    for (auto p : pads) if (p < 0) throw py::value_error("pads must be >= 0");
+    pyquant::ConvGeometry g{kernel[0], kernel[1], strides[0], strides[1], dilations[0], dilations[1], pads[0], pads[1], 0, 0};
+    g.out_h = (h + pads[0] + pads[2] - (kernel[0] - 1) * dilations[0] - 1) / strides[0] + 1;
+    g.out_w = (w + pads[1] + pads[3] - (kernel[1] - 1) * dilations[1] - 1) / strides[1] + 1;
+    if (g.out_h < 1 || g.out_w < 1) throw py::value_error("the kernel does not fit the input " + shape_of(q));
+    const int64_t K = c / groups * kernel[0] * kernel[1];
+    std::vector<py::array*> grams{&qq}, sums{&sum_q};
+    if (pf) {
+      grams.insert(grams.end(), {&qf, &ff});
+      sums.push_back(&sum_f);
+    }
+    for (auto* a : grams) {
+      require<double>(*a, "gram", "float64", 3, true);
+      if (a->shape(0) != groups || a->shape(1) != K || a->shape(2) != K)
+        throw py::value_error("gram accumulators must be (groups, K, K) = (" + std::to_string(groups) + ", " +
+                              std::to_string(K) + ", " + std::to_string(K) + "), got " + shape_of(*a));
+    }
+    for (auto* a : sums) {
+      require<double>(*a, "sum", "float64", 2, true);
+      if (a->shape(0) != groups || a->shape(1) != K)
+        throw py::value_error("sum accumulators must be (groups, K), got " + shape_of(*a));
+    }
+    const float* pq = static_cast<const float*>(q.data());
+    double *a1 = static_cast<double*>(qq.mutable_data()), *a2 = static_cast<double*>(qf.mutable_data()),
+           *a3 = static_cast<double*>(ff.mutable_data()), *s1 = static_cast<double*>(sum_q.mutable_data()),
+           *s2 = static_cast<double*>(sum_f.mutable_data());
+    py::gil_scoped_release release;
+    pyquant::window_gram(pq, pf, n, c, h, w, groups, g, a1, a2, a3, s1, s2);
+    return g.out_h * g.out_w * n;
+  }, py::arg("q"), py::arg("f"), py::arg("groups"), py::arg("kernel"), py::arg("strides"), py::arg("dilations"),
+     py::arg("pads"), py::arg("qq"), py::arg("qf"), py::arg("ff"), py::arg("sum_q"), py::arg("sum_f"),
+     "Accumulate the Gram matrices of convolution patches of q and f (see csrc/kernels/window_gram.h); "
+     "returns the number of patches added per group.");
 }

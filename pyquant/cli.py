@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from . import __version__
 from .config import PRESETS, get_preset
 from .errors import ConfigError, ModelError, PyquantError
+from .techniques.fast_finetune.options import FastFinetuneOptions
 
 log = logging.getLogger("pyquant")
 
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num_calib", type=_positive_int, default=None, help="use at most this many calibration samples")
     q.add_argument("--cross_layer_equalization", action="store_true",
                    help="add cross-layer equalization to the preset (INT8_CLE has it)")
+    q.add_argument("--fast_finetune", action="store_true",
+                   help="add fast finetune (AdaRound) to the preset (INT8_CNN_ACCURATE has it)")
     _add_common(q)
     q.set_defaults(run=_run_quantize)
 
@@ -129,6 +132,26 @@ class _Progress:
             self.bar.close()
 
 
+class _LayerProgress:
+    """tqdm bar over the finetuned layers, showing each layer's output error before -> after."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bar = quiet, None
+
+    def __call__(self, result, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc="fast finetune layers", unit="layer", file=sys.stderr, leave=False)
+        self.bar.set_postfix_str(f"{result.name}: error {result.error_before:.3g} -> {result.error_after:.3g}")
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _model_input_spec(path: str):
     """(model, input name, layout, static input size or None); errors name the file."""
     from .graph.model_io import load_model
@@ -166,6 +189,8 @@ def _run_quantize(args) -> int:
         config = dataclasses.replace(config, per_channel=True)
     config = dataclasses.replace(config, calib_batch_size=args.batch_size,
                                  cross_layer_equalization=config.cross_layer_equalization or args.cross_layer_equalization)
+    if args.fast_finetune and config.fast_finetune is None:
+        config = dataclasses.replace(config, fast_finetune=FastFinetuneOptions())
     check_output_path(args.model_output, args.model_input)
     model, input_name, layout, size = _model_input_spec(args.model_input)
     if is_npy_source(args.calib_data):
@@ -174,11 +199,17 @@ def _run_quantize(args) -> int:
         reader = ImageFolderReader(args.calib_data, input_name, _preprocess(args, layout, size),
                                    args.batch_size, args.num_calib)
     progress = _Progress("calibrating", args.quiet)
+    passes = _Progress("fast finetune passes", args.quiet)
+    layers = _LayerProgress(args.quiet)
     start = time.perf_counter()
     try:
-        result = quantize_model(model, reader, config, progress)
+        result = quantize_model(model, reader, config, progress, layers, passes)
     finally:
         progress.close()
+        passes.close()
+        layers.close()
+    if result.finetune is not None and not args.quiet:
+        print(result.finetune.summary(), file=sys.stderr)
     save_model(result.model, args.model_output)
     if reader.skipped:
         log.warning("skipped %d unreadable calibration image(s)", len(reader.skipped))

@@ -15,6 +15,84 @@ from typing import Any, Callable, Dict, Optional
 from .config import PRESETS, CalibrateMethod, CalibrationMethod, QuantConfig, QuantType, get_preset
 from .errors import ConfigError
 from .techniques.cle import CLEOptions
+from .techniques.fast_finetune.options import FastFinetuneOptions, FinetuneAlgorithm
+
+# The reference's defaults, same keys (quark.onnx ... custom_config). BatchSize, FixedSeed
+# and NumBatches are accepted and have no effect: every pyquant iteration uses the whole
+# calibration set through the layer's Gram matrices, with no sampling.
+DEFAULT_ADAROUND_PARAMS: Dict[str, Any] = {
+    "DataSize": 1000, "FixedSeed": 1705472343, "BatchSize": 2, "NumIterations": 1000, "LearningRate": 0.1,
+    "OptimAlgorithm": "adaround", "OptimDevice": "cpu", "InferDevice": "cpu", "EarlyStop": True,
+}
+DEFAULT_ADAQUANT_PARAMS: Dict[str, Any] = {
+    "DataSize": 1000, "FixedSeed": 1705472343, "BatchSize": 2, "NumIterations": 1000, "LearningRate": 0.00001,
+    "OptimAlgorithm": "adaquant", "OptimDevice": "cpu", "InferDevice": "cpu", "EarlyStop": True,
+}
+
+
+def _algorithm(key: str, value: Any) -> Dict[str, Any]:
+    names = {a.value: a for a in FinetuneAlgorithm}
+    if not isinstance(value, str) or value.lower() not in names:
+        raise ConfigError(f"FastFinetune[{key!r}] must be one of {sorted(names)}, got {value!r}")
+    return {"algorithm": names[value.lower()]}
+
+
+def _cpu(key: str, value: Any) -> Dict[str, Any]:
+    if not isinstance(value, str) or value.lower() != "cpu":
+        raise ConfigError(f"FastFinetune[{key!r}] = {value!r}: pyquant finetunes on the CPU only ('cpu')")
+    return {}
+
+
+def _beta_range(key: str, value: Any) -> Dict[str, Any]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ConfigError(f"FastFinetune[{key!r}] must be (start, end), got {value!r}")
+    return {"beta_range": (_number(key, value[0]), _number(key, value[1]))}
+
+
+# Quark FastFinetune key -> function(key, value) returning FastFinetuneOptions fields.
+FAST_FINETUNE_OPTIONS: Dict[str, Callable[[str, Any], Dict[str, Any]]] = {
+    "OptimAlgorithm": _algorithm,
+    "NumIterations": lambda k, v: {"iterations": int(_number(k, v))},
+    "LearningRate": lambda k, v: {"learning_rate": _number(k, v)},
+    "RegParam": lambda k, v: {"reg_param": _number(k, v)},
+    "BetaRange": _beta_range,
+    "WarmStart": lambda k, v: {"warm_start": _number(k, v)},
+    "EarlyStop": lambda k, v: {"early_stop": _bool(k, v)},
+    "UpdateBias": lambda k, v: {"update_bias": _bool(k, v)},
+    "DataSize": lambda k, v: {"data_size": int(_number(k, v))},
+    "OptimDevice": _cpu,
+    "InferDevice": _cpu,
+    "BatchSize": lambda k, v: (_number(k, v), {})[1],
+    "NumBatches": lambda k, v: (_number(k, v), {})[1],
+    "FixedSeed": lambda k, v: (_number(k, v), {})[1],
+    "LogPeriod": lambda k, v: (_number(k, v), {})[1],
+}
+
+
+def fast_finetune_options(params: Any) -> FastFinetuneOptions:
+    """Quark's extra_options['FastFinetune'] dict -> FastFinetuneOptions (ConfigError on an
+    unknown key or a bad value)."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"extra_options['FastFinetune'] must be a dict, got {type(params).__name__}")
+    fields: Dict[str, Any] = {}
+    for key, value in params.items():
+        if key not in FAST_FINETUNE_OPTIONS:
+            raise ConfigError(f"unknown FastFinetune key {key!r}; valid keys: {', '.join(sorted(FAST_FINETUNE_OPTIONS))}")
+        fields.update(FAST_FINETUNE_OPTIONS[key](key, value))
+    return FastFinetuneOptions(**fields)
+
+
+def fast_finetune_params(options: FastFinetuneOptions) -> Dict[str, Any]:
+    """FastFinetuneOptions -> Quark's FastFinetune dict (the keys with an effect)."""
+    params: Dict[str, Any] = {
+        "OptimAlgorithm": options.algorithm.value, "NumIterations": options.iterations,
+        "LearningRate": options.learning_rate, "RegParam": options.reg_param,
+        "BetaRange": tuple(options.beta_range), "WarmStart": options.warm_start,
+        "EarlyStop": options.early_stop, "UpdateBias": options.update_bias,
+    }
+    if options.data_size is not None:
+        params["DataSize"] = options.data_size
+    return params
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -48,6 +126,8 @@ EXTRA_OPTIONS: Dict[str, Callable[[str, Any], Dict[str, Any]]] = {
     "CLETotalLayerDiffThreshold": lambda k, v: {"cle.tolerance": _number(k, v)},
     "ReplaceClip6Relu": lambda k, v: {"cle.replace_clip_with_relu": _bool(k, v)},
     "CLEScaleAppendBias": lambda k, v: {"cle.scale_append_bias": _bool(k, v)},
+    # Fast finetune (FastFinetuneOptions), a dict with the keys of FAST_FINETUNE_OPTIONS.
+    "FastFinetune": lambda k, v: {"fast_finetune": fast_finetune_options(v)},
 }
 
 
@@ -69,8 +149,6 @@ class QuantizationConfig:
     extra_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_quant_config(self) -> QuantConfig:
-        if self.include_fast_ft:
-            raise ConfigError("include_fast_ft: fast finetune is not available in this version of pyquant")
         if not isinstance(self.extra_options, dict):
             raise ConfigError(f"extra_options must be a dict, got {type(self.extra_options).__name__}")
         fields: Dict[str, Any] = {}
@@ -79,6 +157,10 @@ class QuantizationConfig:
                 raise ConfigError(f"unknown extra_options key {key!r}; valid keys: {', '.join(sorted(EXTRA_OPTIONS))}")
             fields.update(EXTRA_OPTIONS[key](key, value))
         cle_fields = {k.split(".", 1)[1]: fields.pop(k) for k in list(fields) if k.startswith("cle.")}
+        if self.include_fast_ft:
+            fields.setdefault("fast_finetune", fast_finetune_options(DEFAULT_ADAROUND_PARAMS))
+        elif "fast_finetune" in fields:
+            raise ConfigError("extra_options['FastFinetune'] is given but include_fast_ft is False")
         return QuantConfig(activation_type=self.activation_type, weight_type=self.weight_type,
                            calibrate_method=self.calibrate_method, per_channel=self.per_channel,
                            enable_npu_cnn=self.enable_npu_cnn, cross_layer_equalization=self.include_cle,
@@ -93,10 +175,12 @@ class QuantizationConfig:
             extra.update(CLESteps=config.cle.steps, CLETotalLayerDiffThreshold=config.cle.tolerance,
                          ReplaceClip6Relu=config.cle.replace_clip_with_relu,
                          CLEScaleAppendBias=config.cle.scale_append_bias)
+        if config.fast_finetune is not None:
+            extra["FastFinetune"] = fast_finetune_params(config.fast_finetune)
         return cls(calibrate_method=config.calibrate_method, activation_type=config.activation_type,
                    weight_type=config.weight_type, per_channel=config.per_channel,
                    enable_npu_cnn=config.enable_npu_cnn, include_cle=config.cross_layer_equalization,
-                   extra_options=extra)
+                   include_fast_ft=config.fast_finetune is not None, extra_options=extra)
 
 
 @dataclasses.dataclass
@@ -107,7 +191,8 @@ class Config:
 
 
 def get_default_config(name: str) -> QuantizationConfig:
-    """The preset ``name`` (XINT8, A8W8, U8S8) as a Quark-style QuantizationConfig."""
+    """The preset ``name`` (XINT8, INT8_CLE, INT8_CNN_ACCURATE, A8W8, U8S8) as a Quark-style
+    QuantizationConfig."""
     return QuantizationConfig.from_quant_config(get_preset(name))
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import numpy as np
 from onnx import TensorProto
 
 from .errors import ConfigError
 from .techniques.cle import CLEOptions
+from .techniques.fast_finetune.options import FastFinetuneOptions
 
 
 class QuantType(enum.Enum):
@@ -80,6 +81,9 @@ class QuantConfig:
             weight rounding (pyquant.techniques.bias_correction); on in every preset.
         cross_layer_equalization: equalize weight ranges of consecutive layers before
             calibration (pyquant.techniques.cle), with ``cle`` options.
+        fast_finetune: fit each layer's integer weights (AdaRound/AdaQuant) to reproduce
+            the float layer's output on the calibration data
+            (pyquant.techniques.fast_finetune); None: nearest rounding.
     """
 
     activation_type: QuantType = QuantType.QUInt8
@@ -94,6 +98,7 @@ class QuantConfig:
     bias_correction: bool = True
     cross_layer_equalization: bool = False
     cle: CLEOptions = CLEOptions()
+    fast_finetune: Optional[FastFinetuneOptions] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.activation_type, QuantType) or not isinstance(self.weight_type, QuantType):
@@ -110,6 +115,8 @@ class QuantConfig:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.num_bins < 128:
             raise ConfigError(f"num_bins must be at least 128, got {self.num_bins}")
+        if self.fast_finetune is not None and not isinstance(self.fast_finetune, FastFinetuneOptions):
+            raise ConfigError(f"fast_finetune must be FastFinetuneOptions or None, got {self.fast_finetune!r}")
         if self.calib_batch_size < 1:
             raise ConfigError(f"calib_batch_size must be at least 1, got {self.calib_batch_size}")
 
@@ -135,6 +142,14 @@ PRESETS: Dict[str, QuantConfig] = {
     # As the reference defines it: power-of-two MinMSE, uint8 activations, int8 weights,
     # NPU CNN rules, symmetric activations, cross-layer equalization: XINT8 + CLE.
     "INT8_CLE": dataclasses.replace(_XINT8, cross_layer_equalization=True),
+    # As the reference defines it: Percentile 99.9999 calibration, uint8 activations, int8
+    # per-tensor weights, fast finetune with AdaRound.
+    "INT8_CNN_ACCURATE": QuantConfig(
+        activation_type=QuantType.QUInt8,
+        calibrate_method=CalibrationMethod.Percentile,
+        percentile=99.9999,
+        fast_finetune=FastFinetuneOptions(),
+    ),
     # int8 symmetric activations and weights with float scales. Percentile 99.99 measured
     # best of MinMax/MSE/Percentile on EfficientNet-Lite0 (benchmarks/imagenet_sample.py).
     "A8W8": QuantConfig(

@@ -3,7 +3,8 @@
 return named results. pyquant.reference holds the numpy version of each."""
 from __future__ import annotations
 
-from typing import NamedTuple
+import enum
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +15,7 @@ from ._kernels import RangeStats
 __all__ = [
     "RangeStats", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range", "channel_sums", "channel_abs_max", "equalization_scales", "scale_channels", "histogram_rebin", "histogram_quant_errors",
     "tensor_quant_errors", "histogram_quantiles", "histogram_entropy_threshold",
+    "RoundingAlgorithm", "fit_rounding", "gram_product", "window_gram",
 ]
 
 
@@ -139,3 +141,67 @@ def histogram_quantiles(hist: npt.ArrayLike, lo: float, hi: float, qs: npt.Array
 def histogram_entropy_threshold(abs_hist: npt.ArrayLike, hi: float, num_quant_bins: int = 128) -> float:
     """KL-divergence clipping threshold of a histogram of |x| over [0, hi]."""
     return _kernels.histogram_entropy_threshold(_as_f64(abs_hist), float(hi), int(num_quant_bins))
+
+
+class RoundingAlgorithm(enum.IntEnum):
+    """How fit_rounding learns the integer weights (values match csrc/kernels/rounding.h)."""
+
+    AdaRound = 0
+    AdaQuant = 1
+
+
+class FitRounding(NamedTuple):
+    q: np.ndarray  # int8 [groups, rows, k]
+    param: Optional[np.ndarray]  # the learned V / u when asked for (tests), else None
+
+
+def fit_rounding(weight: npt.ArrayLike, scale: npt.ArrayLike, gram: npt.ArrayLike, target: npt.ArrayLike,
+                 qmin: int, qmax: int, *, algorithm: RoundingAlgorithm = RoundingAlgorithm.AdaRound,
+                 iterations: int = 1000, learning_rate: float = 0.1, reg_param: float = 0.01,
+                 beta_range: Tuple[float, float] = (20.0, 2.0), warm_start: float = 0.2,
+                 keep_best: bool = True, return_param: bool = False) -> FitRounding:
+    """Integer weights q (w~ = scale * q) minimising sum_r w~_r A w~_r^T - 2 w~_r . t_r per group.
+
+    weight and target are [groups, rows, k] (or [rows, k] for one group), scale one value
+    per row ([groups, rows], broadcast from a scalar), gram [groups, k, k] (or [k, k]).
+    See csrc/kernels/rounding.h for the algorithms and the loss."""
+    weight, target, gram = _as_f32(weight), _as_f32(target), _as_f32(gram)
+    if weight.ndim == 2:
+        weight, target = weight[None], target[None]
+        gram = gram[None] if gram.ndim == 2 else gram
+    if weight.ndim != 3:
+        raise ValueError(f"weight must be [groups, rows, k], got shape {weight.shape}")
+    scale = np.ascontiguousarray(np.broadcast_to(_as_f32(scale), weight.shape[:2]))
+    for name, a in (("weight", weight), ("scale", scale), ("gram", gram), ("target", target)):
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} has NaN or Inf values")
+    out = np.empty(weight.shape, dtype=np.int8)
+    param = np.empty(weight.shape, dtype=np.float32) if return_param else None
+    _kernels.fit_rounding(weight, scale, gram, target, int(qmin), int(qmax), int(RoundingAlgorithm(algorithm)),
+                          int(iterations), float(learning_rate), float(reg_param), float(beta_range[0]),
+                          float(beta_range[1]), float(warm_start), bool(keep_best), out, param)
+    return FitRounding(out, param)
+
+
+def gram_product(x: npt.ArrayLike, gram: npt.ArrayLike) -> np.ndarray:
+    """x @ gram with the product kernel of fit_rounding (for tests and benchmarks)."""
+    x, gram = _as_f32(x), _as_f32(gram)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D [rows, k], got shape {x.shape}")
+    out = np.empty_like(x)
+    _kernels.gram_product(x, gram, out)
+    return out
+
+
+def window_gram(q: np.ndarray, f: Optional[np.ndarray], groups: int, kernel: Tuple[int, int], strides: Tuple[int, int],
+                dilations: Tuple[int, int], pads: Tuple[int, int, int, int], qq: np.ndarray, qf: np.ndarray,
+                ff: np.ndarray, sum_q: np.ndarray, sum_f: np.ndarray) -> int:
+    """Add the Gram matrices of the convolution patches of ``q`` and ``f`` ([N, C, H, W])
+    to the float64 accumulators qq/qf/ff [groups, K, K] and sum_q/sum_f [groups, K] in
+    place (only qq and sum_q when ``f`` is None); returns the number of patches per group.
+    pads: (top, left, bottom, right)."""
+    for name, a in (("qq", qq), ("qf", qf), ("ff", ff), ("sum_q", sum_q), ("sum_f", sum_f)):
+        if not (isinstance(a, np.ndarray) and a.dtype == np.float64 and a.flags.c_contiguous):
+            raise TypeError(f"{name} must be a C-contiguous float64 numpy array (it is updated in place)")
+    return _kernels.window_gram(_as_f32(q), None if f is None else _as_f32(f), int(groups), list(kernel), list(strides), list(dilations),
+                                list(pads), qq, qf, ff, sum_q, sum_f)

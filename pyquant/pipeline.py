@@ -13,11 +13,12 @@ from .calibrate.collector import TensorCollector
 from .calibrate.methods import QParams, activation_qparams
 from .calibrate.runner import ProgressCallback, collect
 from .config import QuantConfig
-from .errors import ModelError
+from .errors import DataError, ModelError
 from .graph.fold_bn import fold_batch_norm
 from .graph.plan import QuantPlan, build_plan
 from .graph.qdq import write_qdq
 from .techniques import bias_correction, cle
+from .techniques.fast_finetune.finetune import FinetuneReport, LayerCallback, finetune
 
 log = logging.getLogger(__name__)
 # QuantizeLinear with per-axis scales needs opset 13.
@@ -31,6 +32,7 @@ class QuantizeResult:
     qparams: Dict[str, QParams]
     seconds_calibration: float
     seconds_total: float
+    finetune: Optional[FinetuneReport] = None
 
 
 def prepare(model: ModelProto) -> ModelProto:
@@ -74,6 +76,13 @@ class _PeekedReader:
     def __len__(self) -> int:
         return len(self.reader)
 
+    def rewind(self) -> None:
+        if not callable(getattr(self.reader, "rewind", None)):
+            raise DataError("fast finetune reads the calibration data more than once: the data reader needs a "
+                            "rewind() method")
+        self._pending = False
+        self.reader.rewind()
+
     def get_next(self):
         if self._pending:
             self._pending = False
@@ -82,8 +91,12 @@ class _PeekedReader:
 
 
 def quantize_model(model: ModelProto, reader, config: QuantConfig,
-                   progress: Optional[ProgressCallback] = None) -> QuantizeResult:
-    """Quantize an in-memory float model with calibration data from ``reader``."""
+                   progress: Optional[ProgressCallback] = None,
+                   on_layer: Optional[LayerCallback] = None,
+                   finetune_progress: Optional[ProgressCallback] = None) -> QuantizeResult:
+    """Quantize an in-memory float model with calibration data from ``reader``.
+    ``progress`` follows the calibration batches; with fast finetune ``finetune_progress``
+    follows the batches of its passes and ``on_layer`` receives each layer's result."""
     start = time.perf_counter()
     prepared = prepare(model)
     if config.cross_layer_equalization:
@@ -102,15 +115,25 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig,
     stats = collect(prepared, plan, reader, config, progress, means_needed)
     seconds_calibration = time.perf_counter() - t0
     qparams = group_qparams(plan, stats.ranges, config)
+    float_model = None
+    if config.fast_finetune is not None:  # the function to reproduce, before bias correction
+        float_model = ModelProto()
+        float_model.CopyFrom(prepared)
     if config.bias_correction:
         means = {name: c.mean for name, c in stats.channel_means.items()}
         bias_correction.apply_bias_correction(prepared, plan, means, config)
         plan = build_plan(prepared, config.enable_npu_cnn)  # layers may have gained a bias input
-    quantized = write_qdq(prepared, plan, qparams, config)
+    fixed, report = {}, None
+    if float_model is not None:
+        fixed, report = finetune(float_model, prepared, plan, qparams, config, reader, config.fast_finetune,
+                                 finetune_progress, on_layer)
+        del float_model
+        plan = build_plan(prepared, config.enable_npu_cnn)
+    quantized = write_qdq(prepared, plan, qparams, config, fixed)
     try:
         onnx.checker.check_model(quantized)
     except onnx.checker.ValidationError as e:  # a bug of ours, not of the user's model
         raise ModelError(f"internal error: the quantized model is invalid: {str(e).splitlines()[0]}") from None
     log.info("quantized %d activations, %d weights, %d biases; %d nodes left in float",
              len(plan.activations), len(plan.weights), len(plan.biases), len(plan.skipped))
-    return QuantizeResult(quantized, plan, qparams, seconds_calibration, time.perf_counter() - start)
+    return QuantizeResult(quantized, plan, qparams, seconds_calibration, time.perf_counter() - start, report)

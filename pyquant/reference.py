@@ -155,3 +155,74 @@ def histogram_entropy_threshold(abs_hist, hi, num_quant_bins: int = 128) -> floa
         if kl < best_kl:
             best_kl, best_i = kl, i
     return best_i * hi / nbins
+
+
+# ---- learned rounding (csrc/kernels/rounding.h) -----------------------------------------
+
+ADAROUND_ZETA, ADAROUND_GAMMA = 1.1, -0.1
+
+
+def fit_rounding(weight, scale, gram, target, qmin, qmax, *, algorithm=0, iterations=1000,
+                 learning_rate=0.1, reg_param=0.01, beta_range=(20.0, 2.0), warm_start=0.2,
+                 keep_best=True):
+    """(q int8, param float) of the same loss and Adam updates as the kernel, in float64,
+    vectorised over all rows. weight/target [groups, rows, k], scale [groups, rows],
+    gram [groups, k, k]."""
+    w = np.asarray(weight, np.float64)
+    s = np.broadcast_to(np.asarray(scale, np.float64), w.shape[:2])[..., None]
+    a = np.asarray(gram, np.float64)
+    t = np.asarray(target, np.float64)
+    zeta, gamma = ADAROUND_ZETA, ADAROUND_GAMMA
+    adaround = int(algorithm) == 0
+    if adaround:
+        base = np.floor(w / s)
+        frac = w / s - base
+        param = -np.log((zeta - gamma) / (frac - gamma) - 1.0)
+    else:
+        param = w.copy()
+    m = np.zeros_like(param)
+    v = np.zeros_like(param)
+    warm = int(np.ceil(iterations * warm_start))
+    beta_start, beta_end = beta_range
+    for it in range(iterations):
+        if adaround:
+            sig = 1.0 / (1.0 + np.exp(-param))
+            h_raw = sig * (zeta - gamma) + gamma
+            h = np.clip(h_raw, 0.0, 1.0)
+            q = base + h
+            dq = np.where((h_raw > 0) & (h_raw < 1), sig * (1 - sig) * (zeta - gamma), 0.0)
+        else:
+            q = np.round(param / s)
+            dq = np.broadcast_to(1.0 / s, q.shape)
+        dq = np.where((q >= qmin) & (q <= qmax), dq, 0.0)
+        wt = s * np.clip(q, qmin, qmax)
+        g = np.einsum("grk,gkj->grj", wt, a)
+        d = 2.0 * (g - t) * s * dq
+        if adaround and it >= warm:
+            rel = (it - warm) / (iterations - warm)
+            beta = beta_end + 0.5 * (beta_start - beta_end) * (1.0 + np.cos(rel * np.pi))
+            u = 2.0 * h - 1.0
+            d = d - np.where(dq != 0, reg_param * beta * np.abs(u) ** (beta - 1) * np.where(u > 0, 2.0, -2.0) * dq, 0.0)
+        m = 0.9 * m + 0.1 * d
+        v = 0.999 * v + 0.001 * d * d
+        m_hat = m / (1 - 0.9 ** (it + 1))
+        v_hat = v / (1 - 0.999 ** (it + 1))
+        param = param - learning_rate * m_hat / (np.sqrt(v_hat) + 1e-8)
+    q = base + (param >= 0) if adaround else np.round(param / s)
+    q = np.clip(q, qmin, qmax)
+    if keep_best:
+        nearest = np.clip(np.round(w / s), qmin, qmax)
+
+        def error(qq):
+            wt = s * qq
+            return np.einsum("grk,grk->gr", wt, np.einsum("grk,gkj->grj", wt, a) - 2 * t)
+
+        q = np.where((error(q) < error(nearest))[..., None], q, nearest)
+    return q.astype(np.int8), param
+
+
+def rounding_error(q, scale, gram, target):
+    """Per row: w~ A w~^T - 2 w~ . t with w~ = scale * q (the loss without its constant)."""
+    wt = np.asarray(scale, np.float64)[..., None] * np.asarray(q, np.float64)
+    g = np.einsum("grk,gkj->grj", wt, np.asarray(gram, np.float64))
+    return np.einsum("grk,grk->gr", wt, g - 2 * np.asarray(target, np.float64))

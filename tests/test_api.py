@@ -41,7 +41,8 @@ def test_every_extra_option_maps_to_the_typed_config(key, value, field, expected
 
 def test_every_documented_extra_option_is_tested():
     tested = {"ActivationSymmetric", "Percentile", "NumBins", "CalibDataBatchSize", "WeightSymmetric", "CLESteps",
-              "CLETotalLayerDiffThreshold", "ReplaceClip6Relu", "CLEScaleAppendBias"}
+              "CLETotalLayerDiffThreshold", "ReplaceClip6Relu", "CLEScaleAppendBias",
+              "FastFinetune"}  # FastFinetune: tests/test_fast_finetune.py
     assert set(EXTRA_OPTIONS) == tested
 
 
@@ -59,7 +60,7 @@ def test_unknown_extra_option_is_an_error_listing_valid_keys():
     ({"extra_options": {"WeightSymmetric": False}}, "WeightSymmetric"),
     ({"extra_options": {"ActivationSymmetric": "yes"}}, "True or False"),
     ({"include_cle": True, "extra_options": {"CLESteps": 0}}, "CLE steps"),
-    ({"include_fast_ft": True}, "include_fast_ft"),
+    ({"extra_options": {"FastFinetune": {"NumIterations": 5}}}, "include_fast_ft"),
     ({"calibrate_method": PowerOfTwoMethod.MinMSE, "per_channel": True}, "per_channel"),
     ({"weight_type": QuantType.QUInt8}, "weight_type"),
 ])
@@ -69,7 +70,7 @@ def test_contradictions_and_unavailable_options_are_errors(kwargs, message):
 
 
 def test_unknown_preset_names_the_valid_ones():
-    with pytest.raises(ConfigError, match="valid presets: XINT8, INT8_CLE, A8W8, U8S8"):
+    with pytest.raises(ConfigError, match="valid presets: XINT8, INT8_CLE, INT8_CNN_ACCURATE, A8W8, U8S8"):
         get_default_config("XINT9")
 
 

@@ -2,7 +2,9 @@
 pairs on activations, int8 weights and int32 biases behind DequantizeLinear)."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import dataclasses
+from types import MappingProxyType
+from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 from onnx import ModelProto, NodeProto, helper, numpy_helper
@@ -40,9 +42,23 @@ class _Builder:
             [out], name=out + "_QuantizeLinear")
 
 
+@dataclasses.dataclass(frozen=True)
+class FixedWeight:
+    """Integer weights decided elsewhere (fast finetune): written as given, not re-rounded."""
+
+    qparams: QParams
+    quantized: np.ndarray  # int8, in the initializer's layout
+
+
+def dequantized_name(activation: str, graph_outputs) -> str:
+    """The name under which consumers read ``activation`` after write_qdq."""
+    return activation if activation in graph_outputs else f"{activation}_DequantizeLinear_Output"
+
+
 def write_qdq(model: ModelProto, plan: QuantPlan, act_qparams: Dict[str, QParams],
-              config: QuantConfig) -> ModelProto:
-    """A new model: ``model`` with the QDQ pairs of ``plan`` (``model`` is not changed)."""
+              config: QuantConfig, fixed_weights: Mapping[str, FixedWeight] = MappingProxyType({})) -> ModelProto:
+    """A new model: ``model`` with the QDQ pairs of ``plan`` (``model`` is not changed).
+    ``fixed_weights`` ({weight initializer: FixedWeight}) overrides the rounding of weights."""
     out_model = ModelProto()
     out_model.CopyFrom(model)
     view = GraphView(out_model)
@@ -61,10 +77,15 @@ def write_qdq(model: ModelProto, plan: QuantPlan, act_qparams: Dict[str, QParams
         w_name = node.input[use.input_index]
         axis = use.channel_axis if config.per_channel else None
         key = (w_name, axis)
-        w = view.constant_value(w_name)
-        qp = weight_qparams(w, config, axis)
+        fixed = fixed_weights.get(w_name)
+        if fixed is not None:
+            qp = fixed.qparams
+        else:
+            qp = weight_qparams(view.constant_value(w_name), config, axis)
         if key not in done_weights:
-            q_name = b.const(f"{w_name}_quantized", quantize_array(w, qp, config.weight_type))
+            q = fixed.quantized if fixed is not None else quantize_array(view.constant_value(w_name), qp,
+                                                                         config.weight_type)
+            q_name = b.const(f"{w_name}_quantized", q)
             head.append(b.dq(q_name, qp, f"{w_name}_DequantizeLinear_Output" + ("" if axis is None else "_pc")))
             done_weights[key] = head[-1].output[0]
         node.input[use.input_index] = done_weights[key]
@@ -105,7 +126,7 @@ def write_qdq(model: ModelProto, plan: QuantPlan, act_qparams: Dict[str, QParams
             pair = [b.q(source, qp, q_out), b.dq(q_out, qp, name)]
         else:
             source = name
-            pair = [b.q(name, qp, q_out), b.dq(q_out, qp, f"{name}_DequantizeLinear_Output")]
+            pair = [b.q(name, qp, q_out), b.dq(q_out, qp, dequantized_name(name, graph_outputs))]
             rename[name] = pair[1].output[0]
         if name in view.producer:
             after.setdefault(source, []).extend(pair)

@@ -125,3 +125,26 @@ def attribute(node: NodeProto, name: str, default=None):
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
     return default
+
+
+def truncated(model: ModelProto, outputs: List[str]) -> ModelProto:
+    """A copy of ``model`` that computes only ``outputs`` (graph outputs of the copy): the
+    nodes they depend on, the initializers those nodes read. Graph inputs are kept."""
+    view = GraphView(model)
+    needed, stack = set(), list(outputs)
+    while stack:
+        name = stack.pop()
+        node = view.producer.get(name)
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        stack.extend(i for i in node.input if i)
+    out = ModelProto()
+    out.CopyFrom(model)
+    keep = [n for n, original in zip(out.graph.node, model.graph.node) if id(original) in needed]
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    del out.graph.output[:]
+    out.graph.output.extend(onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs)
+    drop_unused_initializers(out)
+    return out

@@ -1,0 +1,164 @@
+#include "kernels/window_gram.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels/multiversion.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pyquant {
+namespace {
+
+// Patches of one image and one group as rows: p[k * stride + pos], k = (channel, i, j).
+void fill_patches(const float* x, int64_t h, int64_t w, int64_t cg, const ConvGeometry& g, float* p,
+                  int64_t stride) {
+  const int64_t m = stride;
+  int64_t k = 0;
+  for (int64_t ch = 0; ch < cg; ++ch) {
+    const float* plane = x + ch * h * w;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      for (int64_t j = 0; j < g.kw; ++j, ++k) {
+        float* row = p + k * m;
+        for (int64_t oy = 0; oy < g.out_h; ++oy) {
+          const int64_t y = oy * g.stride_h + i * g.dil_h - g.pad_top;
+          float* out = row + oy * g.out_w;
+          if (y < 0 || y >= h) {
+            std::fill(out, out + g.out_w, 0.0f);
+            continue;
+          }
+          const float* src = plane + y * w;
+          for (int64_t ox = 0; ox < g.out_w; ++ox) {
+            const int64_t xx = ox * g.stride_w + j * g.dil_w - g.pad_left;
+            out[ox] = (xx >= 0 && xx < w) ? src[xx] : 0.0f;
+          }
+        }
+      }
+    }
+  }
+}
+
+PYQUANT_INLINE float dot(const float* a, const float* b, int64_t m) {
+  // 16 partial sums: vectorisable, and a fixed order (deterministic).
+  float acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= m; i += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += a[i + l] * b[i + l];
+  float s = 0.0f;
+  for (; i < m; ++i) s += a[i] * b[i];
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  return s;
+}
+
+PYQUANT_INLINE float total(const float* a, int64_t m) {
+  float acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= m; i += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += a[i + l];
+  float s = 0.0f;
+  for (; i < m; ++i) s += a[i];
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  return s;
+}
+
+// Positions per block: the block's K rows of q and f stay in L1/L2 while all K^2 pairs use them.
+constexpr int64_t kBlock = 512;
+
+PYQUANT_MULTIVERSION
+// Adds one image's patches of one group (pq, pf: [K, m]) to the accumulators.
+void accumulate(const float* pq, const float* pf, int64_t K, int64_t m, double* qq, double* qf, double* ff,
+                double* sq, double* sf) {
+  for (int64_t c0 = 0; c0 < m; c0 += kBlock) {
+    const int64_t len = std::min(kBlock, m - c0);
+    for (int64_t a = 0; a < K; ++a) {
+      const float* qa = pq + a * m + c0;
+      const float* fa = pf ? pf + a * m + c0 : nullptr;
+      sq[a] += total(qa, len);
+      if (pf) sf[a] += total(fa, len);
+      for (int64_t b = 0; b < K; ++b) {
+        if (pf) qf[a * K + b] += dot(qa, pf + b * m + c0, len);
+        if (b >= a) {
+          const double vq = dot(qa, pq + b * m + c0, len);
+          qq[a * K + b] += vq;
+          if (b > a) qq[b * K + a] += vq;
+          if (pf) {
+            const double vf = dot(fa, pf + b * m + c0, len);
+            ff[a * K + b] += vf;
+            if (b > a) ff[b * K + a] += vf;
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void window_gram(const float* q, const float* f, int64_t n, int64_t c, int64_t h, int64_t w, int64_t groups,
+                 const ConvGeometry& geo, double* qq, double* qf, double* ff, double* sum_q, double* sum_f) {
+  if (n <= 0 || groups <= 0) return;
+  const int64_t cg = c / groups, K = cg * geo.kh * geo.kw, m = geo.out_h * geo.out_w;
+  const int64_t kk = K * K;
+  int threads = 1;
+#ifdef _OPENMP
+  threads = omp_get_max_threads();
+#endif
+  if (groups >= 2 * threads) {
+    // Depthwise-like: each thread owns whole groups; the patches of all images of a
+    // group side by side, so that the dot products are long even on small feature maps.
+    const int64_t mn = m * n;
+#pragma omp parallel
+    {
+      std::vector<float> pq(K * mn), pf(f ? K * mn : 0);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        for (int64_t img = 0; img < n; ++img) {
+          const int64_t off = (img * c + gi * cg) * h * w;
+          fill_patches(q + off, h, w, cg, geo, pq.data() + img * m, mn);
+          if (f) fill_patches(f + off, h, w, cg, geo, pf.data() + img * m, mn);
+        }
+        accumulate(pq.data(), f ? pf.data() : nullptr, K, mn, qq + gi * kk, qf + gi * kk, ff + gi * kk, sum_q + gi * K,
+                   sum_f + gi * K);
+      }
+    }
+    return;
+  }
+  // Few groups (a full convolution): images in parallel into per-image partial sums,
+  // added in image order afterwards.
+  const int64_t per = groups * (3 * kk + 2 * K);
+  std::vector<double> partial(n * per, 0.0);
+#pragma omp parallel
+  {
+    std::vector<float> pq(K * m), pf(f ? K * m : 0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t img = 0; img < n; ++img) {
+      double* base = partial.data() + img * per;
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        double* acc = base + gi * (3 * kk + 2 * K);
+        const int64_t off = (img * c + gi * cg) * h * w;
+        fill_patches(q + off, h, w, cg, geo, pq.data(), m);
+        if (f) fill_patches(f + off, h, w, cg, geo, pf.data(), m);
+        accumulate(pq.data(), f ? pf.data() : nullptr, K, m, acc, acc + kk, acc + 2 * kk, acc + 3 * kk, acc + 3 * kk + K);
+      }
+    }
+  }
+  for (int64_t img = 0; img < n; ++img) {
+    const double* base = partial.data() + img * per;
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const double* acc = base + gi * (3 * kk + 2 * K);
+      for (int64_t i = 0; i < kk; ++i) {
+        qq[gi * kk + i] += acc[i];
+        qf[gi * kk + i] += acc[kk + i];
+        ff[gi * kk + i] += acc[2 * kk + i];
+      }
+      for (int64_t i = 0; i < K; ++i) {
+        sum_q[gi * K + i] += acc[3 * kk + i];
+        sum_f[gi * K + i] += acc[3 * kk + K + i];
+      }
+    }
+  }
+}
+
+}  // namespace pyquant
