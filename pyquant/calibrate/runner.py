@@ -107,6 +107,14 @@ class _BoundRunner:
         return self.buffers
 
 
+def batch_count(reader) -> Optional[int]:
+    """The number of batches of ``reader``, None for a reader without a length."""
+    try:
+        return len(reader)
+    except TypeError:
+        return None
+
+
 def _prefetch(reader, depth: int = 2):
     """Yield the reader's batches, reading ahead in a thread so that image decoding
     overlaps with inference. Errors in the reader are re-raised here."""
@@ -171,10 +179,7 @@ def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
     names = [n for n in plan.activations if n not in constants and n not in inputs]
     session = make_session(model, names)
     runner = _BoundRunner(session, names)
-    try:
-        total: Optional[int] = len(reader)
-    except TypeError:  # a reader without a length
-        total = None
+    total = batch_count(reader)
     batches = 0
     for feed in _prefetch(reader):
         feed = check_feed(session, feed, batches)

@@ -28,7 +28,7 @@ from onnx import ModelProto
 
 from ... import kernels
 from ...calibrate.methods import QParams, weight_qparams
-from ...calibrate.runner import ProgressCallback, _BoundRunner, _prefetch, make_session
+from ...calibrate.runner import ProgressCallback, _BoundRunner, _prefetch, batch_count, make_session
 from ...config import QuantConfig
 from ...errors import DataError
 from ...graph.plan import QuantPlan, build_plan
@@ -108,10 +108,7 @@ def finetune(float_model: ModelProto, model: ModelProto, plan: QuantPlan, act_qp
     stages = [list(s) for s in np.array_split(np.arange(len(layers)), passes) if len(s)]
     report = FinetuneReport([], skipped, len(stages), 0)
     fixed: Dict[str, FixedWeight] = {}
-    try:
-        batches_per_pass: Optional[int] = len(reader)
-    except TypeError:
-        batches_per_pass = None
+    batches_per_pass = batch_count(reader)
     total_batches = None if batches_per_pass is None else batches_per_pass * len(stages)
     batches_done = 0
     for stage in stages:
@@ -139,9 +136,10 @@ def _collect_stage(qmodel, plan, stage_layers, reader, options, report, progress
     qview = GraphView(qmodel)
     graph_inputs = set(qview.graph_inputs)
     planned = set(plan.activations)
-    names = list(dict.fromkeys(
-        dequantized_name(layer.node.input[0], qview.graph_outputs) if layer.node.input[0] in planned
-        else layer.node.input[0] for layer in stage_layers))
+    # each layer's input as the quantized model's consumers read it (after its QDQ pair)
+    source_of = {layer.name: dequantized_name(layer.node.input[0], qview.graph_outputs)
+                 if layer.node.input[0] in planned else layer.node.input[0] for layer in stage_layers}
+    names = list(dict.fromkeys(source_of.values()))
     fetch = [n for n in names if n not in graph_inputs]
     runner = _BoundRunner(make_session(truncated(qmodel, fetch)), fetch) if fetch else None
     accumulators = {layer.name: GramAccumulator(layer.groups, layer.k) for layer in stage_layers}
@@ -155,9 +153,7 @@ def _collect_stage(qmodel, plan, stage_layers, reader, options, report, progress
                 values[n] = np.asarray(feed[n], dtype=np.float32)
         t1 = time.perf_counter()
         for layer in stage_layers:
-            source = layer.node.input[0]
-            name = dequantized_name(source, qview.graph_outputs) if source in planned else source
-            accumulators[layer.name].update_layer(layer, values[name])
+            accumulators[layer.name].update_layer(layer, values[source_of[layer.name]])
         report.seconds_inference += t1 - t0
         report.seconds_gram += time.perf_counter() - t1
         del values
