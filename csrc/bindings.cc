@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "kernels/channel_stats.h"
@@ -146,22 +147,32 @@ PYBIND11_MODULE(_kernels, m) {
     pyquant::channel_abs_max(pw, A, B, C, D, po);
   }, py::arg("w"), py::arg("out"), "out[a*C + c] = max |w[a, :, c, :]| for w of shape [A, B, C, D].");
 
-  m.def("equalization_scales", [](const py::array& r1, const py::array& r2, double max_scale, py::array& out) {
+  m.def("equalization_scales", [](const py::array& r1, const py::array& r2, const std::optional<py::array>& act,
+                                  double act_weight, double max_scale, py::array& out) {
     require<float>(r1, "r1", "float32", 1);
     require<float>(r2, "r2", "float32", 1);
     require<float>(out, "out", "float32", 1, true);
     if (r2.shape(0) != r1.shape(0) || out.shape(0) != r1.shape(0))
       throw py::value_error("r1, r2 and out must have the same length, got " + shape_of(r1) + ", " +
                             shape_of(r2) + ", " + shape_of(out));
+    const float* pa = nullptr;
+    if (act) {
+      require<float>(*act, "act", "float32", 1);
+      if (act->shape(0) != r1.shape(0))
+        throw py::value_error("act must have the length of r1, got " + shape_of(*act) + " and " + shape_of(r1));
+      pa = static_cast<const float*>(act->data());
+    }
+    if (!(act_weight >= 0.0 && act_weight <= 1.0)) throw py::value_error("act_weight must be in [0, 1]");
     if (!(max_scale >= 1.0)) throw py::value_error("max_scale must be at least 1");
     const float* p1 = static_cast<const float*>(r1.data());
     const float* p2 = static_cast<const float*>(r2.data());
     float* po = static_cast<float*>(out.mutable_data());
     const int64_t n = r1.shape(0);
     py::gil_scoped_release release;
-    pyquant::equalization_scales(p1, p2, n, max_scale, po);
-  }, py::arg("r1"), py::arg("r2"), py::arg("max_scale"), py::arg("out"),
-     "Equalizing scales sqrt(r1 / r2) (1 where a range is 0), clamped to [1/max_scale, max_scale].");
+    pyquant::equalization_scales(p1, p2, pa, act_weight, n, max_scale, po);
+  }, py::arg("r1"), py::arg("r2"), py::arg("act"), py::arg("act_weight"), py::arg("max_scale"), py::arg("out"),
+     "Equalizing scales sqrt(e / r2), e = r1^(1-b) (rho act)^b (e = r1 without act), 1 where a range is 0, "
+     "clamped to [1/max_scale, max_scale].");
 
   m.def("scale_channels", [](py::array& w, const py::array& s, bool divide) {
     require<float>(w, "w", "float32", 4, true);

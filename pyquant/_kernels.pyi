@@ -1,7 +1,10 @@
 """Typed stub of the C++ extension (csrc/bindings.cc). Use pyquant.kernels, which validates
 and allocates; these raw bindings require exact dtypes and C-contiguous arrays."""
+from typing import Optional
+
 import numpy as np
 import numpy.typing as npt
+
 
 class RangeStats:
     @property
@@ -23,7 +26,8 @@ def histogram_accumulate_if_in_range(x: npt.NDArray[np.float32], hist: npt.NDArr
                                      hi: float) -> tuple[bool, RangeStats]: ...
 def channel_sums(x: npt.NDArray[np.float32], sums: npt.NDArray[np.float64]) -> None: ...
 def channel_abs_max(w: npt.NDArray[np.float32], out: npt.NDArray[np.float32]) -> None: ...
-def equalization_scales(r1: npt.NDArray[np.float32], r2: npt.NDArray[np.float32], max_scale: float,
+def equalization_scales(r1: npt.NDArray[np.float32], r2: npt.NDArray[np.float32],
+                        act: Optional[npt.NDArray[np.float32]], act_weight: float, max_scale: float,
                         out: npt.NDArray[np.float32]) -> None: ...
 def scale_channels(w: npt.NDArray[np.float32], s: npt.NDArray[np.float32], divide: bool) -> None: ...
 def histogram_rebin(src: npt.NDArray[np.float64], src_lo: float, src_hi: float,

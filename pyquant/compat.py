@@ -126,6 +126,9 @@ EXTRA_OPTIONS: Dict[str, Callable[[str, Any], Dict[str, Any]]] = {
     "CLETotalLayerDiffThreshold": lambda k, v: {"cle.tolerance": _number(k, v)},
     "ReplaceClip6Relu": lambda k, v: {"cle.replace_clip_with_relu": _bool(k, v)},
     "CLEScaleAppendBias": lambda k, v: {"cle.scale_append_bias": _bool(k, v)},
+    # pyquant's own (not the reference's): activation-aware CLE scales (0 = data-free CLE).
+    "CLEActivationWeight": lambda k, v: {"cle.activation_weight": _number(k, v)},
+    "CLEActivationSamples": lambda k, v: {"cle.activation_samples": int(_number(k, v))},
     # Fast finetune (FastFinetuneOptions), a dict with the keys of FAST_FINETUNE_OPTIONS.
     "FastFinetune": lambda k, v: {"fast_finetune": fast_finetune_options(v)},
 }
@@ -174,7 +177,9 @@ class QuantizationConfig:
         if config.cross_layer_equalization:
             extra.update(CLESteps=config.cle.steps, CLETotalLayerDiffThreshold=config.cle.tolerance,
                          ReplaceClip6Relu=config.cle.replace_clip_with_relu,
-                         CLEScaleAppendBias=config.cle.scale_append_bias)
+                         CLEScaleAppendBias=config.cle.scale_append_bias,
+                         CLEActivationWeight=config.cle.activation_weight,
+                         CLEActivationSamples=config.cle.activation_samples)
         if config.fast_finetune is not None:
             extra["FastFinetune"] = fast_finetune_params(config.fast_finetune)
         return cls(calibrate_method=config.calibrate_method, activation_type=config.activation_type,

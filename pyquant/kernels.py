@@ -80,11 +80,15 @@ def channel_abs_max(w4: npt.ArrayLike) -> np.ndarray:
     return out
 
 
-def equalization_scales(r1: npt.ArrayLike, r2: npt.ArrayLike, max_scale: float = 1e4) -> np.ndarray:
-    """Cross-layer equalization scales sqrt(r1 / r2), 1 where a range is zero."""
+def equalization_scales(r1: npt.ArrayLike, r2: npt.ArrayLike, max_scale: float = 1e4,
+                        act: Optional[npt.ArrayLike] = None, act_weight: float = 0.0) -> np.ndarray:
+    """Cross-layer equalization scales sqrt(e / r2), 1 where a range is zero: e = r1, or
+    with the activation's channel ranges ``act`` e = r1^(1-b) (rho act)^b, b = ``act_weight``
+    (see csrc/kernels/cle.h)."""
     r1, r2 = _as_f32(r1), _as_f32(r2)
     out = np.empty_like(r1)
-    _kernels.equalization_scales(r1, r2, float(max_scale), out)
+    _kernels.equalization_scales(r1, r2, None if act is None else _as_f32(act), float(act_weight),
+                                 float(max_scale), out)
     return out
 
 

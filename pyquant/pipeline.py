@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
+import numpy as np
 import onnx
 from onnx import ModelProto
 
@@ -66,12 +67,17 @@ def group_qparams(plan: QuantPlan, collectors: Dict[str, TensorCollector],
 
 
 class _PeekedReader:
-    """A reader whose first batch was read ahead (to check a transform on real data)."""
+    """A reader whose first batches (at least ``samples`` samples, or all there are) were
+    read ahead, to look at real data before calibration; they are replayed first."""
 
-    def __init__(self, reader) -> None:
+    def __init__(self, reader, samples: int = 1) -> None:
         self.reader = reader
-        self.first = reader.get_next()
-        self._pending = self.first is not None
+        self.peeked: List[Dict[str, np.ndarray]] = []
+        count = 0
+        while count < samples and (batch := reader.get_next()) is not None:
+            self.peeked.append(batch)
+            count += int(np.shape(next(iter(batch.values())))[0]) if batch else 1
+        self._pending = list(self.peeked)
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -80,13 +86,12 @@ class _PeekedReader:
         if not callable(getattr(self.reader, "rewind", None)):
             raise DataError("fast finetune reads the calibration data more than once: the data reader needs a "
                             "rewind() method")
-        self._pending = False
+        self._pending = []
         self.reader.rewind()
 
     def get_next(self):
         if self._pending:
-            self._pending = False
-            return self.first
+            return self._pending.pop(0)
         return self.reader.get_next()
 
 
@@ -100,14 +105,15 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig,
     start = time.perf_counter()
     prepared = prepare(model)
     if config.cross_layer_equalization:
-        reader = _PeekedReader(reader)
+        reader = _PeekedReader(reader, config.cle.activation_samples)
         original = ModelProto()  # the function CLE must preserve
         original.CopyFrom(prepared)
         if config.cle.replace_clip_with_relu:
             cle.replace_clips_with_relu(original)
-        report = cle.equalize(prepared, config.cle)
-        if reader.first is not None:  # on a real batch, before any statistics are taken
-            cle.check_equivalence(original, prepared, [reader.first], config.cle.check_rtol, report.pair_list)
+        report = cle.equalize(prepared, config.cle, reader.peeked)
+        if reader.peeked:  # on a real batch, before any statistics are taken
+            cle.check_equivalence(original, prepared, reader.peeked[:1], config.cle.check_rtol, report.pair_list)
+        reader.peeked.clear()  # the batches stay queued for calibration only
         del original
     plan = build_plan(prepared, config.enable_npu_cnn)
     t0 = time.perf_counter()

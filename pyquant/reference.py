@@ -59,11 +59,19 @@ def channel_abs_max(w4: np.ndarray) -> np.ndarray:
     return w4.max(axis=(1, 3)).reshape(-1)
 
 
-def equalization_scales(r1, r2, max_scale: float = 1e4) -> np.ndarray:
+def equalization_scales(r1, r2, max_scale: float = 1e4, act=None, act_weight: float = 0.0) -> np.ndarray:
     r1, r2 = np.asarray(r1, np.float64), np.asarray(r2, np.float64)
-    ok = (r1 > 0) & (r2 > 0) & np.isfinite(r1) & np.isfinite(r2)
+    usable = lambda r: (r > 0) & np.isfinite(r)  # noqa: E731
+    ok = usable(r1) & usable(r2)
+    e = r1
+    if act is not None and act_weight > 0:
+        act = np.asarray(act, np.float64)
+        both = ok & usable(act)
+        rho = np.median(r1[both]) / np.median(act[both]) if both.any() else 1.0
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            e = np.where(usable(act), r1 ** (1 - act_weight) * (rho * act) ** act_weight, r1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.where(ok, np.sqrt(r1 / r2), 1.0)
+        s = np.where(ok, np.sqrt(e / r2), 1.0)
     return np.clip(s, 1.0 / max_scale, max_scale).astype(np.float32)
 
 

@@ -30,6 +30,8 @@ def test_default_configs_round_trip_to_the_presets(name):
     ("CLETotalLayerDiffThreshold", 0.01, "cle.tolerance", 0.01),
     ("ReplaceClip6Relu", True, "cle.replace_clip_with_relu", True),
     ("CLEScaleAppendBias", True, "cle.scale_append_bias", True),
+    ("CLEActivationWeight", 0.0, "cle.activation_weight", 0.0),
+    ("CLEActivationSamples", 16, "cle.activation_samples", 16),
 ])
 def test_every_extra_option_maps_to_the_typed_config(key, value, field, expected):
     cfg = QuantizationConfig(calibrate_method=CalibrationMethod.Percentile, include_cle=True,
@@ -41,7 +43,8 @@ def test_every_extra_option_maps_to_the_typed_config(key, value, field, expected
 
 def test_every_documented_extra_option_is_tested():
     tested = {"ActivationSymmetric", "Percentile", "NumBins", "CalibDataBatchSize", "WeightSymmetric", "CLESteps",
-              "CLETotalLayerDiffThreshold", "ReplaceClip6Relu", "CLEScaleAppendBias",
+              "CLETotalLayerDiffThreshold", "ReplaceClip6Relu", "CLEScaleAppendBias", "CLEActivationWeight",
+              "CLEActivationSamples",
               "FastFinetune"}  # FastFinetune: tests/test_fast_finetune.py
     assert set(EXTRA_OPTIONS) == tested
 

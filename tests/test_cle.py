@@ -34,6 +34,44 @@ def test_equalization_scales_match_reference_with_edge_cases():
     assert got[5] == pytest.approx(1e-4) and got[6] == pytest.approx(1e4)  # clamped
 
 
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 64])
+@pytest.mark.parametrize("act_weight", [0.0, 0.25, 0.5, 1.0])
+def test_activation_aware_scales_match_reference(n, act_weight):
+    rng = np.random.default_rng(n)
+    r1, r2 = (rng.lognormal(0, 2, n).astype(np.float32) for _ in range(2))
+    act = rng.lognormal(0, 3, n).astype(np.float32)
+    if n >= 5:  # a dead channel, an unusable one and a weight range of zero
+        act[0], act[1], act[2], r1[3] = 0.0, np.inf, np.nan, 0.0
+    got = kernels.equalization_scales(r1, r2, 1e4, act, act_weight)
+    np.testing.assert_allclose(got, reference.equalization_scales(r1, r2, 1e4, act, act_weight), rtol=1e-6)
+    if n >= 5:
+        # dead/unusable activation channels fall back to the weights-only scale
+        np.testing.assert_allclose(got[:3], np.sqrt(r1[:3] / r2[:3]), rtol=1e-6)
+        assert got[3] == 1.0
+
+
+def test_activation_aware_scales_properties():
+    rng = np.random.default_rng(3)
+    r1, r2, act = (rng.lognormal(0, 2, 32).astype(np.float32) for _ in range(3))
+    plain = kernels.equalization_scales(r1, r2)
+    np.testing.assert_array_equal(kernels.equalization_scales(r1, r2, 1e4, act, 0.0), plain)
+    # rho puts act in the weights' units: a uniform rescaling of act changes nothing
+    aware = kernels.equalization_scales(r1, r2, 1e4, act, 0.5)
+    np.testing.assert_allclose(kernels.equalization_scales(r1, r2, 1e4, act * 1e3, 0.5), aware, rtol=1e-5)
+    # act_weight 1: the first layer's range no longer counts, only the activation's
+    only_act = kernels.equalization_scales(r1, r2, 1e4, act, 1.0)
+    rho = np.median(r1.astype(np.float64)) / np.median(act.astype(np.float64))
+    np.testing.assert_allclose(only_act, np.sqrt(rho * act / r2), rtol=1e-5)
+
+
+def test_activation_aware_scales_reject_bad_arguments():
+    r = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="act must have the length"):
+        kernels.equalization_scales(r, r, 1e4, np.ones(3, np.float32), 0.5)
+    with pytest.raises(ValueError, match="act_weight"):
+        kernels.equalization_scales(r, r, 1e4, r, 1.5)
+
+
 @pytest.mark.parametrize("divide", [False, True])
 def test_scale_channels_matches_reference(divide):
     w = np.random.default_rng(1).standard_normal((3, 4, 5, 6)).astype(np.float32)
@@ -136,6 +174,50 @@ def test_inverted_residual_block_balances_all_three_layers():
     assert spread(eq, depthwise.input[1]) < spread(model, "wd")
 
 
+def _channel_range_spread(model, tensor, x):
+    """max / min over channels of max |tensor| on x (the per-channel activation ranges)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
+    value = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        [tensor], {"x": x})[0]
+    r = np.abs(value).max(axis=(0, 2, 3))
+    return r.max() / r[r > 0].min()
+
+
+def test_activation_aware_equalization_preserves_function_and_keeps_activations_even():
+    rng = np.random.default_rng(4)
+    model = inverted_residual(rng)
+    x = (rng.standard_normal((8, 4, 10, 10)) * 2).astype(np.float32)
+    before = run(model, x)
+    results = {}
+    for weight in (0.0, 0.5):
+        eq = onnx.ModelProto()
+        eq.CopyFrom(model)
+        report = cle.equalize(eq, cle.CLEOptions(activation_weight=weight), [{"x": x}])
+        assert report.max_scale_change <= 1e-3
+        onnx.checker.check_model(eq)
+        np.testing.assert_allclose(run(eq, x), before, rtol=EQUIVALENCE_RTOL,
+                                   atol=EQUIVALENCE_RTOL * np.abs(before).max())
+        results[weight] = eq, report
+    eq, report = results[0.5]
+    # tracked ranges follow the rescaling: they are the equalized model's measured ranges
+    for pair in report.pair_list:
+        fresh = [cle.Pair(pair.first, pair.second, pair.between, pair.total_scale)]
+        cle.measure_activation_ranges(eq, fresh, [{"x": x}])
+        np.testing.assert_allclose(pair.activation_range, fresh[0].activation_range, rtol=1e-4)
+    # the depthwise output ("da") keeps evener channel ranges than weights-only CLE gives it
+    spread_plain = _channel_range_spread(results[0.0][0], "da", x)
+    spread_aware = _channel_range_spread(eq, "da", x)
+    assert spread_aware < spread_plain
+    # without data the activation weight is moot: weights-only scales
+    data_free = onnx.ModelProto()
+    data_free.CopyFrom(model)
+    cle.equalize(data_free, cle.CLEOptions(activation_weight=0.5))
+    for a, b in zip(data_free.graph.initializer, results[0.0][0].graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
 def test_gemm_pair_in_both_weight_layouts():
     rng = np.random.default_rng(2)
     inits = {"w1": _uneven(rng, (8, 5)), "b1": rng.standard_normal(8), "w2": rng.standard_normal((8, 3))}
@@ -177,3 +259,31 @@ def test_check_equivalence_names_the_broken_pair():
     depthwise.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(depthwise) * 1.5, depthwise.name))
     with pytest.raises(ModelError, match="-> Clip|-> Relu|Min"):
         cle.check_equivalence(model, eq, [{"x": x}], 1e-3, report.pair_list)
+
+
+class _Batches:
+    def __init__(self, n, size):
+        self.batches = [{"x": np.full((size, 1), i, np.float32)} for i in range(n)]
+        self.rewind()
+
+    def rewind(self):
+        self.position = 0
+
+    def get_next(self):
+        if self.position == len(self.batches):
+            return None
+        self.position += 1
+        return self.batches[self.position - 1]
+
+
+@pytest.mark.parametrize("samples,peeked", [(1, 1), (5, 3), (100, 5)])
+def test_peeked_batches_are_replayed_once_in_order(samples, peeked):
+    from pyquant.pipeline import _PeekedReader
+
+    reader = _PeekedReader(_Batches(5, 2), samples)
+    assert len(reader.peeked) == peeked
+    reader.peeked.clear()  # what the pipeline does after CLE: the replay queue is separate
+    seen = [int(b["x"][0, 0]) for b in iter(reader.get_next, None)]
+    assert seen == [0, 1, 2, 3, 4]
+    reader.rewind()
+    assert [int(b["x"][0, 0]) for b in iter(reader.get_next, None)] == [0, 1, 2, 3, 4]

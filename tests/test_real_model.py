@@ -14,9 +14,9 @@ MODEL = SHARED / "models" / "efficientnet_lite0.onnx"
 DATA = SHARED / "data" / "imagenet-sample"
 PREPROCESS = Preprocess(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # Measured on the first 100 val images after calibrating on 64 calib images: U8S8
-# per-channel agrees with float on 99 % of top-1 predictions, XINT8 on 74 % (the full
-# sets are in the README's benchmark table).
-MIN_AGREEMENT = {"U8S8": 0.9, "XINT8": 0.6}
+# per-channel agrees with float on 99 % of top-1 predictions, XINT8 on 74 %, INT8_CLE on
+# 98 % (the full sets are in the README's benchmark table).
+MIN_AGREEMENT = {"U8S8": 0.9, "XINT8": 0.6, "INT8_CLE": 0.9}
 
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"real model not found at {MODEL}")
 
@@ -25,7 +25,7 @@ def val_reader():
     return ImageFolderReader(DATA / "val", "input", PREPROCESS, 25, 100, labels_file=DATA / "LOC_synset_mapping.txt")
 
 
-@pytest.mark.parametrize("preset", ["U8S8", "XINT8"])
+@pytest.mark.parametrize("preset", ["U8S8", "XINT8", "INT8_CLE"])
 def test_quantized_lite0_agrees_with_float(preset):
     import dataclasses
 

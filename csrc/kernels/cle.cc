@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace pyquant {
 
@@ -18,14 +19,44 @@ void channel_abs_max(const float* w, int64_t A, int64_t B, int64_t C, int64_t D,
   }
 }
 
-void equalization_scales(const float* r1, const float* r2, int64_t n, double max_scale, float* s) {
+namespace {
+
+bool usable(double r) { return r > 0.0 && std::isfinite(r); }
+
+// numpy's median: the mean of the two middle values for an even count. v is reordered.
+double median(std::vector<double>& v) {
+  const size_t mid = v.size() / 2;
+  std::nth_element(v.begin(), v.begin() + mid, v.end());
+  const double upper = v[mid];
+  if (v.size() % 2) return upper;
+  return 0.5 * (upper + *std::max_element(v.begin(), v.begin() + mid));
+}
+
+}  // namespace
+
+void equalization_scales(const float* r1, const float* r2, const float* act, double act_weight, int64_t n,
+                         double max_scale, float* s) {
+  const bool with_act = act != nullptr && act_weight > 0.0;
+  double rho = 1.0;
+  if (with_act) {
+    std::vector<double> first, activation;
+    for (int64_t i = 0; i < n; ++i) {
+      if (usable(r1[i]) && usable(r2[i]) && usable(act[i])) {
+        first.push_back(r1[i]);
+        activation.push_back(act[i]);
+      }
+    }
+    if (!first.empty()) rho = median(first) / median(activation);
+  }
   for (int64_t i = 0; i < n; ++i) {
     const double a = r1[i], b = r2[i];
-    if (!(a > 0.0) || !(b > 0.0) || !std::isfinite(a) || !std::isfinite(b)) {
+    if (!usable(a) || !usable(b)) {
       s[i] = 1.0f;
       continue;
     }
-    const double scale = std::sqrt(a / b);
+    double e = a;
+    if (with_act && usable(act[i])) e = std::pow(a, 1.0 - act_weight) * std::pow(rho * act[i], act_weight);
+    const double scale = std::sqrt(e / b);
     s[i] = static_cast<float>(std::clamp(scale, 1.0 / max_scale, max_scale));
   }
 }

@@ -14,11 +14,20 @@ namespace pyquant {
 // out[a*C + c] = max |w[a, :, c, :]| (0 for an empty slice). out has A*C floats.
 void channel_abs_max(const float* w, int64_t A, int64_t B, int64_t C, int64_t D, float* out);
 
-// Equalizing scales s_i = sqrt(r1_i / r2_i), computed in double: dividing the first
+// Equalizing scales s_i = sqrt(e_i / r2_i), computed in double: dividing the first
 // layer's output channel i by s_i and multiplying the second layer's input channel i by
-// s_i leaves both with range sqrt(r1_i * r2_i). s_i = 1 where r1_i or r2_i is zero or
-// not finite (nothing to balance). Scales are clamped to [1/max_scale, max_scale].
-void equalization_scales(const float* r1, const float* r2, int64_t n, double max_scale, float* s);
+// s_i leaves the second with range sqrt(e_i * r2_i). Without activation ranges (act null
+// or act_weight 0) e_i = r1_i: both weights get range sqrt(r1_i * r2_i) (the paper's
+// choice). With the ranges act_i of the activation between the layers (which s_i divides
+// too) and act_weight b in (0, 1], e_i = r1_i^(1-b) * (rho * act_i)^b: the channels the
+// activation barely uses are not blown up relative to the others, which per-tensor
+// activation scales cannot afford. rho = median(r1) / median(act) over the channels where
+// both are positive puts the activation ranges in the weights' units, so a uniform s
+// stays neutral; e_i = r1_i where act_i is zero or not finite (a dead channel).
+// s_i = 1 where r1_i or r2_i is zero or not finite (nothing to balance). Scales are
+// clamped to [1/max_scale, max_scale].
+void equalization_scales(const float* r1, const float* r2, const float* act, double act_weight, int64_t n,
+                         double max_scale, float* s);
 
 // w[a, :, c, :] *= s[a*C + c] (or /= when divide). In place.
 void scale_channels(float* w, int64_t A, int64_t B, int64_t C, int64_t D, const float* s, bool divide);

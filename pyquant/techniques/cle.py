@@ -16,6 +16,17 @@ scaled becomes Max(Min(x, hi / S), lo / S) with per-channel bound tensors (S the
 of all scales applied to the channel), or Relu + Min when lo = 0: the function is exact.
 Alternatively (``replace_clip_with_relu``, the reference tool's ReplaceClip6Relu) the
 Clip is replaced by Relu before equalizing, which changes the network.
+
+Activation-aware scales (``activation_weight`` b > 0, given a few calibration batches):
+s_i also divides channel i of the activation between the two layers, and after the
+paper's equalization the ReLU6 bounds 6 / S_i of EfficientNet-Lite0 differ by three
+orders of magnitude: one per-tensor activation scale then leaves the small channels
+(depthwise outputs above all) a few levels. So the first layer's range r1_i is replaced by
+r1_i^(1-b) (rho a_i)^b, with a_i the activation's measured channel range (max |x| over the
+batches, tracked through the rescaling as a_i / S_i) and rho the ratio of their medians
+(csrc/kernels/cle.h): b = 0 is the paper's data-free CLE, b = 1 balances only the
+activation against the second layer. Measured on EfficientNet-Lite0 (XINT8, 500 val
+images, benchmarks/imagenet_sample.py): see the README's results.
 """
 from __future__ import annotations
 
@@ -43,10 +54,15 @@ class CLEOptions:
     a sweep is within (1 +- tolerance); replace_clip_with_relu: replace Clip by Relu first
     (changes the function; off by default); scale_append_bias: count the first layer's bias
     in its output-channel range; check_rtol: the equalized float model must reproduce the
-    original's outputs within this relative error on calibration data."""
+    original's outputs within this relative error on calibration data; activation_weight:
+    how much the measured channel ranges of the activation between two layers count in
+    their scales (0: the paper's data-free CLE, weights only; see the module docstring);
+    activation_samples: calibration samples those ranges are measured on."""
 
     steps: int = 100
     tolerance: float = 1e-3
+    activation_weight: float = 0.25
+    activation_samples: int = 64
     replace_clip_with_relu: bool = False
     scale_append_bias: bool = False
     check_rtol: float = 1e-3
@@ -56,6 +72,10 @@ class CLEOptions:
             raise ConfigError(f"CLE steps must be at least 1, got {self.steps}")
         if not self.tolerance > 0:
             raise ConfigError(f"CLE tolerance must be positive, got {self.tolerance}")
+        if not 0 <= self.activation_weight <= 1:
+            raise ConfigError(f"CLE activation_weight must be in [0, 1], got {self.activation_weight}")
+        if self.activation_samples < 1:
+            raise ConfigError(f"CLE activation_samples must be at least 1, got {self.activation_samples}")
 
 
 @dataclasses.dataclass
@@ -64,6 +84,7 @@ class Pair:
     second: NodeProto
     between: List[NodeProto]  # the activation / Pad nodes in between, in order
     total_scale: np.ndarray  # product of all scales applied to the first layer's outputs
+    activation_range: Optional[np.ndarray] = None  # channel max |x| of second.input[0], as scaled so far
 
     def describe(self) -> str:
         names = [self.first.name or self.first.output[0]] + [n.op_type for n in self.between] + \
@@ -224,7 +245,28 @@ def _rewrite_clips(model: ModelProto, view: GraphView, pairs: Sequence[Pair]) ->
     return rewritten
 
 
-def _equalize_pair(view: GraphView, pair: Pair, scale_append_bias: bool) -> float:
+def measure_activation_ranges(model: ModelProto, pairs: Sequence[Pair],
+                              feeds: Sequence[Dict[str, np.ndarray]]) -> None:
+    """Set each pair's activation_range: per channel max |x| of the tensor its second layer
+    reads, over ``feeds``, with the model as it is now (before any rescaling)."""
+    from ..calibrate.runner import make_session
+
+    names = list(dict.fromkeys(p.second.input[0] for p in pairs))
+    if not names or not feeds:
+        return
+    session = make_session(model, names)
+    ranges: Dict[str, np.ndarray] = {}
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed)):
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            # channel axis 1 of [N, C, ...]: the kernel's view [1, N, C, rest]
+            m = kernels.channel_abs_max(value.reshape(1, value.shape[0], value.shape[1], -1))
+            ranges[name] = np.maximum(ranges[name], m) if name in ranges else m
+    for pair in pairs:
+        pair.activation_range = ranges[pair.second.input[0]].astype(np.float64)
+
+
+def _equalize_pair(view: GraphView, pair: Pair, scale_append_bias: bool, activation_weight: float) -> float:
     """One equalization of a pair in place; returns max |s - 1| of this step."""
     w1 = view.constant_value(pair.first.input[1]).astype(np.float32)
     w2 = view.constant_value(pair.second.input[1]).astype(np.float32)
@@ -234,7 +276,8 @@ def _equalize_pair(view: GraphView, pair: Pair, scale_append_bias: bool) -> floa
     if scale_append_bias and b1 is not None:
         r1 = np.maximum(r1, np.abs(b1))
     r2 = kernels.channel_abs_max(_input_view(pair.second, w2))
-    s = kernels.equalization_scales(r1, r2, MAX_SCALE)
+    act = pair.activation_range
+    s = kernels.equalization_scales(r1, r2, MAX_SCALE, act, activation_weight if act is not None else 0.0)
     w1 = np.ascontiguousarray(w1)
     w2 = np.ascontiguousarray(w2)
     kernels.scale_channels(_output_view(pair.first, w1), s, divide=True)
@@ -244,6 +287,8 @@ def _equalize_pair(view: GraphView, pair: Pair, scale_append_bias: bool) -> floa
     if b1 is not None:
         view.replace_initializer(pair.first.input[2], (b1 / s).astype(np.float32))
     pair.total_scale = (pair.total_scale * s).astype(np.float32)
+    if act is not None:
+        pair.activation_range = act / s
     return float(np.max(np.abs(s - 1.0))) if s.size else 0.0
 
 
@@ -262,16 +307,22 @@ def _own_weights(model: ModelProto, view: GraphView, pairs: Sequence[Pair]) -> N
                 node.input[idx] = new
 
 
-def equalize(model: ModelProto, options: CLEOptions = CLEOptions()) -> CLEReport:
-    """Cross-layer equalize ``model`` in place (run after BatchNormalization folding)."""
+def equalize(model: ModelProto, options: CLEOptions = CLEOptions(),
+             feeds: Sequence[Dict[str, np.ndarray]] = ()) -> CLEReport:
+    """Cross-layer equalize ``model`` in place (run after BatchNormalization folding).
+    ``feeds``: calibration batches for activation-aware scales (without them, or with
+    activation_weight 0, the scales depend on the weights only)."""
     pairs, skipped = find_pairs(model)
     view = GraphView(model)
     _own_weights(model, view, pairs)
     if options.replace_clip_with_relu:
         _replace_clips_with_relu(model, pairs)
+    if options.activation_weight > 0 and feeds:
+        measure_activation_ranges(model, pairs, feeds)
     change, sweeps = 0.0, 0
     for sweeps in range(1, options.steps + 1):
-        change = max((_equalize_pair(view, p, options.scale_append_bias) for p in pairs), default=0.0)
+        change = max((_equalize_pair(view, p, options.scale_append_bias, options.activation_weight)
+                      for p in pairs), default=0.0)
         if change <= options.tolerance:
             break
     rewritten = 0 if options.replace_clip_with_relu else _rewrite_clips(model, view, pairs)
