@@ -77,6 +77,9 @@ class QuantConfig:
         percentile: the percentile (in %) kept by CalibrationMethod.Percentile.
         num_bins: histogram bins per activation tensor.
         calib_batch_size: images per onnxruntime run during calibration; bounds peak memory.
+        weight_scale_mse: float weight scales (per tensor or channel) clip the abs max to
+            the ratio in [0.3, 1] with the least squared rounding error, instead of abs max
+            / 127 (power-of-two weight scales follow calibrate_method instead).
         bias_correction: correct each Conv/Gemm bias for the mean output shift caused by
             weight rounding (pyquant.techniques.bias_correction); on in every preset.
         cross_layer_equalization: equalize weight ranges of consecutive layers before
@@ -95,6 +98,7 @@ class QuantConfig:
     percentile: float = 99.999
     num_bins: int = 2048
     calib_batch_size: int = 8
+    weight_scale_mse: bool = True
     bias_correction: bool = True
     cross_layer_equalization: bool = False
     cle: CLEOptions = CLEOptions()

@@ -179,3 +179,26 @@ def test_weight_per_channel_scales_follow_axis():
     qp = weight_qparams(w, QuantConfig(per_channel=True), axis=1)
     np.testing.assert_allclose(qp.scale, np.array([1.0, 2.0, 4.0]) / 127)
     assert qp.axis == 1
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_weight_mse_scales_beat_abs_max_and_match_a_brute_force_search(axis):
+    w = np.random.default_rng(9).standard_t(2, (16, 8, 3, 3)).astype(np.float32)
+    w[3] = 0.0  # a dead channel
+    cfg = QuantConfig()
+    assert cfg.weight_scale_mse
+    mse, plain = weight_qparams(w, cfg, axis), weight_qparams(w, dataclasses.replace(cfg, weight_scale_mse=False), axis)
+    rows = w.reshape(1, -1) if axis is None else w.reshape(16, -1)
+    abs_max = np.abs(rows).max(axis=1)
+    np.testing.assert_allclose(np.atleast_1d(plain.scale)[abs_max > 0], abs_max[abs_max > 0] / 127, rtol=1e-6)
+    ratios = np.linspace(0.3, 1.0, 1401)
+    for i, row in enumerate(rows):
+        if abs_max[i] == 0:
+            assert np.atleast_1d(mse.scale)[i] > 0  # a usable scale for an all-zero channel
+            continue
+        err = lambda s: reference.tensor_quant_errors(row[None], [s], 0, -128, 127)[0, 0]  # noqa: E731
+        chosen = float(np.atleast_1d(mse.scale)[i])
+        assert 0.3 * abs_max[i] / 127 * (1 - 1e-6) <= chosen <= abs_max[i] / 127 * (1 + 1e-6)
+        brute = reference.tensor_quant_errors(row[None], ratios * abs_max[i] / 127, 0, -128, 127)[0].min()
+        assert err(chosen) <= err(float(np.atleast_1d(plain.scale)[i])) * (1 + 1e-9)
+        assert err(chosen) <= brute * 1.02

@@ -161,7 +161,9 @@ def activation_qparams(collector: TensorCollector, config: QuantConfig) -> QPara
 def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] = None) -> QParams:
     """Symmetric int8 parameters of a weight tensor (zero point 0).
 
-    Float scales: abs-max / 127, per tensor or per channel along ``axis``.
+    Float scales, per tensor or per channel along ``axis``: abs-max / 127, or with
+    ``config.weight_scale_mse`` c * abs-max / 127 with the clipping ratio c in [0.3, 1]
+    that gives the least exact squared rounding error (_least_error_ratios).
     Power-of-two scales (per tensor): NonOverflow takes the smallest 2^k that does not
     clip; MinMSE the 2^k with the least exact squared error over the whole tensor.
     """
@@ -179,12 +181,33 @@ def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] 
         scales = np.exp2(exponents.astype(np.float64))
         errors = kernels.tensor_quant_errors(w.reshape(1, -1), scales, 0.0, grid.qmin, grid.qmax)[0]
         return _make(float(scales[int(np.argmin(errors))]), 0, qtype)
+    rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    abs_max = np.max(np.abs(rows), axis=1) if rows.shape[1] else np.zeros(rows.shape[0])
+    ratio = np.ones(abs_max.shape)
+    if config.weight_scale_mse and rows.size:
+        ratio = _least_error_ratios(rows / np.where(abs_max > 0, abs_max, 1.0)[:, None], qtype)
+    scale = (abs_max * ratio / 127.0).astype(np.float32)
     if axis is None:
-        return _make(float(np.max(np.abs(w))) / 127.0 if w.size else 0.0, 0, qtype)
-    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    abs_max = np.max(np.abs(moved), axis=1) if moved.shape[1] else np.zeros(moved.shape[0])
-    scale = np.where(abs_max > 0, abs_max / 127.0, ZERO_TENSOR_SCALE).astype(np.float32)
+        return _make(float(scale[0]), 0, qtype)
+    scale = np.where(abs_max > 0, scale, ZERO_TENSOR_SCALE).astype(np.float32)
     return QParams(scale, np.zeros(scale.shape, dtype=qtype.numpy_dtype), axis)
+
+
+# Clipping ratios searched for float weight scales: a coarse grid, then a fine one around
+# the best coarse ratio (the error is smooth in the ratio at this resolution).
+_COARSE_RATIOS = np.linspace(0.3, 1.0, 36)
+_FINE_OFFSETS = np.linspace(-0.02, 0.02, 21)
+
+
+def _least_error_ratios(normalized: np.ndarray, qtype: QuantType) -> np.ndarray:
+    """Per row of ``normalized`` (abs max 1 or all zero), the ratio c with the least exact
+    squared error when quantized with scale c / 127 (symmetric, zero point 0)."""
+    rows = np.ascontiguousarray(normalized, dtype=np.float32)
+    errors = kernels.tensor_quant_errors(rows, _COARSE_RATIOS / 127.0, 0.0, qtype.qmin, qtype.qmax)
+    best = _COARSE_RATIOS[np.argmin(errors, axis=1)]
+    fine = np.clip(best[:, None] + _FINE_OFFSETS[None, :], _COARSE_RATIOS[0], 1.0)
+    errors = kernels.tensor_quant_errors(rows, fine / 127.0, 0.0, qtype.qmin, qtype.qmax)
+    return fine[np.arange(rows.shape[0]), np.argmin(errors, axis=1)]
 
 
 def quantize_array(x: np.ndarray, qp: QParams, qtype: QuantType) -> np.ndarray:
