@@ -15,7 +15,7 @@ from pyquant.data import ArrayReader
 from pyquant.errors import ConfigError, DataError
 from pyquant.pipeline import quantize_model
 from pyquant.techniques.fast_finetune.gram import GramAccumulator, LinearLayer
-from pyquant.techniques.fast_finetune.options import FastFinetuneOptions, FinetuneAlgorithm
+from pyquant.techniques.fast_finetune.options import FastFinetuneOptions, FinetuneAlgorithm, FinetuneTarget
 
 
 def layer_problem(groups, rows, k, seed=0, n=300, noise=0.05):
@@ -169,9 +169,11 @@ def output_mse(model, quantized, x):
     return float(np.mean((run(model) - run(quantized)) ** 2))
 
 
-def test_tiny_cnn_improves_with_fast_finetune(tiny_model, tiny_data):
+@pytest.mark.parametrize("target", list(FinetuneTarget))
+def test_tiny_cnn_improves_with_fast_finetune(tiny_model, tiny_data, target):
     plain = dataclasses.replace(get_preset("XINT8"), bias_correction=False)
-    finetuned = dataclasses.replace(plain, fast_finetune=FastFinetuneOptions(iterations=300, passes=2))
+    finetuned = dataclasses.replace(plain, fast_finetune=FastFinetuneOptions(iterations=300, passes=2,
+                                                                             target=target))
     base = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 8), plain)
     result = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 8), finetuned)
     onnx.checker.check_model(result.model)

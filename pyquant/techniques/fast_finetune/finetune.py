@@ -15,6 +15,9 @@ away still count. We measured the alternative target W x_f (float network's inpu
 that a layer also compensates upstream errors) on EfficientNet-Lite0: fitted for many
 layers from one pass, every layer compensates the same upstream error and the model
 collapses (2.8 % top-1); it is only sound strictly one layer per pass, 50 passes here.
+The option FinetuneTarget.Unquantized takes the middle road: W x_u with x_u the layer's
+input in the quantized network before its own quantizer, so each layer absorbs its own
+input's quantization error and nothing upstream.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from ...graph.plan import QuantPlan, build_plan
 from ...graph.qdq import FixedWeight, dequantized_name, write_qdq
 from ...graph.view import GraphView, truncated
 from .gram import GramAccumulator, LinearLayer, describe
-from .options import FastFinetuneOptions, FinetuneAlgorithm
+from .options import FastFinetuneOptions, FinetuneAlgorithm, FinetuneTarget
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +142,13 @@ def _collect_stage(qmodel, plan, stage_layers, reader, options, report, progress
     # each layer's input as the quantized model's consumers read it (after its QDQ pair)
     source_of = {layer.name: dequantized_name(layer.node.input[0], qview.graph_outputs)
                  if layer.node.input[0] in planned else layer.node.input[0] for layer in stage_layers}
-    names = list(dict.fromkeys(source_of.values()))
+    local = options.target is FinetuneTarget.Unquantized
+    # with the local target, also each layer's input before its own quantizer
+    before_of = {layer.name: layer.node.input[0] for layer in stage_layers} if local else {}
+    names = list(dict.fromkeys([*source_of.values(), *before_of.values()]))
     fetch = [n for n in names if n not in graph_inputs]
     runner = _BoundRunner(make_session(truncated(qmodel, fetch)), fetch) if fetch else None
-    accumulators = {layer.name: GramAccumulator(layer.groups, layer.k) for layer in stage_layers}
+    accumulators = {layer.name: GramAccumulator(layer.groups, layer.k, with_float=local) for layer in stage_layers}
     reader.rewind()
     samples = 0
     for feed in _prefetch(reader):
@@ -153,7 +159,8 @@ def _collect_stage(qmodel, plan, stage_layers, reader, options, report, progress
                 values[n] = np.asarray(feed[n], dtype=np.float32)
         t1 = time.perf_counter()
         for layer in stage_layers:
-            accumulators[layer.name].update_layer(layer, values[source_of[layer.name]])
+            accumulators[layer.name].update_layer(layer, values[source_of[layer.name]],
+                                                  values[before_of[layer.name]] if local else None)
         report.seconds_inference += t1 - t0
         report.seconds_gram += time.perf_counter() - t1
         del values
@@ -173,10 +180,16 @@ def _fit_layer(layer: LinearLayer, axis: int, acc: GramAccumulator, view: GraphV
                fixed: Dict[str, FixedWeight]) -> LayerResult:
     t0 = time.perf_counter()
     centered = options.update_bias and layer.bias_input is not None
-    a, mean_q = acc.moments(centered)
     w = layer.weight.astype(np.float64)
-    target = np.einsum("gkj,grj->grk", a, w)  # t_r = A w_r: the float weights' output on x_q
-    const = np.einsum("grk,grk->gr", w, target)  # its (centered) second moment
+    if acc.with_float:  # target W x_u, x_u: the input before its own quantizer
+        a, mean_q, c, f, mean_u = acc.moments(centered)
+        target = np.einsum("gkj,grj->grk", c, w)  # t_r = E[x_q x_u^T] w_r
+        const = np.einsum("grk,gkj,grj->gr", w, f, w)
+    else:
+        a, mean_q = acc.moments(centered)
+        mean_u = mean_q
+        target = np.einsum("gkj,grj->grk", a, w)  # t_r = A w_r: the float weights' output on x_q
+        const = np.einsum("grk,grk->gr", w, target)  # its (centered) second moment
     qp = weight_qparams(float_view.constant_value(layer.weight_name), config,
                         axis if config.per_channel else None)
     scale = np.broadcast_to(layer.row_values(qp.scale) if qp.axis is not None else qp.scale,
@@ -196,16 +209,17 @@ def _fit_layer(layer: LinearLayer, axis: int, acc: GramAccumulator, view: GraphV
         return float(max(e.sum(), 0.0) / max(const.sum(), 1e-30))
 
     if layer.bias_input is not None:
-        _write_bias(layer, view, float_view, mean_q, w - scale[..., None] * q, options.update_bias)
+        shift = np.einsum("grk,gk->gr", w, mean_u) - np.einsum("grk,gk->gr", scale[..., None] * q, mean_q)
+        _write_bias(layer, view, float_view, shift, options.update_bias)
     fixed[layer.weight_name] = FixedWeight(qp, layer.to_onnx_layout(fit.q).astype(np.int8))
     return LayerResult(layer.name, relative_error(nearest), relative_error(q), int((q != nearest).sum()),
                        int(q.size), time.perf_counter() - t0)
 
 
-def _write_bias(layer: LinearLayer, view: GraphView, float_view: GraphView, mean_q: np.ndarray,
-                weight_error: np.ndarray, update: bool) -> None:
-    """bias = float bias + (W - W~) E[x_q] per output channel: the mean output shift that
-    the weights' rounding causes on the real inputs (bias correction, Nagel et al. 2019)."""
+def _write_bias(layer: LinearLayer, view: GraphView, float_view: GraphView, shift: np.ndarray,
+                update: bool) -> None:
+    """bias = float bias + shift per output channel, shift = W E[x_target] - W~ E[x_q]: the
+    mean output shift of the quantized layer on its real inputs (bias correction, Nagel et al. 2019)."""
     node = layer.node
     idx = layer.bias_input
     float_node = float_view.producer[node.output[0]]  # the same layer in the float model
@@ -214,7 +228,6 @@ def _write_bias(layer: LinearLayer, view: GraphView, float_view: GraphView, mean
         original = float_view.constant_value(float_node.input[idx])
     bias = np.zeros(layer.groups * layer.rows) if original is None else original.astype(np.float64).ravel()
     if update:
-        shift = np.einsum("grk,gk->gr", weight_error, mean_q)
         bias = bias + shift.ravel()
     name = f"{node.output[0]}_bias_finetuned"
     view.replace_initializer(name, bias.astype(np.float32))
