@@ -35,6 +35,7 @@ ROWS = {
     "float_cle": "float model after pyquant CLE (must equal float; time = CLE transform)",
     "int8_cle": "pyquant INT8_CLE (XINT8 + CLE + bias correction)",
     "int8_cle_datafree": "pyquant INT8_CLE with data-free CLE (weights-only scales, activation_weight 0)",
+    "int8_cle_hba": "pyquant INT8_CLE + high-bias absorption",
     "int8_cle_nobc": "pyquant XINT8 + CLE without bias correction",
     "int8_cle_relu": "pyquant XINT8 + CLE, ReLU6 replaced by ReLU (reference behaviour)",
     "xint8_ft": "pyquant XINT8 + fast finetune (AdaRound)",
@@ -82,7 +83,7 @@ def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path)
     from pyquant.techniques.fast_finetune.options import FastFinetuneOptions
 
     name = {"xint8": "XINT8", "xint8_nobc": "XINT8", "xint8_4x": "XINT8", "a8w8": "A8W8", "u8s8": "U8S8",
-            "u8s8_pc": "U8S8", "int8_cle": "INT8_CLE", "int8_cle_datafree": "INT8_CLE", "int8_cle_nobc": "INT8_CLE", "int8_cle_relu": "INT8_CLE",
+            "u8s8_pc": "U8S8", "int8_cle": "INT8_CLE", "int8_cle_datafree": "INT8_CLE", "int8_cle_hba": "INT8_CLE", "int8_cle_nobc": "INT8_CLE", "int8_cle_relu": "INT8_CLE",
             "xint8_ft": "XINT8", "int8_cnn_accurate": "INT8_CNN_ACCURATE", "u8s8_pc_ft": "U8S8",
             "int8_cle_ft": "INT8_CLE"}[row]
     config = get_preset(name)
@@ -90,6 +91,8 @@ def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path)
         config = dataclasses.replace(config, bias_correction=False)
     if row == "int8_cle_datafree":
         config = dataclasses.replace(config, cle=CLEOptions(activation_weight=0.0))
+    if row == "int8_cle_hba":
+        config = dataclasses.replace(config, cle=CLEOptions(high_bias_absorption=True))
     if row == "int8_cle_relu":
         config = dataclasses.replace(config, cle=CLEOptions(replace_clip_with_relu=True))
     if row in ("u8s8_pc", "u8s8_pc_ft"):

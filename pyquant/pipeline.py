@@ -18,7 +18,7 @@ from .errors import DataError, ModelError
 from .graph.fold_bn import fold_batch_norm
 from .graph.plan import QuantPlan, build_plan
 from .graph.qdq import write_qdq
-from .techniques import bias_correction, cle
+from .techniques import bias_absorption, bias_correction, cle
 from .techniques.fast_finetune.finetune import FinetuneReport, LayerCallback, finetune
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,9 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig,
         report = cle.equalize(prepared, config.cle, reader.peeked)
         if reader.peeked:  # on a real batch, before any statistics are taken
             cle.check_equivalence(original, prepared, reader.peeked[:1], config.cle.check_rtol, report.pair_list)
+        if config.cle.high_bias_absorption:  # approximate by design: after the exactness check
+            bias_absorption.absorb_high_biases(prepared, report.pair_list, reader.peeked,
+                                               config.cle.absorption_sigmas)
         reader.peeked.clear()  # the batches stay queued for calibration only
         del original
     plan = build_plan(prepared, config.enable_npu_cnn)

@@ -57,12 +57,17 @@ class CLEOptions:
     original's outputs within this relative error on calibration data; activation_weight:
     how much the measured channel ranges of the activation between two layers count in
     their scales (0: the paper's data-free CLE, weights only; see the module docstring);
-    activation_samples: calibration samples those ranges are measured on."""
+    activation_samples: calibration samples those ranges are measured on (and the
+    statistics of high-bias absorption); high_bias_absorption: after equalization, move
+    the part of each ReLU channel that stays above mean - absorption_sigmas * std into
+    the next layer's bias (pyquant.techniques.bias_absorption)."""
 
     steps: int = 100
     tolerance: float = 1e-3
     activation_weight: float = 0.25
     activation_samples: int = 64
+    high_bias_absorption: bool = False
+    absorption_sigmas: float = 3.0
     replace_clip_with_relu: bool = False
     scale_append_bias: bool = False
     check_rtol: float = 1e-3
@@ -76,6 +81,8 @@ class CLEOptions:
             raise ConfigError(f"CLE activation_weight must be in [0, 1], got {self.activation_weight}")
         if self.activation_samples < 1:
             raise ConfigError(f"CLE activation_samples must be at least 1, got {self.activation_samples}")
+        if not self.absorption_sigmas >= 0:
+            raise ConfigError(f"CLE absorption_sigmas must be >= 0, got {self.absorption_sigmas}")
 
 
 @dataclasses.dataclass
