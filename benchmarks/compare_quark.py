@@ -10,7 +10,8 @@ amd-quark pins its own onnx, so it lives in its own environment, never in pyquan
 
 Quark runs in a subprocess (benchmarks/quark_worker.py, its own peak RSS); pyquant rows
 reuse benchmarks/imagenet_sample.py's workers. `--slow` adds Quark's AdaRound configs
-(about 20 minutes each here).
+(about 20 minutes each here) and pyquant's fast finetune rows. Each pyquant row's time is
+divided by its Quark counterpart's from the same run (COUNTERPART).
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ QUARK_SLOW_ROWS = {
     "INT8_CNN_ACCURATE": "Quark INT8_CNN_ACCURATE",
 }
 PYQUANT_ROWS = ["xint8", "int8_cle"]
+PYQUANT_SLOW_ROWS = ["xint8_ft", "int8_cnn_accurate"]
+# pyquant row -> the Quark config it is timed against ("time / Quark counterpart")
+COUNTERPART = {"xint8": "XINT8_NO_CLE", "int8_cle": "XINT8", "xint8_ft": "XINT8_ADAROUND",
+               "int8_cnn_accurate": "INT8_CNN_ACCURATE"}
 
 
 def run_quark(python: str, name: str, shared: Path, model: Path, out: Path) -> dict:
@@ -59,10 +64,11 @@ def main() -> None:
     quark_rows = dict(QUARK_ROWS, **(QUARK_SLOW_ROWS if args.slow else {}))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ["float"] + PYQUANT_ROWS:
+        for name in ["float"] + PYQUANT_ROWS + (PYQUANT_SLOW_ROWS if args.slow else []):
             proc = subprocess.run([sys.executable, str(HERE / "imagenet_sample.py"), "--shared", str(args.shared),
                                    "--worker", name], capture_output=True, text=True, check=True)
-            results[imagenet_sample.ROWS[name]] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[imagenet_sample.ROWS[name]] = dict(json.loads(proc.stdout.strip().splitlines()[-1]),
+                                                       counterpart=COUNTERPART.get(name))
             print(f"done: {name}", file=sys.stderr)
         for name, label in quark_rows.items():
             out = Path(tmp) / f"quark_{name}.onnx"
@@ -72,14 +78,14 @@ def main() -> None:
             results[label] = r
             print(f"done: Quark {name}", file=sys.stderr)
     float_pred = results[imagenet_sample.ROWS["float"]]["predictions"]
-    quark_xint8 = results[QUARK_ROWS["XINT8"]]["seconds"]
     print("| configuration | top-1 % | top-5 % | top-1 agreement with float % | size MB | quantize s "
-          "| time / Quark XINT8 | peak RSS MB |")
+          "| time / Quark counterpart | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     for label, r in results.items():
         agree = 100 * sum(a == b for a, b in zip(r["predictions"], float_pred)) / len(float_pred)
         secs = f"{r['seconds']:.1f}" if "seconds" in r else ""
-        ratio = f"{r['seconds'] / quark_xint8:.3f}" if "seconds" in r else ""
+        other = results.get(quark_rows.get(r.get("counterpart") or "", ""))
+        ratio = f"{r['seconds'] / other['seconds']:.3f} ({r['counterpart']})" if other and "seconds" in r else ""
         rss = f"{r['rss']:.0f}" if "seconds" in r else ""
         print(f"| {label} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} | {agree:.1f} | {r['size_mb']:.2f} "
               f"| {secs} | {ratio} | {rss} |")
