@@ -88,54 +88,66 @@ def _second_layer_shift(view: GraphView, second: NodeProto, c: np.ndarray) -> np
     return np.einsum("gok,gk->go", summed.reshape(groups, out_c // groups, in_per_group), c_groups).ravel()
 
 
-def _own_bias(model: ModelProto, view: GraphView, node: NodeProto) -> None:
-    """Give ``node`` a bias initializer of its own if another node shares it."""
-    name = node.input[2]
-    if sum(name in n.input for n in model.graph.node) > 1:
-        own = f"{name}_{node.output[0]}"
-        view.replace_initializer(own, view.constant_value(name).copy())
-        node.input[2] = own
+def _add_to_bias(model: ModelProto, view: GraphView, node: NodeProto, delta: np.ndarray) -> None:
+    """bias += delta for a Conv/Gemm, creating the bias if it has none and giving it a
+    bias of its own if another node shares the initializer."""
+    name = node.input[2] if len(node.input) > 2 else ""
+    shared = bool(name) and sum(name in n.input for n in model.graph.node) > 1
+    if not name or shared:
+        new = f"{node.output[0]}_absorbed_bias"
+        base = view.constant_value(name).astype(np.float64) if name else np.zeros(delta.shape)
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = new
+    else:
+        new, base = name, view.constant_value(name).astype(np.float64)
+    view.replace_initializer(new, (base + delta).astype(np.float32))
+
+
+def _preactivation_stats(model: ModelProto, names: Sequence[str], feeds: Sequence[Dict[str, np.ndarray]]):
+    """{tensor: (mean, std, min)} per channel (axis 1) over ``feeds``."""
+    from ..calibrate.runner import make_session
+
+    session = make_session(model, list(names))
+    sums: Dict[str, np.ndarray] = {}
+    squares: Dict[str, np.ndarray] = {}
+    lows: Dict[str, np.ndarray] = {}
+    counts: Dict[str, int] = {}
+    for feed in feeds:
+        for name, value in zip(names, session.run(list(names), feed)):
+            v = np.moveaxis(np.asarray(value, np.float64), 1, 0).reshape(value.shape[1], -1)
+            sums[name] = sums.get(name, 0.0) + v.sum(axis=1)
+            squares[name] = squares.get(name, 0.0) + (v * v).sum(axis=1)
+            counts[name] = counts.get(name, 0) + v.shape[1]
+            lows[name] = np.minimum(lows[name], v.min(axis=1)) if name in lows else v.min(axis=1)
+    stats = {}
+    for name in names:
+        mean = sums[name] / counts[name]
+        stats[name] = (mean, np.sqrt(np.maximum(squares[name] / counts[name] - mean * mean, 0.0)), lows[name])
+    return stats
 
 
 def absorb_high_biases(model: ModelProto, pairs: Sequence[Pair], feeds: Sequence[Dict[str, np.ndarray]],
                        sigmas: float = 3.0) -> AbsorptionReport:
     """Absorb the high biases of ``pairs`` (from cle.equalize, on the equalized ``model``)
     in place, with the pre-activation statistics measured on ``feeds``."""
-    from ..calibrate.runner import make_session
-
     view = GraphView(model)
     skipped: Dict[str, str] = {}
     chosen = []
     for pair in pairs:
         chain = _chain(view, pair)
         reason = _unsupported(view, pair, chain)
-        if reason is None and not (len(pair.first.input) > 2 and pair.first.input[2]):
-            reason = "the first layer has no bias"
         if reason is not None:
             skipped[pair.describe()] = reason
         else:
             chosen.append((pair, chain))
     if not chosen or not feeds:
         return AbsorptionReport(0, 0, skipped)
-    names = [p.first.output[0] for p, _ in chosen]
-    session = make_session(model, names)
-    sums: Dict[str, np.ndarray] = {}
-    squares: Dict[str, np.ndarray] = {}
-    lows: Dict[str, np.ndarray] = {}
-    counts: Dict[str, int] = {}
-    for feed in feeds:
-        for name, value in zip(names, session.run(names, feed)):
-            v = np.moveaxis(np.asarray(value, np.float64), 1, 0).reshape(value.shape[1], -1)
-            sums[name] = sums.get(name, 0.0) + v.sum(axis=1)
-            squares[name] = squares.get(name, 0.0) + (v * v).sum(axis=1)
-            counts[name] = counts.get(name, 0) + v.shape[1]
-            lows[name] = np.minimum(lows[name], v.min(axis=1)) if name in lows else v.min(axis=1)
+    stats = _preactivation_stats(model, [p.first.output[0] for p, _ in chosen], feeds)
     moved_pairs = moved_channels = 0
     for pair, chain in chosen:
-        name = pair.first.output[0]
-        mean = sums[name] / counts[name]
-        std = np.sqrt(np.maximum(squares[name] / counts[name] - mean * mean, 0.0))
-        c = np.maximum(np.minimum(mean - sigmas * std, lows[name]), 0.0)
+        mean, std, low = stats[pair.first.output[0]]
+        c = np.maximum(np.minimum(mean - sigmas * std, low), 0.0)
         bound = None
         if len(chain) == 2:
             given = view.constant_value(chain[1].input[1]).astype(np.float64)
@@ -143,26 +155,13 @@ def absorb_high_biases(model: ModelProto, pairs: Sequence[Pair], feeds: Sequence
             c = np.minimum(c, bound)
         if not np.any(c > 0):
             continue
-        _own_bias(model, view, pair.first)
-        b1 = view.constant_value(pair.first.input[2]).astype(np.float64)
-        view.replace_initializer(pair.first.input[2], (b1 - c).astype(np.float32))
+        _add_to_bias(model, view, pair.first, -c)
         if bound is not None:  # per channel, in the activation's layout (as cle writes it)
             layout = (1, -1) if pair.first.op_type == "Gemm" else (1, -1, 1, 1)
             bound_name = f"{chain[1].output[0]}_absorbed_bound"
             view.replace_initializer(bound_name, (bound - c).reshape(layout).astype(np.float32))
             chain[1].input[1] = bound_name
-        shift = _second_layer_shift(view, pair.second, c)
-        if len(pair.second.input) > 2 and pair.second.input[2]:
-            _own_bias(model, view, pair.second)
-            b2 = view.constant_value(pair.second.input[2]).astype(np.float64)
-            bias_name = pair.second.input[2]
-        else:
-            b2 = np.zeros(shift.shape)
-            bias_name = f"{pair.second.output[0]}_absorbed_bias"
-            while len(pair.second.input) < 3:
-                pair.second.input.append("")
-            pair.second.input[2] = bias_name
-        view.replace_initializer(bias_name, (b2 + shift).astype(np.float32))
+        _add_to_bias(model, view, pair.second, _second_layer_shift(view, pair.second, c))
         moved_pairs += 1
         moved_channels += int(np.count_nonzero(c))
     for name, reason in skipped.items():
