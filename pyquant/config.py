@@ -79,7 +79,8 @@ class QuantConfig:
         calib_batch_size: images per onnxruntime run during calibration; bounds peak memory.
         weight_scale_mse: float weight scales (per tensor or channel) clip the abs max to
             the ratio in [0.3, 1] with the least squared rounding error, instead of abs max
-            / 127 (power-of-two weight scales follow calibrate_method instead).
+            / 127 (power-of-two weight scales follow calibrate_method instead). Not with
+            fast_finetune, which needs every weight within one rounding step.
         bias_correction: correct each Conv/Gemm bias for the mean output shift caused by
             weight rounding (pyquant.techniques.bias_correction); on in every preset.
         cross_layer_equalization: equalize weight ranges of consecutive layers before

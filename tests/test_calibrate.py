@@ -202,3 +202,8 @@ def test_weight_mse_scales_beat_abs_max_and_match_a_brute_force_search(axis):
         brute = reference.tensor_quant_errors(row[None], ratios * abs_max[i] / 127, 0, -128, 127)[0].min()
         assert err(chosen) <= err(float(np.atleast_1d(plain.scale)[i])) * (1 + 1e-9)
         assert err(chosen) <= brute * 1.02
+    # fast finetune keeps abs max: its rounding must be able to reach every weight
+    from pyquant.techniques.fast_finetune.options import FastFinetuneOptions
+
+    tuned = weight_qparams(w, dataclasses.replace(cfg, fast_finetune=FastFinetuneOptions()), axis)
+    np.testing.assert_array_equal(tuned.scale, plain.scale)

@@ -163,7 +163,9 @@ def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] 
 
     Float scales, per tensor or per channel along ``axis``: abs-max / 127, or with
     ``config.weight_scale_mse`` c * abs-max / 127 with the clipping ratio c in [0.3, 1]
-    that gives the least exact squared rounding error (_least_error_ratios).
+    that gives the least exact squared rounding error (_least_error_ratios), except under
+    fast finetune: AdaRound moves a weight by at most one step, so a clipped weight would
+    stay clipped (measured: INT8_CNN_ACCURATE 86.8 % top-1 with clipping, 87.6 % without).
     Power-of-two scales (per tensor): NonOverflow takes the smallest 2^k that does not
     clip; MinMSE the 2^k with the least exact squared error over the whole tensor.
     """
@@ -184,7 +186,7 @@ def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] 
     rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     abs_max = np.max(np.abs(rows), axis=1) if rows.shape[1] else np.zeros(rows.shape[0])
     ratio = np.ones(abs_max.shape)
-    if config.weight_scale_mse and rows.size:
+    if config.weight_scale_mse and config.fast_finetune is None and rows.size:
         ratio = _least_error_ratios(rows / np.where(abs_max > 0, abs_max, 1.0)[:, None], qtype)
     scale = (abs_max * ratio / 127.0).astype(np.float32)
     if axis is None:
