@@ -29,6 +29,7 @@ import imagenet_sample  # noqa: E402  (the pyquant rows and the evaluation)
 QUARK_ROWS = {
     "XINT8": "Quark XINT8 (its default config includes CLE)",
     "XINT8_NO_CLE": "Quark XINT8 with include_cle=False",
+    "INT8_CLE": "Quark INT8_CLE",
 }
 QUARK_SLOW_ROWS = {
     "XINT8_ADAROUND": "Quark XINT8_ADAROUND",
@@ -37,7 +38,7 @@ QUARK_SLOW_ROWS = {
 PYQUANT_ROWS = ["xint8", "int8_cle"]
 PYQUANT_SLOW_ROWS = ["xint8_ft", "int8_cnn_accurate"]
 # pyquant row -> the Quark config it is timed against ("time / Quark counterpart")
-COUNTERPART = {"xint8": "XINT8_NO_CLE", "int8_cle": "XINT8", "xint8_ft": "XINT8_ADAROUND",
+COUNTERPART = {"xint8": "XINT8_NO_CLE", "int8_cle": "INT8_CLE", "xint8_ft": "XINT8_ADAROUND",
                "int8_cnn_accurate": "INT8_CNN_ACCURATE"}
 
 
@@ -55,6 +56,10 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=imagenet_sample.REPO.parent / "shared")
     parser.add_argument("--quark-python", default=None, help="Python of an environment with amd-quark")
     parser.add_argument("--slow", action="store_true", help="also Quark's AdaRound configs")
+    parser.add_argument("--quark-rows", default=None,
+                        help=f"comma-separated subset of Quark configs (default: all of {', '.join(QUARK_ROWS)}, "
+                             f"with --slow also {', '.join(QUARK_SLOW_ROWS)})")
+    parser.add_argument("--pyquant-rows", default=None, help="comma-separated subset of pyquant rows")
     args = parser.parse_args()
     if not args.quark_python:
         parser.error("--quark-python is required (see the module docstring for how to install amd-quark)")
@@ -62,9 +67,15 @@ def main() -> None:
 
     model = args.shared / "models" / "efficientnet_lite0.onnx"
     quark_rows = dict(QUARK_ROWS, **(QUARK_SLOW_ROWS if args.slow else {}))
+    if args.quark_rows:
+        every = dict(QUARK_ROWS, **QUARK_SLOW_ROWS)
+        quark_rows = {name: every[name] for name in args.quark_rows.split(",")}
+    pyquant_rows = PYQUANT_ROWS + (PYQUANT_SLOW_ROWS if args.slow else [])
+    if args.pyquant_rows:
+        pyquant_rows = args.pyquant_rows.split(",")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ["float"] + PYQUANT_ROWS + (PYQUANT_SLOW_ROWS if args.slow else []):
+        for name in ["float"] + pyquant_rows:
             proc = subprocess.run([sys.executable, str(HERE / "imagenet_sample.py"), "--shared", str(args.shared),
                                    "--worker", name], capture_output=True, text=True, check=True)
             results[imagenet_sample.ROWS[name]] = dict(json.loads(proc.stdout.strip().splitlines()[-1]),
