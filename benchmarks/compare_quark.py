@@ -45,7 +45,7 @@ COUNTERPART = {"xint8": "XINT8_NO_CLE", "int8_cle": "INT8_CLE", "xint8_ft": "XIN
 def run_quark(python: str, name: str, shared: Path, model: Path, out: Path) -> dict:
     proc = subprocess.run([python, str(HERE / "quark_worker.py"), "--model", str(model), "--out", str(out),
                            "--calib", str(shared / "data/imagenet-sample/calib"), "--config", name],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=out.parent)  # Quark writes quantized_info.csv to its cwd
     if proc.returncode != 0:
         raise RuntimeError(f"Quark {name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
