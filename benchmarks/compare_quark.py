@@ -43,6 +43,7 @@ COUNTERPART = {"xint8": "XINT8_NO_CLE", "int8_cle": "INT8_CLE", "xint8_ft": "XIN
 
 
 def run_quark(python: str, name: str, shared: Path, model: Path, out: Path) -> dict:
+    shared, model, out = shared.resolve(), model.resolve(), out.resolve()  # it runs in out's folder
     proc = subprocess.run([python, str(HERE / "quark_worker.py"), "--model", str(model), "--out", str(out),
                            "--calib", str(shared / "data/imagenet-sample/calib"), "--config", name],
                           capture_output=True, text=True, cwd=out.parent)  # Quark writes quantized_info.csv to its cwd
