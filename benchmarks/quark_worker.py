@@ -45,7 +45,13 @@ class Reader:
 def config(name):
     from quark.onnx.quantization.config import Config, get_default_config
 
-    if name == "XINT8_NO_CLE":
+    if name == "INT8_CLE":  # not a Quark preset: the Ryzen AI tutorial's custom config
+        from quark.onnx import PowerOfTwoMethod, QuantizationConfig, QuantType
+
+        cfg = QuantizationConfig(calibrate_method=PowerOfTwoMethod.MinMSE, activation_type=QuantType.QUInt8,
+                                 weight_type=QuantType.QInt8, enable_npu_cnn=True, include_cle=True,
+                                 extra_options={"ActivationSymmetric": True})
+    elif name == "XINT8_NO_CLE":
         cfg = get_default_config("XINT8")
         cfg.include_cle = False
     else:
