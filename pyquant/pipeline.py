@@ -14,12 +14,12 @@ from .calibrate.collector import TensorCollector
 from .calibrate.methods import QParams, activation_qparams
 from .calibrate.runner import ProgressCallback, collect
 from .config import QuantConfig
-from .errors import DataError, ModelError
+from .errors import ModelError
 from .graph.fold_bn import fold_batch_norm
 from .graph.plan import QuantPlan, build_plan
 from .graph.qdq import write_qdq
 from .techniques import bias_absorption, bias_correction, cle
-from .techniques.fast_finetune.finetune import FinetuneReport, LayerCallback, finetune
+from .techniques.fast_finetune.finetune import FinetuneReport, LayerCallback, finetune, require_rewind
 
 log = logging.getLogger(__name__)
 # QuantizeLinear with per-axis scales needs opset 13.
@@ -83,9 +83,7 @@ class _PeekedReader:
         return len(self.reader)
 
     def rewind(self) -> None:
-        if not callable(getattr(self.reader, "rewind", None)):
-            raise DataError("fast finetune reads the calibration data more than once: the data reader needs a "
-                            "rewind() method")
+        require_rewind(self.reader)
         self._pending = []
         self.reader.rewind()
 

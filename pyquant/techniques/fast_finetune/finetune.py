@@ -81,6 +81,13 @@ class FinetuneReport:
 LayerCallback = Callable[[LayerResult, int, int], None]  # (result, layers done, total)
 
 
+def require_rewind(reader) -> None:
+    """DataError unless ``reader`` can be read again (fast finetune makes several passes)."""
+    if not callable(getattr(reader, "rewind", None)):
+        raise DataError("fast finetune reads the calibration data more than once: the data reader needs a "
+                        "rewind() method")
+
+
 def finetune(float_model: ModelProto, model: ModelProto, plan: QuantPlan, act_qparams: Mapping[str, QParams],
              config: QuantConfig, reader, options: FastFinetuneOptions,
              progress: Optional[ProgressCallback] = None,
@@ -88,9 +95,7 @@ def finetune(float_model: ModelProto, model: ModelProto, plan: QuantPlan, act_qp
     """Finetune the weighted layers of ``model`` (biases are rewritten in place);
     ``float_model`` holds the float biases (same graph, before bias correction).
     Returns the fitted integer weights for write_qdq and a report."""
-    if not callable(getattr(reader, "rewind", None)):
-        raise DataError("fast finetune reads the calibration data more than once: the data reader needs a "
-                        "rewind() method")
+    require_rewind(reader)
     view, float_view = GraphView(model), GraphView(float_model)
     layers: List[Tuple[LinearLayer, int]] = []  # (layer, weight channel axis)
     skipped: Dict[str, str] = {}
