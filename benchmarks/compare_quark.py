@@ -77,29 +77,30 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ["float"] + pyquant_rows:
-            proc = subprocess.run([sys.executable, str(HERE / "imagenet_sample.py"), "--shared", str(args.shared),
-                                   "--worker", name], capture_output=True, text=True, check=True)
-            results[imagenet_sample.ROWS[name]] = dict(json.loads(proc.stdout.strip().splitlines()[-1]),
+            results[imagenet_sample.ROWS[name]] = dict(imagenet_sample.run_worker(name, args.shared, Path(tmp)),
                                                        counterpart=COUNTERPART.get(name))
             print(f"done: {name}", file=sys.stderr)
         for name, label in quark_rows.items():
             out = Path(tmp) / f"quark_{name}.onnx"
             r = run_quark(args.quark_python, name, args.shared, model, out)
-            ev = evaluate(out, imagenet_sample.reader(args.shared, "val", batch_size=25))
-            r.update(top1=ev.top1, top5=ev.top5, size_mb=ev.size_mb, predictions=ev.predictions.tolist())
+            ev = evaluate(out, imagenet_sample.reader(args.shared, "val", batch_size=25), keep_logits=True)
+            r.update(top1=ev.top1, top5=ev.top5, size_mb=ev.size_mb, predictions=ev.predictions.tolist(),
+                     logits=ev.logits)
             results[label] = r
             print(f"done: Quark {name}", file=sys.stderr)
-    float_pred = results[imagenet_sample.ROWS["float"]]["predictions"]
-    print("| configuration | top-1 % | top-5 % | top-1 agreement with float % | size MB | quantize s "
+    float_result = results[imagenet_sample.ROWS["float"]]
+    float_pred = float_result["predictions"]
+    print("| configuration | top-1 % | top-5 % | top-1 agreement with float % | KL to float | size MB | quantize s "
           "| time / Quark counterpart | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, r in results.items():
         agree = 100 * sum(a == b for a, b in zip(r["predictions"], float_pred)) / len(float_pred)
         secs = f"{r['seconds']:.1f}" if "seconds" in r else ""
         other = results.get(quark_rows.get(r.get("counterpart") or "", ""))
         ratio = f"{r['seconds'] / other['seconds']:.3f} ({r['counterpart']})" if other and "seconds" in r else ""
         rss = f"{r['rss']:.0f}" if "seconds" in r else ""
-        print(f"| {label} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} | {agree:.1f} | {r['size_mb']:.2f} "
+        kl = imagenet_sample.kl_to_float(r, float_result)
+        print(f"| {label} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} | {agree:.1f} | {kl} | {r['size_mb']:.2f} "
               f"| {secs} | {ratio} | {rss} |")
 
 

@@ -5,7 +5,10 @@ sample in ../shared (calib/ to calibrate, val/ to evaluate). Prints one markdown
 
 Every row runs in a fresh subprocess so that its peak RSS (ru_maxrss, read right after
 quantization) is its own. onnxruntime.quantization.quantize_static runs in the same
-script as a baseline. Not collected by pytest.
+script as a baseline. "KL to float" is the mean KL divergence (nats) of each row's output
+distribution from the float model's on val: it counts every change of the outputs, not only
+those that flip the top class, so it tells close rows apart where top-1 on 500 images
+cannot (one image is 0.2 points). Not collected by pytest.
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN = STD = (0.5, 0.5, 0.5)  # EfficientNet-Lite0 preprocessing (see ../shared/models/README.md)
@@ -127,8 +133,8 @@ def ort_row(row: str, shared: Path, model_path: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def worker(row: str, shared: Path, model_path: Path) -> dict:
-    """Run one row; print its JSON result."""
+def worker(row: str, shared: Path, model_path: Path, logits_out: Optional[Path] = None) -> dict:
+    """Run one row; print its JSON result. ``logits_out``: where to save the val logits (.npy)."""
     import onnxruntime as ort
     from pyquant.evaluation import evaluate
 
@@ -165,9 +171,33 @@ def worker(row: str, shared: Path, model_path: Path) -> dict:
             result["seconds"], result["finetune_seconds"] = quantize_row(row, shared, model_path, out, tmp)
             evaluated = out
         result["rss"] = peak_rss_mb()
-        ev = evaluate(evaluated, reader(shared, "val", batch_size=25))
+        ev = evaluate(evaluated, reader(shared, "val", batch_size=25), keep_logits=logits_out is not None)
         result.update(top1=ev.top1, top5=ev.top5, size_mb=ev.size_mb, predictions=ev.predictions.tolist())
+        if logits_out is not None:
+            np.save(logits_out, ev.logits)
         return result
+
+
+def run_worker(row: str, shared: Path, logits_dir: Path) -> dict:
+    """One row in a fresh subprocess (its own peak RSS); its val logits are read back as "logits"."""
+    logits = logits_dir / f"{row}.npy"
+    proc = subprocess.run([sys.executable, __file__, "--shared", str(shared), "--worker", row,
+                           "--logits-out", str(logits)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"row {row} failed:\n{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if logits.exists():
+        result["logits"] = np.load(logits)
+    return result
+
+
+def kl_to_float(result: dict, float_result: dict) -> str:
+    """The table cell: mean KL(float || row) over val, in nats."""
+    if "logits" not in result or "logits" not in float_result:
+        return ""
+    from pyquant.evaluation import mean_kl_divergence
+
+    return f"{mean_kl_divergence(float_result['logits'], result['logits']):.4f}"
 
 
 def main() -> None:
@@ -175,10 +205,11 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--logits-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     model_path = args.shared / "models" / "efficientnet_lite0.onnx"
     if args.worker:
-        print(json.dumps(worker(args.worker, args.shared, model_path)))
+        print(json.dumps(worker(args.worker, args.shared, model_path, args.logits_out)))
         return
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
@@ -187,29 +218,30 @@ def main() -> None:
     if "float" not in rows:
         rows.insert(0, "float")
     results = {}
-    for row in rows:
-        proc = subprocess.run([sys.executable, __file__, "--shared", str(args.shared), "--worker", row],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"row {row} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results[row] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"done: {row}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as logits_dir:
+        for row in rows:
+            try:
+                results[row] = run_worker(row, args.shared, Path(logits_dir))
+            except RuntimeError as e:
+                print(e, file=sys.stderr)
+                continue
+            print(f"done: {row}", file=sys.stderr)
     float_pred = results["float"]["predictions"]
     floor = results.get("floor", {}).get("seconds")
-    print("| configuration | top-1 % | top-5 % | top-1 agreement with float % | size MB | quantize s | x floor "
-          "| finetune s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| configuration | top-1 % | top-5 % | top-1 agreement with float % | KL to float | size MB | quantize s "
+          "| x floor | finetune s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row, r in results.items():
         if row == "floor":
-            print(f"| {ROWS[row]} | | | | | {r['seconds']:.1f} | 1.0 | | {r['rss']:.0f} |")
+            print(f"| {ROWS[row]} | | | | | | {r['seconds']:.1f} | 1.0 | | {r['rss']:.0f} |")
             continue
         agree = 100 * sum(a == b for a, b in zip(r["predictions"], float_pred)) / len(float_pred)
         secs = f"{r['seconds']:.1f}" if "seconds" in r else ""
         ratio = f"{r['seconds'] / floor:.1f}" if "seconds" in r and floor else ""
         rss = f"{r['rss']:.0f}" if "seconds" in r else ""
         ft = f"{r['finetune_seconds']:.1f}" if r.get("finetune_seconds") is not None else ""
-        print(f"| {ROWS[row]} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} | {agree:.1f} | {r['size_mb']:.2f} "
+        kl = kl_to_float(r, results["float"])
+        print(f"| {ROWS[row]} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} | {agree:.1f} | {kl} | {r['size_mb']:.2f} "
               f"| {secs} | {ratio} | {ft} | {rss} |")
 
 

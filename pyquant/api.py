@@ -104,9 +104,12 @@ def quantize(model: ModelLike, data: Any, config: Any = "XINT8", output: Optiona
 
 
 def evaluate(model: ModelLike, data: Any, labels: Any = None, provider: str = "CPUExecutionProvider",
-             preprocess: Optional[Preprocess] = None, batch_size: int = 25, progress: Progress = None) -> EvalResult:
+             preprocess: Optional[Preprocess] = None, batch_size: int = 25, progress: Progress = None,
+             keep_logits: bool = False) -> EvalResult:
     """Top-1/top-5 of a classifier. ``data``: an image folder (``labels``: an optional
-    LOC_synset_mapping.txt), an ImageFolderReader, or an array [N, ...] with ``labels`` [N]."""
+    LOC_synset_mapping.txt), an ImageFolderReader, or an array [N, ...] with ``labels`` [N].
+    ``keep_logits``: the result also holds the logits (compare two models with
+    pyquant.evaluation.mean_kl_divergence)."""
     proto = model if isinstance(model, ModelProto) else load_model(model)
     if isinstance(data, (str, os.PathLike)):
         spec = image_input(proto)
@@ -117,7 +120,7 @@ def evaluate(model: ModelLike, data: Any, labels: Any = None, provider: str = "C
         if labels is None or len(labels) != len(data):
             raise DataError("an array of inputs needs labels of the same length")
         data = _LabelledArrays(data, np.asarray(labels), batch_size)
-    return _evaluate(model, data, provider, progress=progress)
+    return _evaluate(model, data, provider, progress=progress, keep_logits=keep_logits)
 
 
 class _LabelledArrays:

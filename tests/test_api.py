@@ -11,6 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 import pyquant
+from pyquant.evaluation import mean_kl_divergence
 from pyquant import (CalibrationMethod, Config, ConfigError, DataError, ModelQuantizer, OutputError, PowerOfTwoMethod,
                      QuantizationConfig, QuantType, get_default_config, get_preset)
 from pyquant.compat import EXTRA_OPTIONS, resolve
@@ -98,6 +99,23 @@ def test_evaluate_arrays_with_labels(tiny_model, tiny_data):
     labels = pyquant.evaluate(tiny_model, tiny_data, labels=np.zeros(64, int)).predictions
     result = pyquant.evaluate(tiny_model, tiny_data, labels=labels)
     assert result.top1 == 1.0 and result.n == 64
+
+
+def test_evaluate_keeps_logits_and_kl_divergence(tiny_model, tiny_data):
+    labels = np.zeros(64, int)
+    result = pyquant.evaluate(tiny_model, tiny_data, labels=labels, batch_size=10, keep_logits=True)
+    assert pyquant.evaluate(tiny_model, tiny_data, labels=labels).logits is None
+    assert result.logits.shape[0] == 64 and np.array_equal(result.logits.argmax(axis=1), result.predictions)
+    assert mean_kl_divergence(result.logits, result.logits) == pytest.approx(0.0, abs=1e-12)
+    assert mean_kl_divergence(result.logits, result.logits + 5.0) == pytest.approx(0.0, abs=1e-9)  # shift-free
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(7, 5)) * 3, rng.normal(size=(7, 5)) * 3
+    p = np.exp(a) / np.exp(a).sum(axis=1, keepdims=True)
+    q = np.exp(b) / np.exp(b).sum(axis=1, keepdims=True)
+    assert mean_kl_divergence(a, b) == pytest.approx(np.mean(np.sum(p * np.log(p / q), axis=1)), rel=1e-9)
+    assert mean_kl_divergence(a, b) > 0
+    with pytest.raises(ValueError, match="one shape"):
+        mean_kl_divergence(a, b[:, :4])
 
 
 @pytest.mark.parametrize("feed,message", [
