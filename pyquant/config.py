@@ -148,12 +148,19 @@ PRESETS: Dict[str, QuantConfig] = {
     # NPU CNN rules, symmetric activations, cross-layer equalization: XINT8 + CLE.
     "INT8_CLE": dataclasses.replace(_XINT8, cross_layer_equalization=True),
     # As the reference defines it: Percentile 99.9999 calibration, uint8 activations, int8
-    # per-tensor weights, fast finetune with AdaRound.
+    # per-tensor weights, fast finetune with AdaRound, and cross-layer equalization (the
+    # reference's QuantizationConfig has include_cle=True by default, so its preset has it).
+    # On EfficientNet-Lite0 CLE halves the mean KL divergence from the float model on val
+    # (0.0122 -> 0.0051). With CLE, 600 AdaRound iterations measured KL 0.0049 against
+    # 0.0051 at 300 and 1000 (one-off runs; top-1 87.4 / 88.2 / 88.0 %, within the 500
+    # images' noise); without CLE more iterations cost (XINT8 + fast finetune: KL 0.021 at
+    # 300, 0.030 at 600), so the generic default stays 300.
     "INT8_CNN_ACCURATE": QuantConfig(
         activation_type=QuantType.QUInt8,
         calibrate_method=CalibrationMethod.Percentile,
         percentile=99.9999,
-        fast_finetune=FastFinetuneOptions(),
+        cross_layer_equalization=True,
+        fast_finetune=FastFinetuneOptions(iterations=600),
     ),
     # int8 symmetric activations and weights with float scales. Percentile 99.99 measured
     # best of MinMax/MSE/Percentile on EfficientNet-Lite0 (benchmarks/imagenet_sample.py).
