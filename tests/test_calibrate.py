@@ -181,10 +181,21 @@ def test_weight_per_channel_scales_follow_axis():
     assert qp.axis == 1
 
 
-@pytest.mark.parametrize("axis", [None, 0])
-def test_weight_mse_scales_beat_abs_max_and_match_a_brute_force_search(axis):
+def test_weight_mse_scales_are_per_tensor_only():
     w = np.random.default_rng(9).standard_t(2, (16, 8, 3, 3)).astype(np.float32)
-    w[3] = 0.0  # a dead channel
+    cfg = QuantConfig(per_channel=True)
+    assert cfg.weight_scale_mse
+    np.testing.assert_allclose(weight_qparams(w, cfg, 0).scale, np.abs(w).reshape(16, -1).max(axis=1) / 127,
+                               rtol=1e-6)
+    assert float(weight_qparams(w, cfg, None).scale) < float(np.abs(w).max()) / 127  # heavy tails: clipped
+
+
+@pytest.mark.parametrize("dead", [False, True])
+def test_weight_mse_scales_beat_abs_max_and_match_a_brute_force_search(dead):
+    w = np.random.default_rng(9).standard_t(2, (16, 8, 3, 3)).astype(np.float32)
+    if dead:
+        w[:] = 0.0
+    axis = None
     cfg = QuantConfig()
     assert cfg.weight_scale_mse
     mse, plain = weight_qparams(w, cfg, axis), weight_qparams(w, dataclasses.replace(cfg, weight_scale_mse=False), axis)
@@ -207,3 +218,17 @@ def test_weight_mse_scales_beat_abs_max_and_match_a_brute_force_search(axis):
 
     tuned = weight_qparams(w, dataclasses.replace(cfg, fast_finetune=FastFinetuneOptions()), axis)
     np.testing.assert_array_equal(tuned.scale, plain.scale)
+
+
+def test_least_error_ratios_per_row_match_a_brute_force_search():
+    from pyquant.calibrate.methods import _least_error_ratios
+
+    rng = np.random.default_rng(4)  # tensors of a few thousand values: the error is smooth in the ratio
+    rows = np.concatenate([rng.standard_t(2, (3, 4000)), rng.uniform(-1, 1, (3, 4000)), rng.normal(size=(2, 4000))])
+    rows = (rows / np.abs(rows).max(axis=1, keepdims=True)).astype(np.float32)
+    chosen = _least_error_ratios(rows, QuantType.QInt8)
+    grid = np.linspace(0.3, 1.0, 1401)
+    for row, c in zip(rows, chosen):
+        brute = reference.tensor_quant_errors(row[None], grid / 127, 0, -128, 127)[0].min()
+        assert 0.3 <= c <= 1.0
+        assert reference.tensor_quant_errors(row[None], [c / 127], 0, -128, 127)[0, 0] <= brute * 1.02

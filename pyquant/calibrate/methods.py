@@ -161,10 +161,15 @@ def activation_qparams(collector: TensorCollector, config: QuantConfig) -> QPara
 def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] = None) -> QParams:
     """Symmetric int8 parameters of a weight tensor (zero point 0).
 
-    Float scales, per tensor or per channel along ``axis``: abs-max / 127, or with
-    ``config.weight_scale_mse`` c * abs-max / 127 with the clipping ratio c in [0.3, 1]
-    that gives the least exact squared rounding error (_least_error_ratios), except under
-    fast finetune: AdaRound moves a weight by at most one step, so a clipped weight would
+    Float scales, per tensor or per channel along ``axis``: abs-max / 127, or per tensor
+    with ``config.weight_scale_mse`` c * abs-max / 127 with the clipping ratio c in [0.3, 1]
+    that gives the least exact squared rounding error (_least_error_ratios). Measured on
+    EfficientNet-Lite0 (KL divergence from the float model on val): clipping helps per
+    tensor, where it buys resolution for the many channels far below the largest one
+    (U8S8 0.065 -> 0.054), and hurts per channel, where each channel already has its own
+    resolution and clipping only cuts its largest, most influential weights (U8S8 0.0046
+    -> 0.0056, A8W8 0.0054 -> 0.0065); so per-channel scales stay abs max. Not under fast
+    finetune either: AdaRound moves a weight by at most one step, so a clipped weight would
     stay clipped (measured: INT8_CNN_ACCURATE 86.8 % top-1 with clipping, 87.6 % without).
     Power-of-two scales (per tensor): NonOverflow takes the smallest 2^k that does not
     clip; MinMSE the 2^k with the least exact squared error over the whole tensor.
@@ -186,7 +191,7 @@ def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] 
     rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     abs_max = np.max(np.abs(rows), axis=1) if rows.shape[1] else np.zeros(rows.shape[0])
     ratio = np.ones(abs_max.shape)
-    if config.weight_scale_mse and config.fast_finetune is None and rows.size:
+    if config.weight_scale_mse and axis is None and config.fast_finetune is None and rows.size:
         ratio = _least_error_ratios(rows / np.where(abs_max > 0, abs_max, 1.0)[:, None], qtype)
     scale = (abs_max * ratio / 127.0).astype(np.float32)
     if axis is None:
