@@ -45,7 +45,7 @@ ROWS = {
     "int8_cle_nobc": "pyquant XINT8 + CLE without bias correction",
     "int8_cle_relu": "pyquant XINT8 + CLE, ReLU6 replaced by ReLU (reference behaviour)",
     "xint8_ft": "pyquant XINT8 + fast finetune (AdaRound)",
-    "int8_cnn_accurate": "pyquant INT8_CNN_ACCURATE (Percentile 99.9999 + AdaRound)",
+    "int8_cnn_accurate": "pyquant INT8_CNN_ACCURATE (CLE + Percentile 99.9999 + AdaRound)",
     "u8s8_pc_ft": "pyquant U8S8 per-channel + fast finetune",
     "int8_cle_ft": "pyquant INT8_CLE + fast finetune (XINT8 + CLE + AdaRound)",
     "a8w8": "pyquant A8W8",
