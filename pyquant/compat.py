@@ -136,7 +136,9 @@ EXTRA_OPTIONS: Dict[str, Callable[[str, Any], Dict[str, Any]]] = {
 
 @dataclasses.dataclass
 class QuantizationConfig:
-    """Quark's QuantizationConfig fields that pyquant understands (same names, same meaning).
+    """Quark's QuantizationConfig fields that pyquant understands (same names, same meaning,
+    same defaults: include_cle is True, as in Quark, so that a config ported from it keeps
+    its cross-layer equalization).
 
     ``to_quant_config()`` translates into the typed QuantConfig and raises ConfigError for
     anything pyquant cannot honour.
@@ -147,7 +149,7 @@ class QuantizationConfig:
     weight_type: QuantType = QuantType.QInt8
     per_channel: bool = False
     enable_npu_cnn: bool = False
-    include_cle: bool = False
+    include_cle: bool = True
     include_fast_ft: bool = False
     extra_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 

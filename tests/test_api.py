@@ -50,9 +50,9 @@ def test_every_documented_extra_option_is_tested():
     assert set(EXTRA_OPTIONS) == tested
 
 
-def test_include_cle_turns_on_equalization():
-    assert QuantizationConfig(include_cle=True).to_quant_config().cross_layer_equalization
-    assert not QuantizationConfig().to_quant_config().cross_layer_equalization
+def test_include_cle_defaults_to_true_as_in_quark():
+    assert QuantizationConfig().to_quant_config().cross_layer_equalization
+    assert not QuantizationConfig(include_cle=False).to_quant_config().cross_layer_equalization
 
 
 def test_unknown_extra_option_is_an_error_listing_valid_keys():
