@@ -88,25 +88,27 @@ def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path)
     from pyquant.techniques.cle import CLEOptions
     from pyquant.techniques.fast_finetune.options import FastFinetuneOptions
 
-    name = {"xint8": "XINT8", "xint8_nobc": "XINT8", "xint8_4x": "XINT8", "a8w8": "A8W8", "u8s8": "U8S8",
-            "u8s8_pc": "U8S8", "int8_cle": "INT8_CLE", "int8_cle_datafree": "INT8_CLE", "int8_cle_hba": "INT8_CLE", "int8_cle_nobc": "INT8_CLE", "int8_cle_relu": "INT8_CLE",
-            "xint8_ft": "XINT8", "int8_cnn_accurate": "INT8_CNN_ACCURATE", "u8s8_pc_ft": "U8S8",
-            "int8_cle_ft": "INT8_CLE"}[row]
-    config = get_preset(name)
-    if row == "int8_cle_nobc":
-        config = dataclasses.replace(config, bias_correction=False)
-    if row == "int8_cle_datafree":
-        config = dataclasses.replace(config, cle=CLEOptions(activation_weight=0.0))
-    if row == "int8_cle_hba":
-        config = dataclasses.replace(config, cle=CLEOptions(high_bias_absorption=True))
-    if row == "int8_cle_relu":
-        config = dataclasses.replace(config, cle=CLEOptions(replace_clip_with_relu=True))
-    if row in ("u8s8_pc", "u8s8_pc_ft"):
-        config = dataclasses.replace(config, per_channel=True)
-    if row.endswith("_ft"):
-        config = dataclasses.replace(config, fast_finetune=FastFinetuneOptions())
-    if row == "xint8_nobc":
-        config = dataclasses.replace(config, bias_correction=False)
+    ft = FastFinetuneOptions()
+    # row -> (preset, the fields it replaces)
+    configs = {
+        "xint8": ("XINT8", {}),
+        "xint8_nobc": ("XINT8", {"bias_correction": False}),
+        "xint8_4x": ("XINT8", {}),
+        "int8_cle": ("INT8_CLE", {}),
+        "int8_cle_datafree": ("INT8_CLE", {"cle": CLEOptions(activation_weight=0.0)}),
+        "int8_cle_hba": ("INT8_CLE", {"cle": CLEOptions(high_bias_absorption=True)}),
+        "int8_cle_nobc": ("INT8_CLE", {"bias_correction": False}),
+        "int8_cle_relu": ("INT8_CLE", {"cle": CLEOptions(replace_clip_with_relu=True)}),
+        "xint8_ft": ("XINT8", {"fast_finetune": ft}),
+        "int8_cnn_accurate": ("INT8_CNN_ACCURATE", {}),
+        "u8s8_pc_ft": ("U8S8", {"per_channel": True, "fast_finetune": ft}),
+        "int8_cle_ft": ("INT8_CLE", {"fast_finetune": ft}),
+        "a8w8": ("A8W8", {}),
+        "u8s8": ("U8S8", {}),
+        "u8s8_pc": ("U8S8", {"per_channel": True}),
+    }
+    preset, fields = configs[row]
+    config = dataclasses.replace(get_preset(preset), **fields)
     folder = repeated_folder(shared / "data/imagenet-sample/calib", 4, tmp) if row == "xint8_4x" else None
     calib = reader(shared, "calib", folder=folder)
     start = time.perf_counter()

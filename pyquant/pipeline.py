@@ -12,7 +12,7 @@ from onnx import ModelProto
 
 from .calibrate.collector import TensorCollector
 from .calibrate.methods import QParams, activation_qparams
-from .calibrate.runner import ProgressCallback, collect
+from .calibrate.runner import ProgressCallback, batch_samples, collect
 from .config import QuantConfig
 from .errors import ModelError
 from .graph.fold_bn import fold_batch_norm
@@ -76,7 +76,7 @@ class _PeekedReader:
         count = 0
         while count < samples and (batch := reader.get_next()) is not None:
             self.peeked.append(batch)
-            count += int(np.shape(next(iter(batch.values())))[0]) if batch else 1
+            count += batch_samples(batch)
         self._pending = list(self.peeked)
 
     def __len__(self) -> int:

@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 from types import MappingProxyType
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional
 
 import numpy as np
 import onnx
@@ -105,6 +105,20 @@ class _BoundRunner:
             self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
         self.session.run_with_iobinding(self.binding)
         return self.buffers
+
+
+def tensors_over(model: ModelProto, names: List[str], feeds: Iterable[Dict[str, np.ndarray]]
+                 ) -> Iterator[List[np.ndarray]]:
+    """For each feed, the values of the tensors ``names`` of ``model`` (a few batches held in
+    memory, e.g. those a transform looks at before calibration)."""
+    session = make_session(model, names)
+    for feed in feeds:
+        yield session.run(names, feed)
+
+
+def batch_samples(feed: Dict[str, np.ndarray]) -> int:
+    """Samples in a batch: the leading dimension of its first input (1 for an empty feed)."""
+    return int(np.shape(next(iter(feed.values())))[0]) if feed else 1
 
 
 def batch_count(reader) -> Optional[int]:

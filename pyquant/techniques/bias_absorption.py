@@ -107,15 +107,14 @@ def _add_to_bias(model: ModelProto, view: GraphView, node: NodeProto, delta: np.
 
 def _preactivation_stats(model: ModelProto, names: Sequence[str], feeds: Sequence[Dict[str, np.ndarray]]):
     """{tensor: (mean, std, min)} per channel (axis 1) over ``feeds``."""
-    from ..calibrate.runner import make_session
+    from ..calibrate.runner import tensors_over
 
-    session = make_session(model, list(names))
     sums: Dict[str, np.ndarray] = {}
     squares: Dict[str, np.ndarray] = {}
     lows: Dict[str, np.ndarray] = {}
     counts: Dict[str, int] = {}
-    for feed in feeds:
-        for name, value in zip(names, session.run(list(names), feed)):
+    for values in tensors_over(model, list(names), feeds):
+        for name, value in zip(names, values):
             v = np.moveaxis(np.asarray(value, np.float64), 1, 0).reshape(value.shape[1], -1)
             sums[name] = sums.get(name, 0.0) + v.sum(axis=1)
             squares[name] = squares.get(name, 0.0) + (v * v).sum(axis=1)

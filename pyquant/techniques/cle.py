@@ -256,15 +256,14 @@ def measure_activation_ranges(model: ModelProto, pairs: Sequence[Pair],
                               feeds: Sequence[Dict[str, np.ndarray]]) -> None:
     """Set each pair's activation_range: per channel max |x| of the tensor its second layer
     reads, over ``feeds``, with the model as it is now (before any rescaling)."""
-    from ..calibrate.runner import make_session
+    from ..calibrate.runner import tensors_over
 
     names = list(dict.fromkeys(p.second.input[0] for p in pairs))
     if not names or not feeds:
         return
-    session = make_session(model, names)
     ranges: Dict[str, np.ndarray] = {}
-    for feed in feeds:
-        for name, value in zip(names, session.run(names, feed)):
+    for values in tensors_over(model, names, feeds):
+        for name, value in zip(names, values):
             value = np.ascontiguousarray(value, dtype=np.float32)
             # channel axis 1 of [N, C, ...]: the kernel's view [1, N, C, rest]
             m = kernels.channel_abs_max(value.reshape(1, value.shape[0], value.shape[1], -1))
@@ -284,7 +283,7 @@ def _equalize_pair(view: GraphView, pair: Pair, scale_append_bias: bool, activat
         r1 = np.maximum(r1, np.abs(b1))
     r2 = kernels.channel_abs_max(_input_view(pair.second, w2))
     act = pair.activation_range
-    s = kernels.equalization_scales(r1, r2, MAX_SCALE, act, activation_weight if act is not None else 0.0)
+    s = kernels.equalization_scales(r1, r2, MAX_SCALE, act, activation_weight)  # act None: weights only
     w1 = np.ascontiguousarray(w1)
     w2 = np.ascontiguousarray(w2)
     kernels.scale_channels(_output_view(pair.first, w1), s, divide=True)

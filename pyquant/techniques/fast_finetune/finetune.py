@@ -31,7 +31,7 @@ from onnx import ModelProto
 
 from ... import kernels
 from ...calibrate.methods import QParams, weight_qparams
-from ...calibrate.runner import ProgressCallback, _BoundRunner, _prefetch, batch_count, make_session
+from ...calibrate.runner import ProgressCallback, _BoundRunner, _prefetch, batch_count, batch_samples, make_session
 from ...config import QuantConfig
 from ...errors import DataError
 from ...graph.plan import QuantPlan, build_plan
@@ -169,7 +169,7 @@ def _collect_stage(qmodel, plan, stage_layers, reader, options, report, progress
         report.seconds_inference += t1 - t0
         report.seconds_gram += time.perf_counter() - t1
         del values
-        samples += int(np.shape(next(iter(feed.values())))[0])
+        samples += batch_samples(feed)
         batches_done += 1
         if progress is not None:
             progress(batches_done, total_batches)
