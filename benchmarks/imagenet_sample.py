@@ -48,9 +48,11 @@ ROWS = {
     "int8_cnn_accurate": "pyquant INT8_CNN_ACCURATE (CLE + Percentile 99.9999 + AdaRound)",
     "u8s8_pc_ft": "pyquant U8S8 per-channel + fast finetune",
     "int8_cle_ft": "pyquant INT8_CLE + fast finetune (XINT8 + CLE + AdaRound)",
+    "int8_cle_ft_float_logits": "pyquant INT8_CLE + fast finetune, logits left in float (--no-quantize_region_outputs)",
     "a8w8": "pyquant A8W8",
     "u8s8": "pyquant U8S8 per-tensor",
     "u8s8_pc": "pyquant U8S8 per-channel",
+    "u8s8_pc_uint8_logits": "pyquant U8S8 per-channel, logits rounded to uint8 too (--quantize_region_outputs)",
     "ort_minmax": "onnxruntime quantize_static MinMax per-tensor (QDQ U8S8)",
     "ort_minmax_pc": "onnxruntime quantize_static MinMax per-channel (QDQ U8S8)",
     "ort_percentile": f"onnxruntime quantize_static Percentile 99.999 per-channel, first {ORT_PERCENTILE_IMAGES} calib images only (memory)",
@@ -103,9 +105,11 @@ def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path)
         "int8_cnn_accurate": ("INT8_CNN_ACCURATE", {}),
         "u8s8_pc_ft": ("U8S8", {"per_channel": True, "fast_finetune": ft}),
         "int8_cle_ft": ("INT8_CLE", {"fast_finetune": ft}),
+        "int8_cle_ft_float_logits": ("INT8_CLE", {"fast_finetune": ft, "quantize_region_outputs": False}),
         "a8w8": ("A8W8", {}),
         "u8s8": ("U8S8", {}),
         "u8s8_pc": ("U8S8", {"per_channel": True}),
+        "u8s8_pc_uint8_logits": ("U8S8", {"per_channel": True, "quantize_region_outputs": True}),
     }
     preset, fields = configs[row]
     config = dataclasses.replace(get_preset(preset), **fields)

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add cross-layer equalization to the preset (INT8_CLE has it)")
     q.add_argument("--fast_finetune", action="store_true",
                    help="add fast finetune (AdaRound) to the preset (INT8_CNN_ACCURATE has it)")
+    q.add_argument("--quantize_region_outputs", action=argparse.BooleanOptionalAction, default=None,
+                   help="QDQ pairs on model outputs and on tensors read only by ops left in float "
+                        "(default: the preset's choice; off keeps a classifier's logits in float)")
     _add_common(q)
     q.set_defaults(run=_run_quantize)
 
@@ -189,6 +192,8 @@ def _run_quantize(args) -> int:
         config = dataclasses.replace(config, per_channel=True)
     config = dataclasses.replace(config, calib_batch_size=args.batch_size,
                                  cross_layer_equalization=config.cross_layer_equalization or args.cross_layer_equalization)
+    if args.quantize_region_outputs is not None:
+        config = dataclasses.replace(config, quantize_region_outputs=args.quantize_region_outputs)
     if args.fast_finetune and config.fast_finetune is None:
         config = dataclasses.replace(config, fast_finetune=FastFinetuneOptions())
     check_output_path(args.model_output, args.model_input)

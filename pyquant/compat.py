@@ -129,6 +129,8 @@ EXTRA_OPTIONS: Dict[str, Callable[[str, Any], Dict[str, Any]]] = {
     # pyquant's own (not the reference's): activation-aware CLE scales (0 = data-free CLE).
     "CLEActivationWeight": lambda k, v: {"cle.activation_weight": _number(k, v)},
     "CLEActivationSamples": lambda k, v: {"cle.activation_samples": int(_number(k, v))},
+    # pyquant's own: QDQ pairs on model outputs and tensors read only by float ops.
+    "QuantizeRegionOutputs": lambda k, v: {"quantize_region_outputs": _bool(k, v)},
     # Fast finetune (FastFinetuneOptions), a dict with the keys of FAST_FINETUNE_OPTIONS.
     "FastFinetune": lambda k, v: {"fast_finetune": fast_finetune_options(v)},
 }
@@ -182,6 +184,8 @@ class QuantizationConfig:
                          CLEScaleAppendBias=config.cle.scale_append_bias,
                          CLEActivationWeight=config.cle.activation_weight,
                          CLEActivationSamples=config.cle.activation_samples)
+        if not config.quantize_region_outputs:
+            extra["QuantizeRegionOutputs"] = False
         if config.fast_finetune is not None:
             extra["FastFinetune"] = fast_finetune_params(config.fast_finetune)
         return cls(calibrate_method=config.calibrate_method, activation_type=config.activation_type,

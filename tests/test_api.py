@@ -33,6 +33,7 @@ def test_default_configs_round_trip_to_the_presets(name):
     ("CLEScaleAppendBias", True, "cle.scale_append_bias", True),
     ("CLEActivationWeight", 0.0, "cle.activation_weight", 0.0),
     ("CLEActivationSamples", 16, "cle.activation_samples", 16),
+    ("QuantizeRegionOutputs", False, "quantize_region_outputs", False),
 ])
 def test_every_extra_option_maps_to_the_typed_config(key, value, field, expected):
     cfg = QuantizationConfig(calibrate_method=CalibrationMethod.Percentile, include_cle=True,
@@ -45,7 +46,7 @@ def test_every_extra_option_maps_to_the_typed_config(key, value, field, expected
 def test_every_documented_extra_option_is_tested():
     tested = {"ActivationSymmetric", "Percentile", "NumBins", "CalibDataBatchSize", "WeightSymmetric", "CLESteps",
               "CLETotalLayerDiffThreshold", "ReplaceClip6Relu", "CLEScaleAppendBias", "CLEActivationWeight",
-              "CLEActivationSamples",
+              "CLEActivationSamples", "QuantizeRegionOutputs",
               "FastFinetune"}  # FastFinetune: tests/test_fast_finetune.py
     assert set(EXTRA_OPTIONS) == tested
 

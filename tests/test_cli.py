@@ -56,6 +56,17 @@ def test_quantize_from_npy(tmp_path, tiny_model_path, tiny_data):
     assert out.exists()
 
 
+@pytest.mark.parametrize("flag,rounded", [(None, True), ("--no-quantize_region_outputs", False),
+                                          ("--quantize_region_outputs", True)])
+def test_quantize_region_outputs_flag_overrides_the_preset(tmp_path, tiny_model_path, tiny_data, flag, rounded):
+    np.save(tmp_path / "calib.npy", tiny_data)
+    out = tmp_path / "q.onnx"
+    assert main(quantize_args(tiny_model_path, out, tmp_path / "calib.npy", "--config", "XINT8",
+                              *([flag] if flag else []))) == 0
+    producer = {o: n.op_type for n in onnx.load(out).graph.node for o in n.output}
+    assert producer["y"] == ("DequantizeLinear" if rounded else "Gemm")
+
+
 def test_corrupt_image_is_skipped_with_a_count(tmp_path, tiny_model_path, image_folder, caplog):
     (image_folder / "n001" / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "q.onnx"
@@ -149,5 +160,5 @@ def test_console_script_help_lists_options(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pyquant.cli", "quantize", "--help"], capture_output=True,
                          text=True, check=True, cwd=tmp_path).stdout
     for option in ("--model_input", "--calib_data", "--config", "--per_channel", "--num_calib", "--mean",
-                   "--input_size", "--resize"):
+                   "--input_size", "--resize", "--quantize_region_outputs"):
         assert option in out

@@ -154,6 +154,41 @@ def test_matmul_with_two_activations_quantizes_both_inputs():
             return None if self.left < 0 else {"a": rng.standard_normal((4, 8)).astype(np.float32),
                                                "b": rng.standard_normal((8, 3)).astype(np.float32)}
 
-    result = quantize_model(model, Reader(), get_preset("A8W8"))
-    assert set(result.plan.activations) == {"a", "b", "y"}
+    result = quantize_model(model, Reader(), get_preset("A8W8"))  # A8W8 leaves the model output in float
+    assert set(result.plan.activations) == {"a", "b"}
     onnx.checker.check_model(result.model)
+    config = dataclasses.replace(get_preset("A8W8"), quantize_region_outputs=True)
+    assert set(quantize_model(model, Reader(), config).plan.activations) == {"a", "b", "y"}
+
+
+def _with_softmax(model):
+    """tiny_cnn with a Softmax (an op left in float) after its Gemm."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.node[-1].output[0] = "logits"
+    m.graph.node.append(helper.make_node("Softmax", ["logits"], ["y"], axis=1))
+    onnx.checker.check_model(m)
+    return m
+
+
+@pytest.mark.parametrize("with_softmax", [False, True])
+def test_region_outputs_keep_float_without_quantize_region_outputs(with_softmax, tiny_model, tiny_data):
+    model = _with_softmax(tiny_model) if with_softmax else tiny_model
+    last = "logits" if with_softmax else "y"  # the Gemm's output: read by Softmax, or the model output
+    prepared = prepare(model)
+    assert last in build_plan(prepared, False, quantize_region_outputs=True).activations
+    plan = build_plan(prepared, False, quantize_region_outputs=False)
+    assert last not in plan.activations and "flat" in plan.activations and len(plan.weights) == 4
+
+    reference = run(model, tiny_data)
+    errors = {}
+    for region_outputs in (True, False):
+        config = dataclasses.replace(get_preset("U8S8"), quantize_region_outputs=region_outputs)
+        q = quantize_model(model, ArrayReader(tiny_data, "x", 16), config).model
+        onnx.checker.check_model(q)
+        gemm_output = next(n.output[0] for n in q.graph.node if n.op_type == "Gemm")
+        rounded = any(n.op_type == "QuantizeLinear" and n.input[0] == gemm_output for n in q.graph.node)
+        assert rounded is region_outputs
+        errors[region_outputs] = rel_rms(run(q, tiny_data), reference)
+    # the same quantized layers, minus the rounding of the last layer's output
+    assert errors[False] < errors[True], errors

@@ -198,7 +198,8 @@ def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
     for feed in _prefetch(reader):
         feed = check_feed(session, feed, batches)
         # Graph inputs first, then in graph order: a NaN is reported where it first appears.
-        values = [feed[n] for n in fed] + runner.run(feed)
+        # (a model whose only quantized activations are its inputs needs no inference)
+        values = [feed[n] for n in fed] + (runner.run(feed) if names else [])
         for name, value in zip(fed + names, values):
             try:
                 collectors[name].update(value)

@@ -10,6 +10,10 @@ Rules applied (all presets):
   * Data-movement ops (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice,
     Pad, Resize, Gather, Split) keep their input scale on their output: they do not
     change values, so one scale loses nothing and needs no requantization.
+  * Tensors leaving the quantized region (model outputs, and inputs read only by ops
+    left in float) get a QDQ pair only with quantize_region_outputs. Without it the last
+    layer keeps a float output: its inputs and weights are quantized, and onnxruntime
+    runs it as an integer GEMM/convolution with a float result.
 NPU CNN rules (enable_npu_cnn, part of XINT8):
   * Concat inputs and output share one scale (the NPU concatenates integer data).
   * AveragePool and GlobalAveragePool keep input scale = output scale.
@@ -117,7 +121,25 @@ def _weight_axis(node: NodeProto, weight_rank: int) -> int:
     return 0
 
 
-def build_plan(model: ModelProto, enable_npu_cnn: bool) -> QuantPlan:
+def _skip_reason(view: GraphView, node: NodeProto, rule: Optional[OpRule]) -> Optional[str]:
+    """Why ``node`` stays in float, or None if it is quantized."""
+    if rule is None:
+        return f"op type {node.op_type} has no quantized form here"
+    if node.op_type in ("Gemm", "Conv") and not _has_constant_weight(view, node, rule):
+        return "weight is not a constant initializer"
+    return None
+
+
+def _activation_inputs(view: GraphView, node: NodeProto, rule: OpRule) -> List[str]:
+    """The inputs of a quantized node that are activations (not its constant weight)."""
+    indices = rule.activation_inputs if rule.activation_inputs is not None else range(len(node.input))
+    return [node.input[i] for i in indices if i < len(node.input)
+            and not (i == rule.weight_input and view.is_constant(node.input[i]))]
+
+
+def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs: bool = True) -> QuantPlan:
+    """The QDQ plan of ``model``: enable_npu_cnn applies the NPU CNN scale rules;
+    quantize_region_outputs also quantizes tensors no quantized op reads (see above)."""
     view = GraphView(model)
     order: List[str] = []
     seen = set()
@@ -153,28 +175,22 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool) -> QuantPlan:
             fused_outputs.add(current.output[0])
             current, allowed = nxt, FUSED_BOUNDS
 
+    read_by_quantized = set()
+    for node in model.graph.node:
+        rule = OP_RULES.get(node.op_type)
+        if _skip_reason(view, node, rule) is None:
+            read_by_quantized.update(_activation_inputs(view, node, rule))
+
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             raise_already_quantized(view, node)
         rule = OP_RULES.get(node.op_type)
-        if rule is None:
+        reason = _skip_reason(view, node, rule)
+        if reason is not None:
             if node.op_type != "Constant":
-                skipped[view.node_name(node)] = f"op type {node.op_type} has no quantized form here"
+                skipped[view.node_name(node)] = reason
             continue
-        if node.op_type in ("Gemm", "MatMul", "Conv") and not _has_constant_weight(view, node, rule):
-            if node.op_type != "MatMul":
-                skipped[view.node_name(node)] = "weight is not a constant initializer"
-                continue
-        indices = rule.activation_inputs if rule.activation_inputs is not None else range(len(node.input))
-        act_inputs = []
-        for i in indices:
-            if i >= len(node.input):
-                continue
-            name = node.input[i]
-            if i == rule.weight_input and view.is_constant(name):
-                continue
-            if want(name):
-                act_inputs.append(name)
+        act_inputs = [name for name in _activation_inputs(view, node, rule) if want(name)]
         if rule.weight_input is not None and rule.weight_input < len(node.input):
             w = node.input[rule.weight_input]
             if view.is_constant(w) and view.is_float(w):
@@ -184,7 +200,8 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool) -> QuantPlan:
                         and node.input[rule.bias_input] and view.is_constant(node.input[rule.bias_input])
                         and act_inputs):
                     biases.append(BiasUse(node, rule.bias_input, act_inputs[0], w))
-        outputs = [o for o in node.output if o and o not in fused_outputs and want(o)]
+        outputs = [o for o in node.output if o and o not in fused_outputs
+                   and (quantize_region_outputs or o in read_by_quantized) and want(o)]
         if act_inputs and outputs and (rule.same_scale or (enable_npu_cnn and rule.npu_same_scale)):
             uf.union(outputs[0], act_inputs[0])
         if enable_npu_cnn and rule.npu_concat and outputs:

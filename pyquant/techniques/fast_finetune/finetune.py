@@ -121,7 +121,7 @@ def finetune(float_model: ModelProto, model: ModelProto, plan: QuantPlan, act_qp
     batches_done = 0
     for stage in stages:
         stage_layers = [layers[i] for i in stage]
-        plan = build_plan(model, config.enable_npu_cnn)  # biases may have been added
+        plan = build_plan(model, config.enable_npu_cnn, config.quantize_region_outputs)  # biases may have been added
         qmodel = write_qdq(model, plan, act_qparams, config, fixed)
         accumulators, samples, batches_done = _collect_stage(
             qmodel, plan, [layer for layer, _ in stage_layers], reader, options, report,
