@@ -57,7 +57,10 @@ class FastFinetuneOptions:
             fitted in this many consecutive stages; a stage sees the inputs produced by the
             finetuned layers of earlier stages and the nearest-rounded layers of its own
             stage. More passes: closer to strictly sequential, slower; 1 measured enough on
-            EfficientNet-Lite0 (the loss only uses each layer's own quantized inputs).
+            EfficientNet-Lite0 (the loss only uses each layer's own quantized inputs). One-off
+            runs with 4 passes (KL to float on val, 1 -> 4 passes): XINT8 0.0206 -> 0.0199,
+            INT8_CLE 0.0061 -> 0.0061, INT8_CNN_ACCURATE 0.0049 -> 0.0049, for about 25 s
+            more inference; top-1 moved by one to three images either way.
     """
 
     algorithm: FinetuneAlgorithm = FinetuneAlgorithm.AdaRound
