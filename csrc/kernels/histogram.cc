@@ -1,4 +1,5 @@
 #include "kernels/histogram.h"
+#include "kernels/multiversion.h"
 
 #include <algorithm>
 #include <cmath>
@@ -98,6 +99,7 @@ constexpr int64_t kBlock = 1024;
 
 // counts: kLanes arrays of (nbins + 1) uint32 (small enough to stay in L1 cache for
 // 2048 bins); the caller keeps n below 2^32. Bin of v as documented in the header.
+PYQUANT_MULTIVERSION
 PartialRange accumulate_tracking(const float* x, int64_t n, float lo, float inv_width,
                                  uint32_t* counts, int64_t nbins) {
   PartialRange r;
