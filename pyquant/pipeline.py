@@ -16,7 +16,7 @@ from .calibrate.runner import ProgressCallback, batch_samples, collect
 from .config import QuantConfig
 from .errors import ModelError
 from .graph.fold_bn import fold_batch_norm
-from .graph.plan import QuantPlan, build_plan
+from .graph.plan import QuantPlan, plan_for
 from .graph.qdq import write_qdq
 from .techniques import bias_absorption, bias_correction, cle
 from .techniques.fast_finetune.finetune import FinetuneReport, LayerCallback, finetune, require_rewind
@@ -116,7 +116,7 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig,
                                                config.cle.absorption_sigmas)
         reader.peeked.clear()  # the batches stay queued for calibration only
         del original
-    plan = build_plan(prepared, config.enable_npu_cnn, config.quantize_region_outputs)
+    plan = plan_for(prepared, config)
     t0 = time.perf_counter()
     means_needed = bias_correction.needed_means(plan) if config.bias_correction else {}
     stats = collect(prepared, plan, reader, config, progress, means_needed)
@@ -129,14 +129,13 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig,
     if config.bias_correction:
         means = {name: c.mean for name, c in stats.channel_means.items()}
         bias_correction.apply_bias_correction(prepared, plan, means, config)
-        # layers may have gained a bias input
-        plan = build_plan(prepared, config.enable_npu_cnn, config.quantize_region_outputs)
+        plan = plan_for(prepared, config)  # layers may have gained a bias input
     fixed, report = {}, None
     if float_model is not None:
         fixed, report = finetune(float_model, prepared, plan, qparams, config, reader, config.fast_finetune,
                                  finetune_progress, on_layer)
         del float_model
-        plan = build_plan(prepared, config.enable_npu_cnn, config.quantize_region_outputs)
+        plan = plan_for(prepared, config)
     quantized = write_qdq(prepared, plan, qparams, config, fixed)
     try:
         onnx.checker.check_model(quantized)

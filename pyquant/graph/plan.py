@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from onnx import ModelProto, NodeProto
 
 from .view import GraphView, attribute
+
+if TYPE_CHECKING:  # config imports the techniques, which import the graph modules
+    from ..config import QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +217,11 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
     for name, reason in skipped.items():
         log.info("leaving %s in float: %s", name, reason)
     return QuantPlan(order, constants, weights, biases, list(groups.values()), skipped)
+
+
+def plan_for(model: ModelProto, config: "QuantConfig") -> QuantPlan:
+    """build_plan with the graph options of ``config``."""
+    return build_plan(model, config.enable_npu_cnn, config.quantize_region_outputs)
 
 
 def _has_constant_weight(view: GraphView, node: NodeProto, rule: OpRule) -> bool:

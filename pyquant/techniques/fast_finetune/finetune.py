@@ -34,7 +34,7 @@ from ...calibrate.methods import QParams, weight_qparams
 from ...calibrate.runner import ProgressCallback, _BoundRunner, _prefetch, batch_count, batch_samples, make_session
 from ...config import QuantConfig
 from ...errors import DataError
-from ...graph.plan import QuantPlan, build_plan
+from ...graph.plan import QuantPlan, plan_for
 from ...graph.qdq import FixedWeight, dequantized_name, write_qdq
 from ...graph.view import GraphView, truncated
 from .gram import GramAccumulator, LinearLayer, describe
@@ -121,7 +121,7 @@ def finetune(float_model: ModelProto, model: ModelProto, plan: QuantPlan, act_qp
     batches_done = 0
     for stage in stages:
         stage_layers = [layers[i] for i in stage]
-        plan = build_plan(model, config.enable_npu_cnn, config.quantize_region_outputs)  # biases may have been added
+        plan = plan_for(model, config)  # biases may have been added
         qmodel = write_qdq(model, plan, act_qparams, config, fixed)
         accumulators, samples, batches_done = _collect_stage(
             qmodel, plan, [layer for layer, _ in stage_layers], reader, options, report,
