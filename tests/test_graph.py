@@ -192,3 +192,50 @@ def test_region_outputs_keep_float_without_quantize_region_outputs(with_softmax,
         errors[region_outputs] = rel_rms(run(q, tiny_data), reference)
     # the same quantized layers, minus the rounding of the last layer's output
     assert errors[False] < errors[True], errors
+
+
+def _split_model(outputs: int) -> onnx.ModelProto:
+    """Conv -> Split into ``outputs`` parts on channels, each part through its own Conv,
+    the results concatenated: every Split output is read by a quantized op."""
+    rng = np.random.default_rng(3)
+    channels = 2 * outputs
+    gain = np.repeat(0.25 ** np.arange(outputs), 2)[:, None, None, None]  # part i: about 4^-i of part 0's range
+    init = [numpy_helper.from_array((rng.standard_normal((channels, 3, 3, 3)) * gain).astype(np.float32), "w0"),
+            numpy_helper.from_array(np.full(outputs, 2, np.int64), "split")]
+    parts = [f"part{i}" for i in range(outputs)]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Split", ["c0", "split"], parts, axis=1)]
+    for i, part in enumerate(parts):
+        init.append(numpy_helper.from_array((rng.standard_normal((4, 2, 1, 1)) * 0.3).astype(np.float32),
+                                            f"w{i + 1}"))
+        nodes.append(helper.make_node("Conv", [part, f"w{i + 1}"], [f"c{i + 1}"]))
+    nodes.append(helper.make_node("Concat", [f"c{i + 1}" for i in range(outputs)], ["y"], axis=1))
+    graph = helper.make_graph(nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4 * outputs, 8, 8])],
+                              init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("outputs", [2, 3])
+@pytest.mark.parametrize("preset", ["XINT8", "U8S8"])
+def test_every_split_output_shares_the_input_scale(outputs, preset):
+    model = _split_model(outputs)
+    parts = [f"part{i}" for i in range(outputs)]
+    plan = build_plan(prepare(model), enable_npu_cnn=False)
+    groups = plan.group_of()
+    assert {groups[p] for p in parts} == {groups["c0"]}
+    assert [m for m in plan.groups if "c0" in m] == [["c0"] + parts]
+
+    # The parts' ranges differ by 4x each (part 0's is the input's), so only a shared group
+    # makes the written scales equal.
+    data = np.random.default_rng(4).uniform(-1, 1, (16, 3, 8, 8)).astype(np.float32)
+    q = quantize_model(model, ArrayReader(data, "x", 8), get_preset(preset)).model
+    inits = _initializers(q)
+    quantize_of = {n.input[0]: n for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    scale = {t: (inits[quantize_of[t].input[1]], inits[quantize_of[t].input[2]]) for t in ["c0"] + parts}
+    for part in parts:
+        np.testing.assert_array_equal(scale[part][0], scale["c0"][0])
+        np.testing.assert_array_equal(scale[part][1], scale["c0"][1])
+    assert rel_rms(run(q, data), run(model, data)) < MAX_RELATIVE_RMS_ERROR

@@ -8,8 +8,9 @@ Rules applied (all presets):
     no QDQ pair separates the layer from its activation, only the activation's output
     is quantized.
   * Data-movement ops (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice,
-    Pad, Resize, Gather, Split) keep their input scale on their output: they do not
-    change values, so one scale loses nothing and needs no requantization.
+    Pad, Resize, Gather, Split) keep their input scale on their output(s), every output
+    of a Split included: they do not change values, so one scale loses nothing and needs
+    no requantization.
   * Tensors leaving the quantized region (model outputs, and inputs read only by ops
     left in float) get a QDQ pair only with quantize_region_outputs. Without it the last
     layer keeps a float output: its inputs and weights are quantized, and onnxruntime
@@ -40,7 +41,7 @@ class OpRule:
     activation_inputs: Optional[Tuple[int, ...]] = None  # None: every float input
     weight_input: Optional[int] = None
     bias_input: Optional[int] = None
-    same_scale: bool = False  # output shares the scale of input 0
+    same_scale: bool = False  # every output shares the scale of input 0
     npu_same_scale: bool = False  # ... under the NPU CNN rules only
     npu_concat: bool = False  # all inputs and the output share one scale under NPU rules
     fusable: bool = False  # may absorb a following Relu/Clip
@@ -205,8 +206,9 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
                     biases.append(BiasUse(node, rule.bias_input, act_inputs[0], w))
         outputs = [o for o in node.output if o and o not in fused_outputs
                    and (quantize_region_outputs or o in read_by_quantized) and want(o)]
-        if act_inputs and outputs and (rule.same_scale or (enable_npu_cnn and rule.npu_same_scale)):
-            uf.union(outputs[0], act_inputs[0])
+        if act_inputs and (rule.same_scale or (enable_npu_cnn and rule.npu_same_scale)):
+            for name in outputs:  # every output: Split has several
+                uf.union(name, act_inputs[0])
         if enable_npu_cnn and rule.npu_concat and outputs:
             for name in act_inputs:
                 uf.union(name, outputs[0])
