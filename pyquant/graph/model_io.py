@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Union
@@ -15,6 +16,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 # Protobuf cannot serialise a model above 2 GB in one message; such models keep
 # their initializers in an external data file.
 _PROTOBUF_LIMIT = 2 ** 31 - 1
+# With external data, initializers of at least this size leave the .onnx (onnx's default).
+EXTERNAL_DATA_MIN_BYTES = 1024
 
 
 def load_model(path: PathLike) -> ModelProto:
@@ -81,27 +84,76 @@ def check_output_path(output: PathLike, input_path: PathLike = None) -> Path:
     return out
 
 
-def save_model(model: ModelProto, path: PathLike) -> None:
-    """Write to a temporary file in the target folder, then rename: a reader never sees a
-    half-written model and an interrupted run leaves nothing behind."""
+def save_model(model: ModelProto, path: PathLike, external_data: bool = False) -> None:
+    """Write ``model`` to ``path`` so that a reader never sees a half-written model and a
+    failed or interrupted run leaves nothing behind: everything is written in a temporary
+    folder beside ``path`` and renamed into place only once complete.
+
+    With ``external_data`` (always for a model above protobuf's 2 GB limit), every
+    initializer of at least EXTERNAL_DATA_MIN_BYTES goes to ``<name>.data`` beside the
+    model; that file is renamed into place first and the model last, so the model never
+    refers to a missing or partial data file. ``model`` is left as it was."""
     out = check_output_path(path)
-    large = model.ByteSize() >= _PROTOBUF_LIMIT
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-    except OSError as e:
-        raise OutputError(f"cannot write in {out.parent}: {e.strerror or e}") from None
-    os.close(fd)
+    external_data = external_data or model.ByteSize() >= _PROTOBUF_LIMIT
     data_name = out.name + ".data"
     try:
-        if large:
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent)))
+    except OSError as e:
+        raise OutputError(f"cannot write in {out.parent}: {e.strerror or e}") from None
+    placed_data = None
+    try:
+        if external_data:
+            _write_with_external_data(model, staging / out.name, staging / data_name, data_name)
+            placed_data = out.parent / data_name
+            os.replace(staging / data_name, placed_data)
         else:
-            onnx.save_model(model, tmp)
-        os.replace(tmp, out)
+            with open(staging / out.name, "wb") as f:
+                f.write(model.SerializeToString())
+        os.replace(staging / out.name, out)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if placed_data is not None:
+            placed_data.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
         raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _initializers(graph: onnx.GraphProto):
+    """Initializers of a graph and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _initializers(attr.g)
+            for sub in attr.graphs:
+                yield from _initializers(sub)
+
+
+def _write_tensor_data(data_file, raw: bytes) -> None:
+    data_file.write(raw)
+
+
+def _write_with_external_data(model: ModelProto, model_path: Path, data_path: Path, location: str) -> None:
+    """Write ``model`` to model_path with the raw data of its large initializers in data_path,
+    referred to as ``location`` (relative to the model's folder). Works on a copy of
+    ``model`` (the caller's model keeps its data)."""
+    header = ModelProto()
+    header.CopyFrom(model)
+    with open(data_path, "wb") as data_file:
+        for tensor in _initializers(header.graph):
+            if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_DATA_MIN_BYTES:
+                continue
+            offset = data_file.tell()
+            _write_tensor_data(data_file, tensor.raw_data)
+            length = data_file.tell() - offset
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", offset), ("length", length)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+        data_file.flush()
+        os.fsync(data_file.fileno())  # on disk before the model that refers to it
+    with open(model_path, "wb") as f:
+        f.write(header.SerializeToString())
