@@ -1,11 +1,14 @@
 """Streaming collectors and calibration methods."""
 import dataclasses
+import gc
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from pyquant import reference
 from pyquant.calibrate import NonFiniteValues, TensorCollector, activation_qparams, weight_qparams
+from pyquant.calibrate.collector import ChannelMeanCollector
 from pyquant.calibrate.methods import ACTIVATION_METHODS, qparams_from_range
 from pyquant.config import CalibrationMethod, PowerOfTwoMethod, QuantConfig, QuantType
 from pyquant import kernels
@@ -54,12 +57,97 @@ def test_creeping_range_keeps_resolution(direction):
     assert (c.hi - c.lo) <= 4 * (c.max - c.min)
 
 
-def test_memory_does_not_grow_with_batches():
-    c = TensorCollector(256)
-    rng = np.random.default_rng(2)
-    for b in batches(rng, 20):
-        c.update(b)
-    assert c.hist.shape == (256,)
+# Memory still allocated by a collector after absorbing many batches, beyond what it held
+# after a few (measured: within 100 bytes). One batch is 5 KB; keeping even 8 bytes per
+# batch (a list slot) exceeds this over the 195 extra batches.
+MEMORY_GROWTH_TOLERANCE_BYTES = 1024
+BATCH_COUNTS = (5, 50, 200)
+
+
+def numpy_state_bytes(obj) -> int:
+    """Total nbytes of the numpy arrays an object holds (in its attributes, lists, dicts)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, (list, tuple)):
+        return sum(numpy_state_bytes(x) for x in obj)
+    if isinstance(obj, dict):
+        return sum(numpy_state_bytes(x) for x in obj.values())
+    if hasattr(obj, "__dict__"):
+        return numpy_state_bytes(vars(obj))
+    return 0
+
+
+def absorb(make_collector, n: int):
+    """(bytes traced by tracemalloc, numpy state bytes) of a collector after ``n`` distinct
+    batches; each batch is freed before the next is made, as calibration does."""
+    rng = np.random.default_rng(n)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        collector = make_collector()
+        for i in range(n):
+            # distinct data, its range creeping outwards: the histogram re-bins now and then
+            collector.update((rng.standard_normal((4, 16, 20)) * (1 + 0.01 * i) + 0.001 * i).astype(np.float32))
+        gc.collect()
+        traced = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    return traced, numpy_state_bytes(collector)
+
+
+class KeepsBatches(TensorCollector):
+    """A collector that leaks: it keeps a copy of every batch."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches = []
+
+    def update(self, x):
+        self.batches.append(np.array(x))
+        return super().update(x)
+
+
+class KeepsBatchMaxima(TensorCollector):
+    """A collector that leaks a little: one Python float per batch."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.maxima = []
+
+    def update(self, x):
+        self.maxima.append(float(np.max(x)))
+        return super().update(x)
+
+
+def memory_growth(make_collector):
+    """Growth from the fewest to each larger batch count: ([traced], [numpy state])."""
+    absorb(make_collector, BATCH_COUNTS[0])  # warm-up: allocations made once per process
+    measured = [absorb(make_collector, n) for n in BATCH_COUNTS]
+    return ([traced - measured[0][0] for traced, _ in measured[1:]],
+            [state - measured[0][1] for _, state in measured[1:]])
+
+
+@pytest.mark.parametrize("make_collector", [lambda: TensorCollector(256), lambda: TensorCollector(256, histogram=False),
+                                            lambda: ChannelMeanCollector(1)],
+                         ids=["histogram", "range only", "channel means"])
+def test_memory_does_not_grow_with_batches(make_collector):
+    traced, state = memory_growth(make_collector)
+    assert state == [0, 0]
+    assert max(traced) <= MEMORY_GROWTH_TOLERANCE_BYTES, traced
+
+
+def test_memory_measurement_catches_a_collector_that_keeps_batches():
+    traced, state = memory_growth(lambda: KeepsBatches(256))
+    batch_bytes = 4 * 16 * 20 * 4
+    assert state == [(n - BATCH_COUNTS[0]) * batch_bytes for n in BATCH_COUNTS[1:]]
+    assert min(traced) > MEMORY_GROWTH_TOLERANCE_BYTES
+    assert traced[-1] >= state[-1]
+
+
+def test_memory_measurement_catches_a_collector_that_keeps_a_number_per_batch():
+    traced, state = memory_growth(lambda: KeepsBatchMaxima(256))
+    assert state == [0, 0]  # no numpy state grows: only tracemalloc sees it
+    assert min(traced) > MEMORY_GROWTH_TOLERANCE_BYTES, traced
 
 
 def test_nan_is_reported_and_not_absorbed():
@@ -97,8 +185,11 @@ def test_magnitude_histogram_folds_mass():
     c.update(np.array([-2.0, -1.0, 0.5, 3.0], np.float32))
     c.update(np.array([-5.0], np.float32))  # grows the grid
     mag, hi = c.magnitude_histogram()
-    assert hi == pytest.approx(max(abs(c.lo), abs(c.hi)))
+    assert hi >= c.abs_max == 5.0  # covers every magnitude
     assert mag.sum() == pytest.approx(5.0)
+    # |x| = 0.5, 1, 2, 3, 5: the mass below each threshold (all far from a value, in bins)
+    below = lambda t: mag[:int(t / hi * len(mag))].sum()  # noqa: E731
+    assert [below(t) for t in (0.25, 1.5, 2.5, 4.0)] == pytest.approx([0.0, 2.0, 3.0, 4.0])
 
 
 def collector_of(x, bins=2048):
@@ -214,7 +305,7 @@ def test_weight_mse_scales_beat_abs_max_and_match_a_brute_force_search(dead):
         assert err(chosen) <= err(float(np.atleast_1d(plain.scale)[i])) * (1 + 1e-9)
         assert err(chosen) <= brute * 1.02
     # fast finetune keeps abs max: its rounding must be able to reach every weight
-    from pyquant.techniques.fast_finetune.options import FastFinetuneOptions
+    from pyquant.config import FastFinetuneOptions
 
     tuned = weight_qparams(w, dataclasses.replace(cfg, fast_finetune=FastFinetuneOptions()), axis)
     np.testing.assert_array_equal(tuned.scale, plain.scale)
@@ -232,3 +323,4 @@ def test_least_error_ratios_per_row_match_a_brute_force_search():
         brute = reference.tensor_quant_errors(row[None], grid / 127, 0, -128, 127)[0].min()
         assert 0.3 <= c <= 1.0
         assert reference.tensor_quant_errors(row[None], [c / 127], 0, -128, 127)[0, 0] <= brute * 1.02
+
