@@ -9,7 +9,7 @@ import pytest
 from pyquant import reference
 from pyquant.calibrate import NonFiniteValues, TensorCollector, activation_qparams, weight_qparams
 from pyquant.calibrate.collector import ChannelMeanCollector
-from pyquant.calibrate.methods import ACTIVATION_METHODS, qparams_from_range
+from pyquant.calibrate.methods import ACTIVATION_METHODS, POW2_SEARCH_STEPS, qparams_from_range
 from pyquant.config import CalibrationMethod, PowerOfTwoMethod, QuantConfig, QuantType
 from pyquant import kernels
 
@@ -224,6 +224,36 @@ def test_pow2_minmse_is_power_of_two_and_never_worse_than_nonoverflow():
     assert hist_error(c, best, cfg.activation_type) <= hist_error(c, no, cfg.activation_type)
     assert int(best.zero_point) == 128  # uint8 with negative values: symmetric around 128
     assert float(no.scale) * 127 >= c.abs_max > float(no.scale) * 127 / 2
+
+
+@pytest.mark.parametrize("non_negative", [False, True])
+def test_pow2_minmse_searches_the_non_overflowing_exponent_and_the_steps_below_it(non_negative, monkeypatch):
+    x = np.random.default_rng(5).standard_t(3, 10_000).astype(np.float32)
+    c = collector_of(np.abs(x) if non_negative else x)
+    w = np.random.default_rng(6).standard_t(3, (16, 8)).astype(np.float32)
+    searched = {}
+
+    def spy(name):
+        real = getattr(kernels, name)
+
+        def record(data, *args):
+            scales = args[2] if name == "histogram_quant_errors" else args[0]  # after hist, lo, hi
+            searched[name] = np.log2(np.asarray(scales, np.float64))
+            return real(data, *args)
+        monkeypatch.setattr(kernels, name, record)
+
+    spy("histogram_quant_errors")
+    spy("tensor_quant_errors")
+    cfg = QuantConfig(calibrate_method=PowerOfTwoMethod.MinMSE, activation_symmetric=True)
+    activation_qparams(c, cfg)
+    weight_qparams(w, cfg)
+    # levels: steps from zero to the largest code (uint8 from 0 or around 128, int8 around 0)
+    for name, abs_max, levels in [("histogram_quant_errors", c.abs_max, 255 if non_negative else 127),
+                                  ("tensor_quant_errors", float(np.abs(w).max()), 127)]:
+        exponents = searched[name]
+        top = int(exponents.max())
+        assert 2.0 ** top * levels >= abs_max > 2.0 ** (top - 1) * levels, name  # the smallest that does not clip
+        np.testing.assert_array_equal(np.sort(exponents), np.arange(top - POW2_SEARCH_STEPS, top + 1), name)
 
 
 def test_pow2_for_non_negative_tensor_uses_full_uint8_range():
