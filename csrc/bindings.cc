@@ -58,6 +58,20 @@ void require_nonempty(const py::array& a, const char* name) {
   if (a.size() == 0) throw py::value_error(std::string(name) + " must have at least one bin");
 }
 
+std::string shape_str(const std::vector<py::ssize_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+// A float64 accumulator of exactly `shape`, C-contiguous and writable; its data pointer.
+double* accumulator(py::array& a, const char* name, const std::vector<py::ssize_t>& shape) {
+  require<double>(a, name, "float64", -1, true);
+  if (a.ndim() != static_cast<py::ssize_t>(shape.size()) || !std::equal(shape.begin(), shape.end(), a.shape()))
+    throw py::value_error(std::string(name) + " must have shape " + shape_str(shape) + ", got " + shape_of(a));
+  return static_cast<double*>(a.mutable_data());
+}
+
 // The checked arguments of the two histogram-accumulating kernels.
 struct HistogramArgs {
   const float* x;
@@ -387,26 +401,22 @@ PYBIND11_MODULE(_kernels, m) {
     g.out_w = (w + pads[1] + pads[3] - (kernel[1] - 1) * dilations[1] - 1) / strides[1] + 1;
     if (g.out_h < 1 || g.out_w < 1) throw py::value_error("the kernel does not fit the input " + shape_of(q));
     const int64_t K = c / groups * kernel[0] * kernel[1];
-    std::vector<py::array*> grams{&qq}, sums{&sum_q};
+    const std::vector<py::ssize_t> gram_shape{groups, K, K}, sum_shape{groups, K};
+    double* a1 = accumulator(qq, "qq", gram_shape);
+    double* s1 = accumulator(sum_q, "sum_q", sum_shape);
+    double *a2 = nullptr, *a3 = nullptr, *s2 = nullptr;
     if (pf) {
-      grams.insert(grams.end(), {&qf, &ff});
-      sums.push_back(&sum_f);
-    }
-    for (auto* a : grams) {
-      require<double>(*a, "gram", "float64", 3, true);
-      if (a->shape(0) != groups || a->shape(1) != K || a->shape(2) != K)
-        throw py::value_error("gram accumulators must be (groups, K, K) = (" + std::to_string(groups) + ", " +
-                              std::to_string(K) + ", " + std::to_string(K) + "), got " + shape_of(*a));
-    }
-    for (auto* a : sums) {
-      require<double>(*a, "sum", "float64", 2, true);
-      if (a->shape(0) != groups || a->shape(1) != K)
-        throw py::value_error("sum accumulators must be (groups, K), got " + shape_of(*a));
+      a2 = accumulator(qf, "qf", gram_shape);
+      a3 = accumulator(ff, "ff", gram_shape);
+      s2 = accumulator(sum_f, "sum_f", sum_shape);
+    } else {
+      // Without f the kernel accumulates only qq and sum_q: the others must say so by being empty.
+      for (auto [a, name] : {std::pair<py::array*, const char*>{&qf, "qf"}, {&ff, "ff"}, {&sum_f, "sum_f"}})
+        if (a->size() != 0)
+          throw py::value_error(std::string(name) + " must be empty when f is None (it is not accumulated), got shape " +
+                                shape_of(*a));
     }
     const float* pq = static_cast<const float*>(q.data());
-    double *a1 = static_cast<double*>(qq.mutable_data()), *a2 = static_cast<double*>(qf.mutable_data()),
-           *a3 = static_cast<double*>(ff.mutable_data()), *s1 = static_cast<double*>(sum_q.mutable_data()),
-           *s2 = static_cast<double*>(sum_f.mutable_data());
     py::gil_scoped_release release;
     pyquant::window_gram(pq, pf, n, c, h, w, groups, g, a1, a2, a3, s1, s2);
     return g.out_h * g.out_w * n;

@@ -67,7 +67,8 @@ PYQUANT_INLINE float total(const float* a, int64_t m) {
 constexpr int64_t kBlock = 512;
 
 PYQUANT_MULTIVERSION
-// Adds one image's patches of one group (pq, pf: [K, m]) to the accumulators.
+// Adds one image's patches of one group (pq, pf: [K, m]) to the accumulators. Without float
+// patches (pf null) only qq and sq are touched; qf, ff and sf may then be null.
 void accumulate(const float* pq, const float* pf, int64_t K, int64_t m, double* qq, double* qf, double* ff,
                 double* sq, double* sf) {
   for (int64_t c0 = 0; c0 < m; c0 += kBlock) {
@@ -94,6 +95,19 @@ void accumulate(const float* pq, const float* pf, int64_t K, int64_t m, double* 
   }
 }
 
+// Where one group's sums live in a block of doubles: qq [K, K] and sum_q [K], then with
+// float inputs qf [K, K], ff [K, K] and sum_f [K].
+struct GroupSums {
+  int64_t K, kk;
+  bool with_f;
+  int64_t size() const { return with_f ? 3 * kk + 2 * K : kk + K; }
+  double* qq(double* base) const { return base; }
+  double* sum_q(double* base) const { return base + kk; }
+  double* qf(double* base) const { return with_f ? base + kk + K : nullptr; }
+  double* ff(double* base) const { return with_f ? base + 2 * kk + K : nullptr; }
+  double* sum_f(double* base) const { return with_f ? base + 3 * kk + K : nullptr; }
+};
+
 }  // namespace
 
 void window_gram(const float* q, const float* f, int64_t n, int64_t c, int64_t h, int64_t w, int64_t groups,
@@ -119,44 +133,46 @@ void window_gram(const float* q, const float* f, int64_t n, int64_t c, int64_t h
           fill_patches(q + off, h, w, cg, geo, pq.data() + img * m, mn);
           if (f) fill_patches(f + off, h, w, cg, geo, pf.data() + img * m, mn);
         }
-        accumulate(pq.data(), f ? pf.data() : nullptr, K, mn, qq + gi * kk, qf + gi * kk, ff + gi * kk, sum_q + gi * K,
-                   sum_f + gi * K);
+        if (f)
+          accumulate(pq.data(), pf.data(), K, mn, qq + gi * kk, qf + gi * kk, ff + gi * kk, sum_q + gi * K,
+                     sum_f + gi * K);
+        else
+          accumulate(pq.data(), nullptr, K, mn, qq + gi * kk, nullptr, nullptr, sum_q + gi * K, nullptr);
       }
     }
     return;
   }
   // Few groups (a full convolution): images in parallel into per-image partial sums,
-  // added in image order afterwards.
-  const int64_t per = groups * (3 * kk + 2 * K);
+  // added in image order afterwards. Without f, only qq and sum_q have partials.
+  const GroupSums layout{K, kk, f != nullptr};
+  const int64_t per = groups * layout.size();
   std::vector<double> partial(n * per, 0.0);
 #pragma omp parallel
   {
     std::vector<float> pq(K * m), pf(f ? K * m : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t img = 0; img < n; ++img) {
-      double* base = partial.data() + img * per;
       for (int64_t gi = 0; gi < groups; ++gi) {
-        double* acc = base + gi * (3 * kk + 2 * K);
+        double* acc = partial.data() + img * per + gi * layout.size();
         const int64_t off = (img * c + gi * cg) * h * w;
         fill_patches(q + off, h, w, cg, geo, pq.data(), m);
         if (f) fill_patches(f + off, h, w, cg, geo, pf.data(), m);
-        accumulate(pq.data(), f ? pf.data() : nullptr, K, m, acc, acc + kk, acc + 2 * kk, acc + 3 * kk, acc + 3 * kk + K);
+        accumulate(pq.data(), f ? pf.data() : nullptr, K, m, layout.qq(acc), layout.qf(acc), layout.ff(acc),
+                   layout.sum_q(acc), layout.sum_f(acc));
       }
     }
   }
   for (int64_t img = 0; img < n; ++img) {
-    const double* base = partial.data() + img * per;
     for (int64_t gi = 0; gi < groups; ++gi) {
-      const double* acc = base + gi * (3 * kk + 2 * K);
+      double* acc = partial.data() + img * per + gi * layout.size();
+      for (int64_t i = 0; i < kk; ++i) qq[gi * kk + i] += layout.qq(acc)[i];
+      for (int64_t i = 0; i < K; ++i) sum_q[gi * K + i] += layout.sum_q(acc)[i];
+      if (!f) continue;
       for (int64_t i = 0; i < kk; ++i) {
-        qq[gi * kk + i] += acc[i];
-        qf[gi * kk + i] += acc[kk + i];
-        ff[gi * kk + i] += acc[2 * kk + i];
+        qf[gi * kk + i] += layout.qf(acc)[i];
+        ff[gi * kk + i] += layout.ff(acc)[i];
       }
-      for (int64_t i = 0; i < K; ++i) {
-        sum_q[gi * K + i] += acc[3 * kk + i];
-        sum_f[gi * K + i] += acc[3 * kk + K + i];
-      }
+      for (int64_t i = 0; i < K; ++i) sum_f[gi * K + i] += layout.sum_f(acc)[i];
     }
   }
 }

@@ -16,7 +16,9 @@ struct ConvGeometry {
 };
 
 // q, f: [n, c, h, w]; qq, qf, ff: [groups, K, K]; sum_q, sum_f: [groups, K] (doubles,
-// accumulated into). f may be null: then only qq and sum_q are accumulated. Deterministic: the summation order does not depend on threads.
+// accumulated into). f may be null: then only qq and sum_q are accumulated, and qf, ff and
+// sum_f are neither read nor written (they may be null). Deterministic: the summation order
+// does not depend on threads.
 void window_gram(const float* q, const float* f, int64_t n, int64_t c, int64_t h, int64_t w, int64_t groups,
                  const ConvGeometry& geo, double* qq, double* qf, double* ff, double* sum_q, double* sum_f);
 
