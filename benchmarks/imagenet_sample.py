@@ -84,11 +84,9 @@ def repeated_folder(src: Path, times: int, tmp: Path) -> Path:
 
 
 def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path) -> float:
-    from pyquant.config import get_preset
+    from pyquant.config import CLEOptions, FastFinetuneOptions, get_preset
     from pyquant.graph.model_io import load_model, save_model
     from pyquant.pipeline import quantize_model
-    from pyquant.techniques.cle import CLEOptions
-    from pyquant.techniques.fast_finetune.options import FastFinetuneOptions
 
     ft = FastFinetuneOptions()
     # row -> (preset, the fields it replaces)
@@ -119,8 +117,8 @@ def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path)
     result = quantize_model(load_model(model_path), calib, config)
     save_model(result.model, out)
     seconds = time.perf_counter() - start
-    if result.finetune is not None:
-        ft = result.finetune
+    ft = result.reports.get("fast_finetune")
+    if ft is not None:
         print(ft.summary(), file=sys.stderr)
         return seconds, ft.seconds_inference + ft.seconds_gram + ft.seconds_fit
     return seconds, None
@@ -159,11 +157,12 @@ def worker(row: str, shared: Path, model_path: Path, logits_out: Optional[Path] 
             return {"row": row, "seconds": time.perf_counter() - start, "rss": peak_rss_mb()}
         elif row == "float_cle":
             from pyquant.graph.model_io import load_model, save_model
+            from pyquant.config import CLEOptions
             from pyquant.pipeline import prepare
             from pyquant.techniques import cle
 
             model = prepare(load_model(model_path))
-            calib = reader(shared, "calib", limit=cle.CLEOptions().activation_samples)
+            calib = reader(shared, "calib", limit=CLEOptions().activation_samples)
             feeds = list(iter(calib.get_next, None))
             start = time.perf_counter()  # measuring the activation ranges is part of the transform
             cle.equalize(model, feeds=feeds)

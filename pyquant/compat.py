@@ -4,30 +4,27 @@
     config = Config(global_quant_config=get_default_config("XINT8"))
     ModelQuantizer(config).quantize_model("model.onnx", "model_xint8.onnx", data_reader)
 
-Only what pyquant implements is accepted: an unknown ``extra_options`` key, or an
-option whose technique is not available yet, is a ConfigError that names the valid keys.
+This module only translates: every default comes from pyquant.config (Quark's
+``include_cle=True`` is the one default of Quark's own), and quantizing goes through
+pyquant.api.quantize, the same entry point as the library and the CLI. An unknown key is
+a ConfigError that names the valid keys; a key that has no meaning in pyquant is
+accepted with a one-line notice saying why (never dropped silently).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, Dict, Optional
 
-from .config import PRESETS, CalibrateMethod, CalibrationMethod, QuantConfig, QuantType, get_preset
+from . import api
+from .config import (CalibrateMethod, CLEOptions, FastFinetuneOptions, FinetuneAlgorithm, QuantConfig,
+                     QuantType, get_preset)
 from .errors import ConfigError
-from .techniques.cle import CLEOptions
-from .techniques.fast_finetune.options import FastFinetuneOptions, FinetuneAlgorithm
 
-# The reference's defaults, same keys (quark.onnx ... custom_config). BatchSize, FixedSeed
-# and NumBatches are accepted and have no effect: every pyquant iteration uses the whole
-# calibration set through the layer's Gram matrices, with no sampling.
-DEFAULT_ADAROUND_PARAMS: Dict[str, Any] = {
-    "DataSize": 1000, "FixedSeed": 1705472343, "BatchSize": 2, "NumIterations": 1000, "LearningRate": 0.1,
-    "OptimAlgorithm": "adaround", "OptimDevice": "cpu", "InferDevice": "cpu", "EarlyStop": True,
-}
-DEFAULT_ADAQUANT_PARAMS: Dict[str, Any] = {
-    "DataSize": 1000, "FixedSeed": 1705472343, "BatchSize": 2, "NumIterations": 1000, "LearningRate": 0.00001,
-    "OptimAlgorithm": "adaquant", "OptimDevice": "cpu", "InferDevice": "cpu", "EarlyStop": True,
-}
+log = logging.getLogger(__name__)
+_DEFAULTS = QuantConfig()
+# Quark's AdaQuant learning rate is in units of the weights, AdaRound's in units of V.
+ADAQUANT_LEARNING_RATE = 1e-5
 
 
 def _algorithm(key: str, value: Any) -> Dict[str, Any]:
@@ -49,23 +46,33 @@ def _beta_range(key: str, value: Any) -> Dict[str, Any]:
     return {"beta_range": (_number(key, value[0]), _number(key, value[1]))}
 
 
+def _notice(why: str) -> Callable[[str, Any], Dict[str, Any]]:
+    """A key accepted with a one-line notice: it means nothing in pyquant, for ``why``."""
+
+    def accept(key: str, value: Any) -> Dict[str, Any]:
+        _number(key, value)
+        log.warning("FastFinetune[%r] = %r has no effect in pyquant: %s", key, value, why)
+        return {}
+    return accept
+
+
 # Quark FastFinetune key -> function(key, value) returning FastFinetuneOptions fields.
 FAST_FINETUNE_OPTIONS: Dict[str, Callable[[str, Any], Dict[str, Any]]] = {
     "OptimAlgorithm": _algorithm,
-    "NumIterations": lambda k, v: {"iterations": int(_number(k, v))},
+    "NumIterations": lambda k, v: {"iterations": _integer(k, v)},
     "LearningRate": lambda k, v: {"learning_rate": _number(k, v)},
     "RegParam": lambda k, v: {"reg_param": _number(k, v)},
     "BetaRange": _beta_range,
     "WarmStart": lambda k, v: {"warm_start": _number(k, v)},
     "EarlyStop": lambda k, v: {"early_stop": _bool(k, v)},
     "UpdateBias": lambda k, v: {"update_bias": _bool(k, v)},
-    "DataSize": lambda k, v: {"data_size": int(_number(k, v))},
+    "DataSize": lambda k, v: {"data_size": _integer(k, v)},
+    "NumBatches": lambda k, v: {"data_batches": _integer(k, v)},
     "OptimDevice": _cpu,
     "InferDevice": _cpu,
-    "BatchSize": lambda k, v: (_number(k, v), {})[1],
-    "NumBatches": lambda k, v: (_number(k, v), {})[1],
-    "FixedSeed": lambda k, v: (_number(k, v), {})[1],
-    "LogPeriod": lambda k, v: (_number(k, v), {})[1],
+    "BatchSize": _notice("every iteration uses the Gram matrix of all calibration samples (no mini-batches)"),
+    "FixedSeed": _notice("fast finetune draws no random numbers (it is deterministic)"),
+    "LogPeriod": _notice("each layer's fit runs in C++ without intermediate logs; its result is logged"),
 }
 
 
@@ -92,7 +99,17 @@ def fast_finetune_params(options: FastFinetuneOptions) -> Dict[str, Any]:
     }
     if options.data_size is not None:
         params["DataSize"] = options.data_size
+    if options.data_batches is not None:
+        params["NumBatches"] = options.data_batches
     return params
+
+
+# Quark's DEFAULT_ADAROUND_PARAMS / DEFAULT_ADAQUANT_PARAMS with pyquant's defaults
+# (pyquant.config.FastFinetuneOptions), so that include_fast_ft=True, these dicts and
+# --fast_finetune all quantize alike.
+DEFAULT_ADAROUND_PARAMS: Dict[str, Any] = fast_finetune_params(FastFinetuneOptions())
+DEFAULT_ADAQUANT_PARAMS: Dict[str, Any] = fast_finetune_params(
+    FastFinetuneOptions(algorithm=FinetuneAlgorithm.AdaQuant, learning_rate=ADAQUANT_LEARNING_RATE))
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -107,6 +124,14 @@ def _number(key: str, value: Any) -> float:
     return float(value)
 
 
+def _integer(key: str, value: Any) -> int:
+    """An integer, or a float with an integral value (12.0); 12.7 is an error, not 12."""
+    number = _number(key, value)
+    if number != int(number):
+        raise ConfigError(f"extra_options[{key!r}] must be a whole number, got {value!r}")
+    return int(number)
+
+
 def _weight_symmetric(key: str, value: Any) -> Dict[str, Any]:
     if not _bool(key, value):
         raise ConfigError("extra_options['WeightSymmetric'] = False is not supported: weights are symmetric int8")
@@ -118,17 +143,17 @@ EXTRA_OPTIONS: Dict[str, Callable[[str, Any], Dict[str, Any]]] = {
     "ActivationSymmetric": lambda k, v: {"activation_symmetric": _bool(k, v)},
     "WeightSymmetric": _weight_symmetric,
     "Percentile": lambda k, v: {"percentile": _number(k, v)},
-    "NumBins": lambda k, v: {"num_bins": int(_number(k, v))},
-    "CalibDataBatchSize": lambda k, v: {"calib_batch_size": int(_number(k, v))},
+    "NumBins": lambda k, v: {"num_bins": _integer(k, v)},
+    "CalibDataBatchSize": lambda k, v: {"calib_batch_size": _integer(k, v)},
     # Cross-layer equalization (CLEOptions): sweeps, convergence tolerance on the scales,
     # Clip -> Relu replacement (changes the network), bias included in the first layer's range.
-    "CLESteps": lambda k, v: {"cle.steps": int(_number(k, v))},
+    "CLESteps": lambda k, v: {"cle.steps": _integer(k, v)},
     "CLETotalLayerDiffThreshold": lambda k, v: {"cle.tolerance": _number(k, v)},
     "ReplaceClip6Relu": lambda k, v: {"cle.replace_clip_with_relu": _bool(k, v)},
     "CLEScaleAppendBias": lambda k, v: {"cle.scale_append_bias": _bool(k, v)},
     # pyquant's own (not the reference's): activation-aware CLE scales (0 = data-free CLE).
     "CLEActivationWeight": lambda k, v: {"cle.activation_weight": _number(k, v)},
-    "CLEActivationSamples": lambda k, v: {"cle.activation_samples": int(_number(k, v))},
+    "CLEActivationSamples": lambda k, v: {"cle.activation_samples": _integer(k, v)},
     # pyquant's own: QDQ pairs on model outputs and tensors read only by float ops.
     "QuantizeRegionOutputs": lambda k, v: {"quantize_region_outputs": _bool(k, v)},
     # Fast finetune (FastFinetuneOptions), a dict with the keys of FAST_FINETUNE_OPTIONS.
@@ -146,12 +171,12 @@ class QuantizationConfig:
     anything pyquant cannot honour.
     """
 
-    calibrate_method: CalibrateMethod = CalibrationMethod.MinMax
-    activation_type: QuantType = QuantType.QUInt8
-    weight_type: QuantType = QuantType.QInt8
-    per_channel: bool = False
-    enable_npu_cnn: bool = False
-    include_cle: bool = True
+    calibrate_method: CalibrateMethod = _DEFAULTS.calibrate_method
+    activation_type: QuantType = _DEFAULTS.activation_type
+    weight_type: QuantType = _DEFAULTS.weight_type
+    per_channel: bool = _DEFAULTS.per_channel
+    enable_npu_cnn: bool = _DEFAULTS.enable_npu_cnn
+    include_cle: bool = True  # Quark's default, not QuantConfig's
     include_fast_ft: bool = False
     extra_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -165,7 +190,7 @@ class QuantizationConfig:
             fields.update(EXTRA_OPTIONS[key](key, value))
         cle_fields = {k.split(".", 1)[1]: fields.pop(k) for k in list(fields) if k.startswith("cle.")}
         if self.include_fast_ft:
-            fields.setdefault("fast_finetune", fast_finetune_options(DEFAULT_ADAROUND_PARAMS))
+            fields.setdefault("fast_finetune", FastFinetuneOptions())
         elif "fast_finetune" in fields:
             raise ConfigError("extra_options['FastFinetune'] is given but include_fast_ft is False")
         return QuantConfig(activation_type=self.activation_type, weight_type=self.weight_type,
@@ -176,8 +201,12 @@ class QuantizationConfig:
     @classmethod
     def from_quant_config(cls, config: QuantConfig) -> "QuantizationConfig":
         extra: Dict[str, Any] = {"ActivationSymmetric": config.activation_symmetric}
-        if config.calibrate_method is CalibrationMethod.Percentile:
+        if config.percentile != _DEFAULTS.percentile:
             extra["Percentile"] = config.percentile
+        if config.num_bins != _DEFAULTS.num_bins:
+            extra["NumBins"] = config.num_bins
+        if config.calib_batch_size is not None:
+            extra["CalibDataBatchSize"] = config.calib_batch_size
         if config.cross_layer_equalization:
             extra.update(CLESteps=config.cle.steps, CLETotalLayerDiffThreshold=config.cle.tolerance,
                          ReplaceClip6Relu=config.cle.replace_clip_with_relu,
@@ -188,10 +217,16 @@ class QuantizationConfig:
             extra["QuantizeRegionOutputs"] = False
         if config.fast_finetune is not None:
             extra["FastFinetune"] = fast_finetune_params(config.fast_finetune)
-        return cls(calibrate_method=config.calibrate_method, activation_type=config.activation_type,
-                   weight_type=config.weight_type, per_channel=config.per_channel,
-                   enable_npu_cnn=config.enable_npu_cnn, include_cle=config.cross_layer_equalization,
-                   include_fast_ft=config.fast_finetune is not None, extra_options=extra)
+        result = cls(calibrate_method=config.calibrate_method, activation_type=config.activation_type,
+                     weight_type=config.weight_type, per_channel=config.per_channel,
+                     enable_npu_cnn=config.enable_npu_cnn, include_cle=config.cross_layer_equalization,
+                     include_fast_ft=config.fast_finetune is not None, extra_options=extra)
+        back = result.to_quant_config()
+        lost = [f.name for f in dataclasses.fields(QuantConfig) if getattr(back, f.name) != getattr(config, f.name)]
+        if lost:
+            raise ConfigError(f"this QuantConfig has no Quark-style equivalent: {', '.join(lost)} cannot be "
+                              "expressed with QuantizationConfig; use the QuantConfig itself")
+        return result
 
 
 @dataclasses.dataclass
@@ -208,28 +243,19 @@ def get_default_config(name: str) -> QuantizationConfig:
 
 
 def resolve(config: Any) -> QuantConfig:
-    """Any accepted form of configuration -> QuantConfig: a preset name, a QuantConfig,
-    a Quark-style QuantizationConfig or Config."""
-    if isinstance(config, QuantConfig):
-        return config
-    if isinstance(config, str):
-        return get_preset(config)
-    if isinstance(config, Config):
-        config = config.global_quant_config
-    if isinstance(config, QuantizationConfig):
-        return config.to_quant_config()
-    raise ConfigError(f"expected a preset name ({', '.join(PRESETS)}), QuantConfig, QuantizationConfig or Config; "
-                      f"got {type(config).__name__}")
+    """Any accepted form of configuration -> QuantConfig (pyquant.api.resolve_config:
+    a preset name, a QuantConfig, a QuantizationConfig or Config)."""
+    return api.resolve_config(config)
 
 
 class ModelQuantizer:
-    """Quark's ModelQuantizer: ``quantize_model(input_path, output_path, data_reader)``."""
+    """Quark's ModelQuantizer: ``quantize_model(input, output, data_reader)`` returns the
+    quantized ModelProto and writes it when ``output`` is a path."""
 
     def __init__(self, config: Any, progress: Optional[Callable[[int, Optional[int]], None]] = None) -> None:
         self.config = resolve(config)
         self.progress = progress
 
-    def quantize_model(self, model_input, model_output, calibration_data_reader) -> None:
-        from .api import quantize
-
-        quantize(model_input, calibration_data_reader, self.config, output=model_output, progress=self.progress)
+    def quantize_model(self, model_input, model_output, calibration_data_reader):
+        return api.quantize_detailed(model_input, calibration_data_reader, self.config, model_output,
+                                     progress=self.progress).model

@@ -3,19 +3,20 @@
 The names (QuantType, CalibrationMethod, PowerOfTwoMethod, XINT8, A8W8, U8S8) follow
 AMD Quark's ONNX quantizer so that its users find the same vocabulary; the types here
 are the real configuration, and each default is defined once, in this file.
+
+A leaf module: it imports no technique, graph or calibration module, so that every other
+module (techniques included) can import its types. Technique options live here too.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 from onnx import TensorProto
 
 from .errors import ConfigError
-from .techniques.cle import CLEOptions
-from .techniques.fast_finetune.options import FastFinetuneOptions
 
 
 class QuantType(enum.Enum):
@@ -61,6 +62,124 @@ CalibrateMethod = Union[CalibrationMethod, PowerOfTwoMethod]
 
 
 @dataclasses.dataclass(frozen=True)
+class CLEOptions:
+    """Cross-layer equalization (pyquant.techniques.cle).
+
+    Attributes:
+        steps: at most this many sweeps over all pairs.
+        tolerance: stop when every scale of a sweep is within (1 +- tolerance).
+        activation_weight: how much the measured channel ranges of the activation between
+            two layers count in their scales (0: the paper's data-free CLE, weights only;
+            see pyquant.techniques.cle). 0.25 measured best on EfficientNet-Lite0 (README).
+        activation_samples: calibration samples those ranges are measured on (and the
+            statistics of high-bias absorption).
+        high_bias_absorption: after equalization, move the part of each ReLU channel that
+            stays above zero into the next layer's bias (pyquant.techniques.bias_absorption);
+            off by default: it cost 0.8 points of top-1 on EfficientNet-Lite0 (README).
+        replace_clip_with_relu: replace Clip by Relu before equalizing (the reference
+            tool's ReplaceClip6Relu; changes the function, measured -25 points on
+            EfficientNet-Lite0).
+        scale_append_bias: count the first layer's bias in its output-channel range.
+    """
+
+    steps: int = 100
+    tolerance: float = 1e-3
+    activation_weight: float = 0.25
+    activation_samples: int = 64
+    high_bias_absorption: bool = False
+    replace_clip_with_relu: bool = False
+    scale_append_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"CLE steps must be at least 1, got {self.steps}")
+        if not self.tolerance > 0:
+            raise ConfigError(f"CLE tolerance must be positive, got {self.tolerance}")
+        if not 0 <= self.activation_weight <= 1:
+            raise ConfigError(f"CLE activation_weight must be in [0, 1], got {self.activation_weight}")
+        if self.activation_samples < 1:
+            raise ConfigError(f"CLE activation_samples must be at least 1, got {self.activation_samples}")
+
+
+class FinetuneAlgorithm(enum.Enum):
+    """AdaRound learns up/down rounding of each weight (scales fixed); AdaQuant learns the
+    weights themselves through the quantizer (straight-through gradient)."""
+
+    AdaRound = "adaround"
+    AdaQuant = "adaquant"
+
+
+@dataclasses.dataclass(frozen=True)
+class FastFinetuneOptions:
+    """How each Conv/Gemm/MatMul layer's integer weights are fitted
+    (pyquant.techniques.fast_finetune).
+
+    Attributes:
+        algorithm: AdaRound or AdaQuant.
+        iterations: Adam steps per layer. Each step uses the whole calibration set (through
+            the layer's Gram matrices), not a mini-batch of 2 as the reference's 1000 steps:
+            300 measured enough on EfficientNet-Lite0 (benchmarks/imagenet_sample.py).
+        learning_rate: Adam step size: in units of the AdaRound parameter V, or of the
+            weights for AdaQuant (the reference's conventions).
+        reg_param: weight of AdaRound's rounding regulariser sum(1 - |2h - 1|^beta).
+        beta_range: beta annealed (cosine) from the first value to the second.
+        warm_start: fraction of the iterations before the regulariser is switched on.
+        early_stop: per output channel, keep nearest rounding where the learned rounding
+            does not lower the layer's output error on the calibration data.
+        update_bias: refit each layer's bias in closed form (the mean output shift between
+            the float layer and the quantized layer on their real inputs); this also makes
+            the fit blind to constant offsets, which the bias absorbs.
+        data_size: use at most this many calibration samples (None: all).
+        data_batches: use at most this many calibration batches (None: all); with
+            data_size, whichever limit comes first.
+    """
+
+    algorithm: FinetuneAlgorithm = FinetuneAlgorithm.AdaRound
+    iterations: int = 300
+    learning_rate: float = 0.1
+    reg_param: float = 0.01
+    beta_range: Tuple[float, float] = (20.0, 2.0)
+    warm_start: float = 0.2
+    early_stop: bool = True
+    update_bias: bool = True
+    data_size: Optional[int] = None
+    data_batches: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.algorithm, FinetuneAlgorithm):
+            raise ConfigError(f"fast finetune algorithm must be a FinetuneAlgorithm, got {self.algorithm!r}")
+        for name in ("iterations", "data_size", "data_batches"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise ConfigError(f"fast finetune {name} must be an integer, got {value!r}")
+        if self.iterations < 0:
+            raise ConfigError(f"fast finetune iterations must be >= 0, got {self.iterations}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"fast finetune learning rate must be positive, got {self.learning_rate}")
+        if self.reg_param < 0:
+            raise ConfigError(f"fast finetune reg_param must be >= 0, got {self.reg_param}")
+        if len(self.beta_range) != 2 or not all(b >= 1 for b in self.beta_range):
+            raise ConfigError(f"fast finetune beta_range must be two values >= 1, got {self.beta_range}")
+        if not 0 <= self.warm_start < 1:
+            raise ConfigError(f"fast finetune warm_start must be in [0, 1), got {self.warm_start}")
+        if self.data_size is not None and self.data_size < 1:
+            raise ConfigError(f"fast finetune data_size must be at least 1, got {self.data_size}")
+        if self.data_batches is not None and self.data_batches < 1:
+            raise ConfigError(f"fast finetune data_batches must be at least 1, got {self.data_batches}")
+
+
+
+# Histogram bins per activation tensor; the entropy (KL) method needs more bins than its
+# ENTROPY_QUANT_BINS target levels, and 2**20 bins (8 MB per tensor) is far past useful.
+DEFAULT_NUM_BINS = 2048
+ENTROPY_QUANT_BINS = 128
+MIN_NUM_BINS = ENTROPY_QUANT_BINS
+MAX_NUM_BINS = 2 ** 20
+# Batch size for calibration data given as arrays or folders, when calib_batch_size is None.
+DEFAULT_CALIB_BATCH_SIZE = 8
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and how. Frozen: derive variants with ``dataclasses.replace``.
 
@@ -86,7 +205,13 @@ class QuantConfig:
             float logits that close). Measured: README, section Results.
         percentile: the percentile (in %) kept by CalibrationMethod.Percentile.
         num_bins: histogram bins per activation tensor.
-        calib_batch_size: images per onnxruntime run during calibration; bounds peak memory.
+        calib_batch_size: samples per onnxruntime run during calibration (bounds peak
+            memory): the calibration data is re-batched to this size (the last batch may be
+            smaller). None: as the data comes (a reader's own batches; arrays and folders in
+            batches of DEFAULT_CALIB_BATCH_SIZE).
+        threads: the thread budget of the whole run (onnxruntime, the C++ kernels and the
+            image decoders share it; see pyquant.threads). None: the CPUs this process may
+            run on (its affinity mask), not the machine's count.
         weight_scale_mse: float per-tensor weight scales clip the abs max to the ratio in
             [0.3, 1] with the least squared rounding error, instead of abs max / 127
             (per-channel scales stay abs max, which measured better; power-of-two weight
@@ -109,8 +234,9 @@ class QuantConfig:
     enable_npu_cnn: bool = False
     quantize_region_outputs: bool = True
     percentile: float = 99.999
-    num_bins: int = 2048
-    calib_batch_size: int = 8
+    num_bins: int = DEFAULT_NUM_BINS
+    calib_batch_size: Optional[int] = None
+    threads: Optional[int] = None
     weight_scale_mse: bool = True
     bias_correction: bool = True
     cross_layer_equalization: bool = False
@@ -130,12 +256,20 @@ class QuantConfig:
                               f"({self.calibrate_method.name}): NPUs take one power-of-two scale per tensor")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
-        if self.num_bins < 128:
-            raise ConfigError(f"num_bins must be at least 128, got {self.num_bins}")
+        if not MIN_NUM_BINS <= self.num_bins <= MAX_NUM_BINS:
+            raise ConfigError(f"num_bins must be in [{MIN_NUM_BINS}, {MAX_NUM_BINS}], got {self.num_bins}")
         if self.fast_finetune is not None and not isinstance(self.fast_finetune, FastFinetuneOptions):
             raise ConfigError(f"fast_finetune must be FastFinetuneOptions or None, got {self.fast_finetune!r}")
-        if self.calib_batch_size < 1:
+        for name in ("calib_batch_size", "threads", "num_bins"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if self.calib_batch_size is not None and self.calib_batch_size < 1:
             raise ConfigError(f"calib_batch_size must be at least 1, got {self.calib_batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        if not isinstance(self.cle, CLEOptions):
+            raise ConfigError(f"cle must be CLEOptions, got {self.cle!r}")
 
     @property
     def power_of_two(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import threads
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -110,13 +111,14 @@ def image_labels(files: Sequence[Path], root: os.PathLike, labels_file: Optional
 class ImageFolderReader:
     """Batches of preprocessed images from a folder (ImageNet layout or flat).
 
-    Images are decoded by a small thread pool (PIL releases the GIL while decoding).
+    Images are decoded by a small thread pool (PIL releases the GIL while decoding) of
+    ``workers`` threads, by default the thread budget's share for decoders (pyquant.threads).
     Unreadable images are skipped with a warning; ``skipped`` counts them.
     """
 
     def __init__(self, folder: os.PathLike, input_name: str, preprocess: Preprocess,
                  batch_size: int = 8, limit: Optional[int] = None,
-                 labels_file: Optional[os.PathLike] = None, workers: int = 2) -> None:
+                 labels_file: Optional[os.PathLike] = None, workers: Optional[int] = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
         if limit is not None and limit < 1:
@@ -128,7 +130,10 @@ class ImageFolderReader:
         self.preprocess = preprocess
         self.batch_size = batch_size
         self.skipped: List[Path] = []
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        if workers is not None and workers < 1:
+            raise ConfigError(f"workers must be positive, got {workers}")
+        self.workers = workers  # None: the thread budget's decoders, read when decoding starts
+        self._pool: Optional[ThreadPoolExecutor] = None
         self._pos = 0
         self._last_labels: List[int] = []
 
@@ -152,6 +157,9 @@ class ImageFolderReader:
             paths = self.files[self._pos:self._pos + self.batch_size]
             labels = self.labels[self._pos:self._pos + self.batch_size]
             self._pos += len(paths)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.workers or threads.current().decoders,
+                                                thread_name_prefix="pyquant-decode")
             images = list(self._pool.map(self._load, paths))
             keep = [i for i, x in enumerate(images) if x is not None]
             self.skipped.extend(p for p, x in zip(paths, images) if x is None)

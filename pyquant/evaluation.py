@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
-import onnxruntime as ort
 from onnx import ModelProto
 
-from .errors import ConfigError, DataError
+from .errors import DataError
+from .runtime import make_provider_session
 
 ProgressCallback = Callable[[int, Optional[int]], None]
 
@@ -38,27 +38,12 @@ def model_size_mb(model: Union[ModelProto, os.PathLike, str]) -> float:
     return (p.stat().st_size + sum(q.stat().st_size for q in data)) / 1e6
 
 
-def make_eval_session(model: Union[ModelProto, os.PathLike, str], provider: str = "CPUExecutionProvider",
-                      provider_options: Optional[dict] = None) -> ort.InferenceSession:
-    available = ort.get_available_providers()
-    if provider not in available:
-        raise ConfigError(f"execution provider {provider!r} is not available in this onnxruntime "
-                          f"({ort.__version__}); available: {', '.join(available)}")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    source = model.SerializeToString() if isinstance(model, ModelProto) else str(model)
-    providers: List = [(provider, provider_options or {})]
-    if provider != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")
-    return ort.InferenceSession(source, options, providers=providers)
-
-
 def evaluate(model: Union[ModelProto, os.PathLike, str], reader, provider: str = "CPUExecutionProvider",
              provider_options: Optional[dict] = None, progress: Optional[ProgressCallback] = None,
              keep_logits: bool = False) -> EvalResult:
     """Accuracy of ``model`` over ``reader`` (an ImageFolderReader: ``next_labeled()``);
     with ``keep_logits`` the result also holds every image's logits (n x classes floats)."""
-    session = make_eval_session(model, provider, provider_options)
+    session = make_provider_session(model, provider, provider_options)
     input_name = session.get_inputs()[0].name
     correct1 = correct5 = n = 0
     predictions: List[np.ndarray] = []

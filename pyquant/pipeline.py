@@ -1,25 +1,41 @@
-"""The quantization pipeline: load, prepare, plan, calibrate, rewrite, save."""
+"""The quantization pipeline: prepare, run the techniques around one calibration pass,
+write the QDQ model.
+
+    prepare (opset check, BatchNormalization folding, shape inference)
+      -> GRAPH techniques (CLE, ...) on the float model, with a few peeked samples
+      -> plan (which tensors get QDQ pairs, which share a scale)
+      -> calibration: one pass collecting every planned activation's statistics and
+         what each PARAMETERS technique asked for
+      -> the parameter table (activations and weights, computed once)
+      -> PARAMETERS techniques (bias correction, fast finetune, ...)
+      -> QDQ model from the table
+
+The techniques and their order are pyquant.techniques.REGISTRY; the pipeline knows none
+of them by name.
+"""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import operator
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List
 
-import numpy as np
 import onnx
 from onnx import ModelProto
 
-from .calibrate.collector import TensorCollector
-from .calibrate.methods import QParams, activation_qparams
-from .calibrate.runner import ProgressCallback, batch_samples, collect
+from . import threads
+from .calibrate.runner import StatisticsRequest, collect
+from .calibrate.table import build_table
 from .config import QuantConfig
 from .errors import ModelError
 from .graph.fold_bn import fold_batch_norm
-from .graph.plan import QuantPlan, plan_for
+from .graph.plan import QuantPlan
 from .graph.qdq import write_qdq
-from .techniques import bias_absorption, bias_correction, cle
-from .techniques.fast_finetune.finetune import FinetuneReport, LayerCallback, finetune, require_rewind
+from .qparams import QuantTable
+from .runtime import PeekedReader, RebatchedReader, require_rewind
+from .techniques import Callbacks, QuantState, Stage, Technique, techniques_for
 
 log = logging.getLogger(__name__)
 # QuantizeLinear with per-axis scales needs opset 13.
@@ -30,10 +46,10 @@ MIN_OPSET = 13
 class QuantizeResult:
     model: ModelProto
     plan: QuantPlan
-    qparams: Dict[str, QParams]
+    table: QuantTable
+    reports: Dict[str, Any]  # technique name -> its report (e.g. "fast_finetune": FinetuneReport)
     seconds_calibration: float
     seconds_total: float
-    finetune: Optional[FinetuneReport] = None
 
 
 def prepare(model: ModelProto) -> ModelProto:
@@ -52,95 +68,61 @@ def prepare(model: ModelProto) -> ModelProto:
     return prepared
 
 
-def group_qparams(plan: QuantPlan, collectors: Dict[str, TensorCollector],
-                  config: QuantConfig) -> Dict[str, QParams]:
-    """One QParams per scale-sharing group, computed from the group's merged statistics."""
-    result: Dict[str, QParams] = {}
-    for members in plan.groups:
-        merged = collectors[members[0]]
-        for name in members[1:]:
-            merged = merged.merged(collectors[name])
-        qp = activation_qparams(merged, config)
-        for name in members:
-            result[name] = qp
-    return result
+def _calibration_reader(reader, config: QuantConfig):
+    """``reader`` in batches of config.calib_batch_size (when set and not already so)."""
+    size = config.calib_batch_size
+    if size is None or getattr(reader, "batch_size", None) == size:
+        return reader
+    return RebatchedReader(reader, size)
 
 
-class _PeekedReader:
-    """A reader whose first batches (at least ``samples`` samples, or all there are) were
-    read ahead, to look at real data before calibration; they are replayed first."""
-
-    def __init__(self, reader, samples: int = 1) -> None:
-        self.reader = reader
-        self.peeked: List[Dict[str, np.ndarray]] = []
-        count = 0
-        while count < samples and (batch := reader.get_next()) is not None:
-            self.peeked.append(batch)
-            count += batch_samples(batch)
-        self._pending = list(self.peeked)
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def rewind(self) -> None:
-        require_rewind(self.reader)
-        self._pending = []
-        self.reader.rewind()
-
-    def get_next(self):
-        if self._pending:
-            return self._pending.pop(0)
-        return self.reader.get_next()
+def _run_graph_stage(state: QuantState, techniques: List[Technique]) -> None:
+    samples = max((t.samples_needed() for t in techniques), default=0)
+    peeked = None
+    if samples:
+        peeked = state.reader = PeekedReader(state.reader, samples)
+        state.samples = peeked.peeked
+    for technique in techniques:
+        technique.apply(state)
+    state.samples = []
+    if peeked is not None:
+        peeked.peeked.clear()  # the batches stay queued for calibration only
 
 
-def quantize_model(model: ModelProto, reader, config: QuantConfig,
-                   progress: Optional[ProgressCallback] = None,
-                   on_layer: Optional[LayerCallback] = None,
-                   finetune_progress: Optional[ProgressCallback] = None) -> QuantizeResult:
-    """Quantize an in-memory float model with calibration data from ``reader``.
-    ``progress`` follows the calibration batches; with fast finetune ``finetune_progress``
-    follows the batches of its passes and ``on_layer`` receives each layer's result."""
+def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Callbacks = Callbacks()
+                   ) -> QuantizeResult:
+    """Quantize an in-memory float model with calibration data from ``reader`` (an object
+    with get_next(); rewind() too when a technique reads the data twice)."""
     start = time.perf_counter()
-    prepared = prepare(model)
-    if config.cross_layer_equalization:
-        reader = _PeekedReader(reader, config.cle.activation_samples)
-        original = ModelProto()  # the function CLE must preserve
-        original.CopyFrom(prepared)
-        if config.cle.replace_clip_with_relu:
-            cle.replace_clips_with_relu(original)
-        report = cle.equalize(prepared, config.cle, reader.peeked)
-        if reader.peeked:  # on a real batch, before any statistics are taken
-            cle.check_equivalence(original, prepared, reader.peeked[:1], config.cle.check_rtol, report.pair_list)
-        if config.cle.high_bias_absorption:  # approximate by design: after the exactness check
-            bias_absorption.absorb_high_biases(prepared, report.pair_list, reader.peeked,
-                                               config.cle.absorption_sigmas)
-        reader.peeked.clear()  # the batches stay queued for calibration only
-        del original
-    plan = plan_for(prepared, config)
-    t0 = time.perf_counter()
-    means_needed = bias_correction.needed_means(plan) if config.bias_correction else {}
-    stats = collect(prepared, plan, reader, config, progress, means_needed)
-    seconds_calibration = time.perf_counter() - t0
-    qparams = group_qparams(plan, stats.ranges, config)
-    float_model = None
-    if config.fast_finetune is not None:  # the function to reproduce, before bias correction
-        float_model = ModelProto()
-        float_model.CopyFrom(prepared)
-    if config.bias_correction:
-        means = {name: c.mean for name, c in stats.channel_means.items()}
-        bias_correction.apply_bias_correction(prepared, plan, means, config)
-        plan = plan_for(prepared, config)  # layers may have gained a bias input
-    fixed, report = {}, None
-    if float_model is not None:
-        fixed, report = finetune(float_model, prepared, plan, qparams, config, reader, config.fast_finetune,
-                                 finetune_progress, on_layer)
-        del float_model
-        plan = plan_for(prepared, config)
-    quantized = write_qdq(prepared, plan, qparams, config, fixed)
+    techniques = techniques_for(config)
+    graph_stage = [t for t in techniques if t.stage is Stage.GRAPH]
+    parameter_stage = [t for t in techniques if t.stage is Stage.PARAMETERS]
+    rereaders = [t.name for t in techniques if t.rereads_data]
+    if rereaders:  # before any work, on the reader as given
+        require_rewind(reader, " and ".join(rereaders))
+    with threads.budget(config.threads):
+        state = QuantState(prepare(model), config, _calibration_reader(reader, config), callbacks)
+        _run_graph_stage(state, graph_stage)
+        state.replan()
+        request = functools.reduce(operator.or_, (t.statistics_needed(state) for t in parameter_stage),
+                                   StatisticsRequest())
+        if any(t.needs_float_model for t in parameter_stage):
+            state.float_model = ModelProto()
+            state.float_model.CopyFrom(state.model)
+        t0 = time.perf_counter()
+        state.statistics = collect(state.model, state.plan, state.reader, config, request, callbacks.calibration)
+        seconds_calibration = time.perf_counter() - t0
+        state.table = build_table(state.model, state.plan, state.statistics.ranges, config)
+        for technique in parameter_stage:
+            technique.apply(state)
+        state.float_model = None
+        quantized = write_qdq(state.model, state.plan, state.table, config)
     try:
         onnx.checker.check_model(quantized)
     except onnx.checker.ValidationError as e:  # a bug of ours, not of the user's model
         raise ModelError(f"internal error: the quantized model is invalid: {str(e).splitlines()[0]}") from None
+    plan = state.plan
     log.info("quantized %d activations, %d weights, %d biases; %d nodes left in float",
              len(plan.activations), len(plan.weights), len(plan.biases), len(plan.skipped))
-    return QuantizeResult(quantized, plan, qparams, seconds_calibration, time.perf_counter() - start, report)
+    return QuantizeResult(quantized, plan, state.table, state.reports, seconds_calibration,
+                          time.perf_counter() - start)

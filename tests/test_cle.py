@@ -7,6 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pyquant import kernels, reference
 from pyquant.errors import ModelError
+from pyquant.runtime import PeekedReader
 from pyquant.techniques import cle
 
 # Equalization rescales float32 weights by factors up to ~100: outputs agree to float32
@@ -278,9 +279,8 @@ class _Batches:
 
 @pytest.mark.parametrize("samples,peeked", [(1, 1), (5, 3), (100, 5)])
 def test_peeked_batches_are_replayed_once_in_order(samples, peeked):
-    from pyquant.pipeline import _PeekedReader
 
-    reader = _PeekedReader(_Batches(5, 2), samples)
+    reader = PeekedReader(_Batches(5, 2), samples)
     assert len(reader.peeked) == peeked
     reader.peeked.clear()  # what the pipeline does after CLE: the replay queue is separate
     seen = [int(b["x"][0, 0]) for b in iter(reader.get_next, None)]

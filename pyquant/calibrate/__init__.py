@@ -1,4 +1,5 @@
+from ..qparams import QParams
 from .collector import NonFiniteValues, TensorCollector
-from .methods import QParams, activation_qparams, weight_qparams
+from .methods import activation_qparams, weight_qparams
 
-__all__ = ["NonFiniteValues", "TensorCollector", "QParams", "activation_qparams", "weight_qparams"]
+__all__ = ["QParams", "NonFiniteValues", "TensorCollector", "activation_qparams", "weight_qparams"]

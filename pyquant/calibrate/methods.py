@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import kernels
 from ..config import CalibrateMethod, CalibrationMethod, PowerOfTwoMethod, QuantConfig, QuantType
+from ..qparams import QParams
 from .collector import TensorCollector
 
 # Power-of-two search: exponents from the non-overflowing one down by this many.
@@ -26,20 +27,6 @@ MSE_SEARCH_POINTS = 200
 MSE_SEARCH_MIN_FRACTION = 0.02
 # Scale used for an all-zero tensor (any positive value represents it exactly).
 ZERO_TENSOR_SCALE = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class QParams:
-    """scale and zero_point of one tensor: scalars, or 1-D along ``axis`` (per-channel)."""
-
-    scale: np.ndarray
-    zero_point: np.ndarray
-    axis: Optional[int] = None
-
-    @property
-    def is_power_of_two(self) -> bool:
-        exponents = np.log2(self.scale.astype(np.float64))
-        return bool(np.all(exponents == np.round(exponents)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,24 +202,3 @@ def _least_error_ratios(normalized: np.ndarray, qtype: QuantType) -> np.ndarray:
     fine = np.clip(best[:, None] + _FINE_OFFSETS[None, :], _COARSE_RATIOS[0], 1.0)
     errors = kernels.tensor_quant_errors(rows, fine / 127.0, 0.0, qtype.qmin, qtype.qmax)
     return fine[np.arange(rows.shape[0]), np.argmin(errors, axis=1)]
-
-
-def quantize_array(x: np.ndarray, qp: QParams, qtype: QuantType) -> np.ndarray:
-    """QuantizeLinear in numpy (round half to even, saturate)."""
-    scale, zp = qp.scale.astype(np.float64), qp.zero_point.astype(np.float64)
-    if qp.axis is not None:
-        shape = [1] * x.ndim
-        shape[qp.axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    q = np.clip(np.round(x.astype(np.float64) / scale) + zp, qtype.qmin, qtype.qmax)
-    return q.astype(qtype.numpy_dtype)
-
-
-def dequantize_array(q: np.ndarray, qp: QParams) -> np.ndarray:
-    """DequantizeLinear in numpy (float64)."""
-    scale, zp = qp.scale.astype(np.float64), qp.zero_point.astype(np.float64)
-    if qp.axis is not None:
-        shape = [1] * q.ndim
-        shape[qp.axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return (q.astype(np.float64) - zp) * scale

@@ -2,15 +2,13 @@
 pairs on activations, int8 weights and int32 biases behind DequantizeLinear)."""
 from __future__ import annotations
 
-import dataclasses
-from types import MappingProxyType
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
-from ..calibrate.methods import QParams, quantize_array, weight_qparams
 from ..config import QuantConfig
+from ..qparams import QParams, QuantTable, quantize_array, weight_key
 from .plan import QuantPlan
 from .view import GraphView, drop_unused_initializers
 
@@ -42,23 +40,15 @@ class _Builder:
             [out], name=out + "_QuantizeLinear")
 
 
-@dataclasses.dataclass(frozen=True)
-class FixedWeight:
-    """Integer weights decided elsewhere (fast finetune): written as given, not re-rounded."""
-
-    qparams: QParams
-    quantized: np.ndarray  # int8, in the initializer's layout
-
-
 def dequantized_name(activation: str, graph_outputs) -> str:
     """The name under which consumers read ``activation`` after write_qdq."""
     return activation if activation in graph_outputs else f"{activation}_DequantizeLinear_Output"
 
 
-def write_qdq(model: ModelProto, plan: QuantPlan, act_qparams: Dict[str, QParams],
-              config: QuantConfig, fixed_weights: Mapping[str, FixedWeight] = MappingProxyType({})) -> ModelProto:
-    """A new model: ``model`` with the QDQ pairs of ``plan`` (``model`` is not changed).
-    ``fixed_weights`` ({weight initializer: FixedWeight}) overrides the rounding of weights."""
+def write_qdq(model: ModelProto, plan: QuantPlan, table: QuantTable, config: QuantConfig) -> ModelProto:
+    """A new model: ``model`` with the QDQ pairs of ``plan`` and the parameters and integer
+    weights of ``table`` (``model`` is not changed)."""
+    act_qparams = table.activations
     out_model = ModelProto()
     out_model.CopyFrom(model)
     view = GraphView(out_model)
@@ -74,18 +64,12 @@ def write_qdq(model: ModelProto, plan: QuantPlan, act_qparams: Dict[str, QParams
     done_weights: Dict[Tuple[str, object], str] = {}
     for use in plan.weights:
         node = copy_of[id(use.node)]
-        w_name = node.input[use.input_index]
-        axis = use.channel_axis if config.per_channel else None
-        key = (w_name, axis)
-        fixed = fixed_weights.get(w_name)
-        if fixed is not None:
-            qp = fixed.qparams
-        else:
-            qp = weight_qparams(view.constant_value(w_name), config, axis)
+        key = weight_key(use, config.per_channel)
+        w_name, axis = key
+        entry = table.weights[key]
+        qp = entry.qparams
         if key not in done_weights:
-            q = fixed.quantized if fixed is not None else quantize_array(view.constant_value(w_name), qp,
-                                                                         config.weight_type)
-            q_name = b.const(f"{w_name}_quantized", q)
+            q_name = b.const(f"{w_name}_quantized", entry.quantized)
             head.append(b.dq(q_name, qp, f"{w_name}_DequantizeLinear_Output" + ("" if axis is None else "_pc")))
             done_weights[key] = head[-1].output[0]
         node.input[use.input_index] = done_weights[key]

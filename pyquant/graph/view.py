@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, TensorProto, numpy_helper
 
+from ..errors import ModelError
+
 
 class GraphView:
     def __init__(self, model: ModelProto) -> None:
@@ -93,8 +95,6 @@ class ImageInput:
 def image_input(model: ModelProto) -> ImageInput:
     """The single image input of a model: name, layout (NHWC if the last axis is 3 and the
     second is not), static size. ModelError if there is not exactly one rank-4 input."""
-    from ..errors import ModelError
-
     view = GraphView(model)
     if len(view.graph_inputs) != 1:
         raise ModelError(f"image data needs a model with one input, this one has {view.graph_inputs}")

@@ -34,9 +34,14 @@ import numpy as np
 from onnx import ModelProto, NodeProto
 
 from ..graph.view import GraphView, attribute
-from .cle import Pair
+from ..runtime import tensors_over
+from .base import QuantState, Stage, Technique
+from .cle import CLEReport, CrossLayerEqualization, Pair
 
 log = logging.getLogger(__name__)
+# c_i = mean_i - SIGMAS * std_i, the paper's rule (then capped at the smallest value seen).
+# Not an option: the only model measured loses accuracy with absorption at all (above).
+SIGMAS = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +112,6 @@ def _add_to_bias(model: ModelProto, view: GraphView, node: NodeProto, delta: np.
 
 def _preactivation_stats(model: ModelProto, names: Sequence[str], feeds: Sequence[Dict[str, np.ndarray]]):
     """{tensor: (mean, std, min)} per channel (axis 1) over ``feeds``."""
-    from ..calibrate.runner import tensors_over
-
     sums: Dict[str, np.ndarray] = {}
     squares: Dict[str, np.ndarray] = {}
     lows: Dict[str, np.ndarray] = {}
@@ -128,7 +131,7 @@ def _preactivation_stats(model: ModelProto, names: Sequence[str], feeds: Sequenc
 
 
 def absorb_high_biases(model: ModelProto, pairs: Sequence[Pair], feeds: Sequence[Dict[str, np.ndarray]],
-                       sigmas: float = 3.0) -> AbsorptionReport:
+                       sigmas: float = SIGMAS) -> AbsorptionReport:
     """Absorb the high biases of ``pairs`` (from cle.equalize, on the equalized ``model``)
     in place, with the pre-activation statistics measured on ``feeds``."""
     view = GraphView(model)
@@ -168,3 +171,27 @@ def absorb_high_biases(model: ModelProto, pairs: Sequence[Pair], feeds: Sequence
         log.info("high-bias absorption leaves %s alone: %s", name, reason)
     log.info("high-bias absorption: %d channels in %d pairs", moved_channels, moved_pairs)
     return AbsorptionReport(moved_pairs, moved_channels, skipped)
+
+
+class HighBiasAbsorption(Technique):
+    """After cross-layer equalization, on its pairs and the samples it looked at."""
+
+    name = "high_bias_absorption"
+    stage = Stage.GRAPH
+
+    def __init__(self, samples: int) -> None:
+        self.samples = samples
+
+    @classmethod
+    def from_config(cls, config) -> Optional["HighBiasAbsorption"]:
+        enabled = config.cross_layer_equalization and config.cle.high_bias_absorption
+        return cls(config.cle.activation_samples) if enabled else None
+
+    def samples_needed(self) -> int:
+        return self.samples
+
+    def apply(self, state: QuantState) -> None:
+        cle_report = state.reports.get(CrossLayerEqualization.name)
+        if not isinstance(cle_report, CLEReport):
+            raise RuntimeError("high-bias absorption runs after cross-layer equalization (REGISTRY order)")
+        state.reports[self.name] = absorb_high_biases(state.model, cle_report.pair_list, state.samples)

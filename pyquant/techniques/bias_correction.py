@@ -17,10 +17,11 @@ from typing import Dict, Mapping, Optional
 import numpy as np
 from onnx import ModelProto, NodeProto
 
-from ..calibrate.methods import dequantize_array, quantize_array, weight_qparams
-from ..config import QuantConfig
+from ..calibrate.runner import StatisticsRequest
 from ..graph.plan import QuantPlan
 from ..graph.view import GraphView, attribute
+from ..qparams import QuantTable
+from .base import QuantState, Stage, Technique
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,18 @@ def _output_shift(node: NodeProto, weight_error: np.ndarray, mean: np.ndarray) -
 
 
 def apply_bias_correction(model: ModelProto, plan: QuantPlan, means: Mapping[str, np.ndarray],
-                          config: QuantConfig) -> int:
-    """Correct the biases of ``model`` in place (adding a bias where a layer has none);
-    ``plan`` must come from ``model``. Returns the number of layers corrected."""
+                          table: QuantTable, per_channel: bool) -> int:
+    """Correct the biases of ``model`` in place (adding a bias where a layer has none) for
+    the rounding of the weights in ``table``; ``plan`` must come from ``model``. Returns the
+    number of layers corrected."""
     view = GraphView(model)
     corrected = 0
     for use in plan.weights:
         node = use.node
         if _input_channel_axis(node) is None or node.input[0] not in means:
             continue
-        w = view.constant_value(node.input[use.input_index]).astype(np.float32)
-        qp = weight_qparams(w, config, use.channel_axis if config.per_channel else None)
-        error = w.astype(np.float64) - dequantize_array(quantize_array(w, qp, config.weight_type), qp)
+        w = view.constant_value(node.input[use.input_index]).astype(np.float64)
+        error = w - table.weight(use, per_channel).dequantized()
         shift = _output_shift(node, error, means[node.input[0]])
         has_bias = len(node.input) > 2 and node.input[2]
         bias = view.constant_value(node.input[2]).astype(np.float64) if has_bias else np.zeros(shift.shape)
@@ -85,3 +86,24 @@ def apply_bias_correction(model: ModelProto, plan: QuantPlan, means: Mapping[str
         corrected += 1
     log.info("bias correction: %d layers", corrected)
     return corrected
+
+
+class BiasCorrection(Technique):
+    """Streams the input means of the weighted layers in the calibration pass, then
+    corrects their biases for the table's weight rounding."""
+
+    name = "bias_correction"
+    stage = Stage.PARAMETERS
+
+    @classmethod
+    def from_config(cls, config) -> Optional["BiasCorrection"]:
+        return cls() if config.bias_correction else None
+
+    def statistics_needed(self, state: QuantState) -> StatisticsRequest:
+        return StatisticsRequest(needed_means(state.plan))
+
+    def apply(self, state: QuantState) -> None:
+        means = {name: c.mean for name, c in state.statistics.channel_means.items()}
+        state.reports[self.name] = apply_bias_correction(state.model, state.plan, means, state.table,
+                                                         state.config.per_channel)
+        state.replan()  # layers may have gained a bias input

@@ -38,51 +38,21 @@ import numpy as np
 from onnx import ModelProto, NodeProto, helper
 
 from .. import kernels
-from ..errors import ConfigError, ModelError
+from ..config import CLEOptions
+from ..errors import ModelError
 from ..graph.view import GraphView, attribute
+from ..runtime import make_session, tensors_over
+from .base import QuantState, Stage, Technique
 
 log = logging.getLogger(__name__)
 
 HOMOGENEOUS = ("Relu", "LeakyRelu", "Identity")
 # Scales are clamped so that a dead channel (range ~0 in one layer) cannot blow up the other.
 MAX_SCALE = 1e4
-
-
-@dataclasses.dataclass(frozen=True)
-class CLEOptions:
-    """steps: at most this many sweeps over all pairs; tolerance: stop when every scale of
-    a sweep is within (1 +- tolerance); replace_clip_with_relu: replace Clip by Relu first
-    (changes the function; off by default); scale_append_bias: count the first layer's bias
-    in its output-channel range; check_rtol: the equalized float model must reproduce the
-    original's outputs within this relative error on calibration data; activation_weight:
-    how much the measured channel ranges of the activation between two layers count in
-    their scales (0: the paper's data-free CLE, weights only; see the module docstring);
-    activation_samples: calibration samples those ranges are measured on (and the
-    statistics of high-bias absorption); high_bias_absorption: after equalization, move
-    the part of each ReLU channel that stays above mean - absorption_sigmas * std into
-    the next layer's bias (pyquant.techniques.bias_absorption)."""
-
-    steps: int = 100
-    tolerance: float = 1e-3
-    activation_weight: float = 0.25
-    activation_samples: int = 64
-    high_bias_absorption: bool = False
-    absorption_sigmas: float = 3.0
-    replace_clip_with_relu: bool = False
-    scale_append_bias: bool = False
-    check_rtol: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"CLE steps must be at least 1, got {self.steps}")
-        if not self.tolerance > 0:
-            raise ConfigError(f"CLE tolerance must be positive, got {self.tolerance}")
-        if not 0 <= self.activation_weight <= 1:
-            raise ConfigError(f"CLE activation_weight must be in [0, 1], got {self.activation_weight}")
-        if self.activation_samples < 1:
-            raise ConfigError(f"CLE activation_samples must be at least 1, got {self.activation_samples}")
-        if not self.absorption_sigmas >= 0:
-            raise ConfigError(f"CLE absorption_sigmas must be >= 0, got {self.absorption_sigmas}")
+# The equalized float model must reproduce the original's outputs within this relative
+# error on a calibration batch: CLE is exact in real arithmetic, so anything above float32
+# rounding is a bug (or a pattern CLE must not have touched), never a tuning matter.
+EQUIVALENCE_RTOL = 1e-3
 
 
 @dataclasses.dataclass
@@ -256,8 +226,6 @@ def measure_activation_ranges(model: ModelProto, pairs: Sequence[Pair],
                               feeds: Sequence[Dict[str, np.ndarray]]) -> None:
     """Set each pair's activation_range: per channel max |x| of the tensor its second layer
     reads, over ``feeds``, with the model as it is now (before any rescaling)."""
-    from ..calibrate.runner import tensors_over
-
     names = list(dict.fromkeys(p.second.input[0] for p in pairs))
     if not names or not feeds:
         return
@@ -348,8 +316,6 @@ def check_equivalence(original: ModelProto, equalized: ModelProto, feeds: Sequen
     """Largest relative difference between the outputs of the two float models on ``feeds``.
     Above ``rtol``: ModelError naming the first pair whose second layer's output differs
     (each pair's second layer must reproduce its original output exactly)."""
-    from ..calibrate.runner import make_session
-
     probes = [p.second.output[0] for p in pairs]
     a, b = make_session(original, probes), make_session(equalized, probes)
     names = [o.name for o in a.get_outputs()]
@@ -369,3 +335,31 @@ def check_equivalence(original: ModelProto, equalized: ModelProto, feeds: Sequen
         raise ModelError(f"cross-layer equalization changed output {name!r} by {errors[name]:.2g} (relative, "
                          f"tolerance {rtol:g})")
     return worst
+
+
+class CrossLayerEqualization(Technique):
+    """Equalize the float model (activation-aware with a few calibration samples), then
+    check on a real batch that it still computes the same function."""
+
+    name = "cle"
+    stage = Stage.GRAPH
+
+    def __init__(self, options: CLEOptions) -> None:
+        self.options = options
+
+    @classmethod
+    def from_config(cls, config) -> Optional["CrossLayerEqualization"]:
+        return cls(config.cle) if config.cross_layer_equalization else None
+
+    def samples_needed(self) -> int:
+        return self.options.activation_samples
+
+    def apply(self, state: QuantState) -> None:
+        original = ModelProto()  # the function CLE must preserve
+        original.CopyFrom(state.model)
+        if self.options.replace_clip_with_relu:
+            replace_clips_with_relu(original)
+        report = equalize(state.model, self.options, state.samples)
+        if state.samples:  # on a real batch, before any statistics are taken
+            check_equivalence(original, state.model, state.samples[:1], EQUIVALENCE_RTOL, report.pair_list)
+        state.reports[self.name] = report

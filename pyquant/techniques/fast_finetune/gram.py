@@ -148,59 +148,44 @@ def _im2col(x: np.ndarray, layer: LinearLayer) -> np.ndarray:
 
 
 class GramAccumulator:
-    """Streaming sums of x_q x_q^T and x_q per group; with ``with_float`` also x_q x_f^T,
-    x_f x_f^T and x_f (inputs of the quantized and of the float network)."""
+    """Streaming sums of x_q x_q^T and x_q per group (a layer's inputs in the quantized
+    network); O(groups * K^2) memory whatever the number of samples."""
 
-    def __init__(self, groups: int, k: int, with_float: bool = False) -> None:
-        self.with_float = with_float
+    def __init__(self, groups: int, k: int) -> None:
         self.qq = np.zeros((groups, k, k))
         self.sum_q = np.zeros((groups, k))
-        shape = (groups, k, k) if with_float else (0, 0, 0)
-        self.qf, self.ff = np.zeros(shape), np.zeros(shape)
-        self.sum_f = np.zeros((groups, k) if with_float else (0, 0))
         self.count = 0
 
-    def update_layer(self, layer: LinearLayer, xq: np.ndarray, xf: Optional[np.ndarray] = None) -> None:
-        """Add a batch of the layer's inputs (quantized network[, float network])."""
-        if (xf is not None) != self.with_float:
-            raise ValueError("float inputs must be given exactly when the accumulator was made with_float")
+    def update_layer(self, layer: LinearLayer, xq: np.ndarray) -> None:
+        """Add a batch of the layer's inputs."""
         if layer.kernel is not None and not layer.is_pointwise:
             xq = np.asarray(xq, np.float32)
-            if xq.ndim != 4 or (xf is not None and np.shape(xf) != xq.shape):
-                raise ValueError(f"{layer.name}: inputs must be [N, C, H, W] arrays of one shape, got "
-                                 f"{xq.shape} and {None if xf is None else np.shape(xf)}")
+            if xq.ndim != 4:
+                raise ValueError(f"{layer.name}: inputs must be [N, C, H, W], got {xq.shape}")
             pads = _conv_pads(layer, xq.shape[2], xq.shape[3])
-            self.count += kernels.window_gram(xq, xf, layer.groups, layer.kernel, layer.strides, layer.dilations,
-                                              pads, self.qq, self.qf, self.ff, self.sum_q, self.sum_f)
+            self.count += kernels.window_gram(xq, None, layer.groups, layer.kernel, layer.strides, layer.dilations,
+                                              pads, self.qq, _NO_FLOAT_GRAM, _NO_FLOAT_GRAM, self.sum_q,
+                                              _NO_FLOAT_SUM)
         else:
-            self.update(layer.patches(xq), None if xf is None else layer.patches(xf))
+            self.update(layer.patches(xq))
 
-    def update(self, pq: np.ndarray, pf: Optional[np.ndarray] = None) -> None:
-        """Add a batch of patches [groups, M, K] (quantized network[, float network])."""
-        qt = pq.transpose(0, 2, 1)
-        self.qq += np.matmul(qt, pq)
+    def update(self, pq: np.ndarray) -> None:
+        """Add a batch of patches [groups, M, K]."""
+        self.qq += np.matmul(pq.transpose(0, 2, 1), pq)
         self.sum_q += pq.sum(axis=1, dtype=np.float64)
-        if self.with_float:
-            if pf is None or pq.shape != pf.shape:
-                raise ValueError(f"float patches must have the shape of the quantized ones {pq.shape}")
-            self.qf += np.matmul(qt, pf)
-            self.ff += np.matmul(pf.transpose(0, 2, 1), pf)
-            self.sum_f += pf.sum(axis=1, dtype=np.float64)
         self.count += pq.shape[1]
 
-    def moments(self, centered: bool):
-        """(A, mean_q[, C, F, mean_f]): E[x_q x_q^T][, E[x_q x_f^T], E[x_f x_f^T]], about
-        the means when ``centered`` (then a bias absorbs the offset)."""
+    def moments(self, centered: bool) -> Tuple[np.ndarray, np.ndarray]:
+        """(A, mean): E[x_q x_q^T], about the mean when ``centered`` (then a bias absorbs the
+        offset), and E[x_q]."""
         m = max(self.count, 1)
-        mq = self.sum_q / m
+        mean = self.sum_q / m
         a = self.qq / m
         if centered:
-            a = a - np.einsum("gi,gj->gij", mq, mq)
-        if not self.with_float:
-            return a, mq
-        mf = self.sum_f / m
-        c, f = self.qf / m, self.ff / m
-        if centered:
-            c = c - np.einsum("gi,gj->gij", mq, mf)
-            f = f - np.einsum("gi,gj->gij", mf, mf)
-        return a, mq, c, f, mf
+            a = a - np.einsum("gi,gj->gij", mean, mean)
+        return a, mean
+
+
+# window_gram's float-network accumulators, unused here (no float inputs are passed).
+_NO_FLOAT_GRAM = np.zeros((0, 0, 0))
+_NO_FLOAT_SUM = np.zeros((0, 0))

@@ -1,0 +1,47 @@
+"""Build the table of quantization parameters (pyquant.qparams.QuantTable) once, after
+calibration: activations from their statistics (one QParams per scale-sharing group),
+weights from the model's weights with nearest rounding."""
+from __future__ import annotations
+
+from typing import Dict, Mapping
+
+from onnx import ModelProto
+
+from ..config import QuantConfig
+from ..graph.plan import QuantPlan
+from ..graph.view import GraphView
+from ..qparams import QParams, QuantizedWeight, QuantTable, WeightKey, quantize_array, weight_key
+from .collector import TensorCollector
+from .methods import activation_qparams, weight_qparams
+
+
+def group_qparams(plan: QuantPlan, collectors: Mapping[str, TensorCollector],
+                  config: QuantConfig) -> Dict[str, QParams]:
+    """One QParams per scale-sharing group, computed from the group's merged statistics."""
+    result: Dict[str, QParams] = {}
+    for members in plan.groups:
+        merged = collectors[members[0]]
+        for name in members[1:]:
+            merged = merged.merged(collectors[name])
+        qp = activation_qparams(merged, config)
+        for name in members:
+            result[name] = qp
+    return result
+
+
+def nearest_weights(model: ModelProto, plan: QuantPlan, config: QuantConfig) -> Dict[WeightKey, QuantizedWeight]:
+    """Every planned weight's parameters and nearest-rounded integers."""
+    view = GraphView(model)
+    weights: Dict[WeightKey, QuantizedWeight] = {}
+    for use in plan.weights:
+        key = weight_key(use, config.per_channel)
+        if key not in weights:
+            w = view.constant_value(key[0])
+            qp = weight_qparams(w, config, key[1])
+            weights[key] = QuantizedWeight(qp, quantize_array(w, qp, config.weight_type))
+    return weights
+
+
+def build_table(model: ModelProto, plan: QuantPlan, collectors: Mapping[str, TensorCollector],
+                config: QuantConfig) -> QuantTable:
+    return QuantTable(group_qparams(plan, collectors, config), nearest_weights(model, plan, config))

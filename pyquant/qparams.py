@@ -1,0 +1,78 @@
+"""Quantization parameters as data: QParams of one tensor, a weight's integers, and the
+table that holds them for a whole model (QuantTable). Computed by pyquant.calibrate,
+read by the techniques and the QDQ writer (pyquant.graph.qdq); this module computes
+nothing but QuantizeLinear/DequantizeLinear in numpy."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from .config import QuantType
+
+WeightKey = Tuple[str, Optional[int]]  # (weight initializer name, channel axis or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class QParams:
+    """scale and zero_point of one tensor: scalars, or 1-D along ``axis`` (per-channel)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: Optional[int] = None
+
+    @property
+    def is_power_of_two(self) -> bool:
+        exponents = np.log2(self.scale.astype(np.float64))
+        return bool(np.all(exponents == np.round(exponents)))
+
+
+def quantize_array(x: np.ndarray, qp: QParams, qtype: QuantType) -> np.ndarray:
+    """QuantizeLinear in numpy (round half to even, saturate)."""
+    scale, zp = qp.scale.astype(np.float64), qp.zero_point.astype(np.float64)
+    if qp.axis is not None:
+        shape = [1] * x.ndim
+        shape[qp.axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    q = np.clip(np.round(x.astype(np.float64) / scale) + zp, qtype.qmin, qtype.qmax)
+    return q.astype(qtype.numpy_dtype)
+
+
+def dequantize_array(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """DequantizeLinear in numpy (float64)."""
+    scale, zp = qp.scale.astype(np.float64), qp.zero_point.astype(np.float64)
+    if qp.axis is not None:
+        shape = [1] * q.ndim
+        shape[qp.axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return (q.astype(np.float64) - zp) * scale
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight's parameters and its integers, in the initializer's layout."""
+
+    qparams: QParams
+    quantized: np.ndarray
+
+    def dequantized(self) -> np.ndarray:
+        return dequantize_array(self.quantized, self.qparams)
+
+
+def weight_key(use, per_channel: bool) -> WeightKey:
+    """The table key of a weight use (pyquant.graph.plan.WeightUse): per-channel scales
+    follow the layer's output-channel axis."""
+    return use.node.input[use.input_index], (use.channel_axis if per_channel else None)
+
+
+@dataclasses.dataclass
+class QuantTable:
+    """Every quantization parameter of a model: activations by tensor name, weights by
+    WeightKey. One table per run; techniques that decide integer weights replace entries."""
+
+    activations: Dict[str, QParams]
+    weights: Dict[WeightKey, QuantizedWeight]
+
+    def weight(self, use, per_channel: bool) -> QuantizedWeight:
+        return self.weights[weight_key(use, per_channel)]
