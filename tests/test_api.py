@@ -43,14 +43,6 @@ def test_every_extra_option_maps_to_the_typed_config(key, value, field, expected
     assert cfg == expected
 
 
-def test_every_documented_extra_option_is_tested():
-    tested = {"ActivationSymmetric", "Percentile", "NumBins", "CalibDataBatchSize", "WeightSymmetric", "CLESteps",
-              "CLETotalLayerDiffThreshold", "ReplaceClip6Relu", "CLEScaleAppendBias", "CLEActivationWeight",
-              "CLEActivationSamples", "QuantizeRegionOutputs",
-              "FastFinetune"}  # FastFinetune: tests/test_fast_finetune.py
-    assert set(EXTRA_OPTIONS) == tested
-
-
 def test_include_cle_defaults_to_true_as_in_quark():
     assert QuantizationConfig().to_quant_config().cross_layer_equalization
     assert not QuantizationConfig(include_cle=False).to_quant_config().cross_layer_equalization
