@@ -14,6 +14,7 @@
 #include "kernels/channel_stats.h"
 #include "kernels/cle.h"
 #include "kernels/histogram.h"
+#include "kernels/parallel.h"
 #include "kernels/rounding.h"
 #include "kernels/window_gram.h"
 #include "kernels/scale_search.h"
@@ -93,6 +94,15 @@ HistogramArgs histogram_args(const py::array& x, py::array& hist, double lo, dou
 
 PYBIND11_MODULE(_kernels, m) {
   m.doc() = "pyquant C++ calibration kernels (see csrc/kernels/*.h for the math)";
+
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("the number of threads must be at least 1, got " + std::to_string(n));
+    pyquant::set_num_threads(n);
+  }, py::arg("n"), "Threads of every later kernel call (process-wide); small inputs still run on one.");
+  m.def("get_num_threads", &pyquant::num_threads, "Threads the kernels may use (see set_num_threads).");
+  m.def("_set_parallel_thresholds", &pyquant::set_parallel_thresholds, py::arg("enabled"),
+        "Benchmarks only: False runs every region on get_num_threads() threads, however small.");
+  m.def("_parallel_thresholds", &pyquant::parallel_thresholds);
 
   py::class_<pyquant::RangeStats>(m, "RangeStats")
       .def_readonly("finite", &pyquant::RangeStats::finite)

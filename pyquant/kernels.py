@@ -4,19 +4,44 @@ return named results. pyquant.reference holds the numpy version of each."""
 from __future__ import annotations
 
 import enum
+import os
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
 
-from . import _kernels
+# OpenMP threads waiting for work sleep instead of spinning (libgomp spins for about 3 ms by
+# default, which on a busy machine takes the cores that the other processes, or onnxruntime
+# in this one, need: a two-thread histogram ran 10-50x slower than one thread beside a CPU
+# hog). libgomp reads this once, when it loads with the extension below; an explicit
+# OMP_WAIT_POLICY in the environment wins. PASSIVE also sets libgomp's spin count to 0.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import _kernels  # noqa: E402  (after the environment above)
 from ._kernels import RangeStats
 
 __all__ = [
     "RangeStats", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range", "channel_sums", "channel_abs_max", "equalization_scales", "scale_channels", "histogram_rebin", "histogram_quant_errors",
     "tensor_quant_errors", "histogram_quantiles", "histogram_entropy_threshold",
-    "RoundingAlgorithm", "fit_rounding", "gram_product", "window_gram",
+    "RoundingAlgorithm", "fit_rounding", "gram_product", "window_gram", "set_num_threads", "get_num_threads",
 ]
+
+# Upper bound of set_num_threads: far above any machine's cores, low enough to catch a typo.
+MAX_THREADS = 1024
+
+
+def set_num_threads(n: int) -> None:
+    """Threads every later kernel call may use, process-wide (a share of the process's
+    thread budget, see pyquant.threads). Inputs below a kernel's measured threshold still
+    run on one thread. Default: the CPUs in this process's affinity mask at import."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"set_num_threads: n must be an integer in [1, {MAX_THREADS}], got {n!r}")
+    _kernels.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """Threads the kernels may use (see set_num_threads)."""
+    return _kernels.get_num_threads()
 
 
 def _as_f32(x: npt.ArrayLike) -> np.ndarray:

@@ -1,19 +1,19 @@
 #include "kernels/channel_stats.h"
 
-#include <vector>
+#include "kernels/parallel.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace pyquant {
+
+// Values below which one thread is faster (benchmarks/kernel_threads.py).
+constexpr int64_t kChannelSumsMinParallel = 1 << 16;
 
 void channel_sums(const float* x, int64_t outer, int64_t channels, int64_t inner, double* sums) {
   // Parallel over channels: each (o, c) row of `inner` values is contiguous, and no
   // two threads write the same sum. Rows are summed in float blocks of kBlock values
   // (vectorised), and the blocks in double, so long rows lose no precision.
   constexpr int64_t kBlock = 256;
-#pragma omp parallel for schedule(static) if (outer * channels * inner > (1 << 16))
+#pragma omp parallel for schedule(static) num_threads(threads_for(outer * channels * inner, kChannelSumsMinParallel))
   for (int64_t c = 0; c < channels; ++c) {
     double total = 0.0;
     for (int64_t o = 0; o < outer; ++o) {

@@ -1,5 +1,6 @@
 #include "kernels/histogram.h"
 #include "kernels/multiversion.h"
+#include "kernels/parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -13,8 +14,9 @@
 namespace pyquant {
 namespace {
 
-// Below this many elements the cost of waking threads exceeds the work.
-constexpr int64_t kParallelThreshold = 1 << 16;
+// Elements below which one thread is faster (benchmarks/kernel_threads.py).
+constexpr int64_t kRangeMinParallel = 1 << 16;
+constexpr int64_t kHistogramMinParallel = 1 << 16;
 
 struct PartialRange {
   float min = std::numeric_limits<float>::infinity();
@@ -64,8 +66,9 @@ void merge_into(PartialRange* total, const PartialRange& part) {
 
 RangeStats range_stats(const float* x, int64_t n) {
   PartialRange total;
-  if (n >= kParallelThreshold) {
-#pragma omp parallel
+  const int nthreads = threads_for(n, kRangeMinParallel);
+  if (nthreads > 1) {
+#pragma omp parallel num_threads(nthreads)
     {
       int64_t begin, end;
       thread_slice(n, &begin, &end);
@@ -147,7 +150,7 @@ PartialRange accumulate_parallel(const float* x, int64_t n, double lo, double hi
   const float inv_width = static_cast<float>(static_cast<double>(nbins) / (hi - lo));
   nthreads = 1;
 #ifdef _OPENMP
-  if (n >= kParallelThreshold) nthreads = omp_get_max_threads();
+  nthreads = threads_for(n, kHistogramMinParallel);
 #endif
   const int64_t stride = kLanes * (nbins + 1);
   counts.assign(static_cast<size_t>(nthreads) * stride, 0);

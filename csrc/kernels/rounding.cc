@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kernels/multiversion.h"
+#include "kernels/parallel.h"
 
 namespace pyquant {
 namespace {
@@ -20,6 +21,10 @@ constexpr float kEps = 1e-8f;
 constexpr int kRowBlock = 8;
 // The padded width of a row: a multiple of the widest vector tile.
 constexpr int64_t kPad = 16;
+// Multiply-adds (rows x k^2, times the iterations for fit_rounding) below which one thread
+// is faster (benchmarks/kernel_threads.py).
+constexpr int64_t kFitRoundingMinParallel = 1 << 16;
+constexpr int64_t kGramProductMinParallel = 1 << 16;
 
 
 // out[R, cols j0..j0+J) = x[R, kp] @ a[kp, kp] over that column tile; accumulators stay
@@ -180,7 +185,7 @@ void fit_block(const Block& b, int qmin, int qmax, const RoundingOptions& o) {
 
 PYQUANT_MULTIVERSION
 void gram_product_impl(const float* x, const float* a, int64_t rows, int64_t kp, float* out) {
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_for(rows * kp * kp, kGramProductMinParallel))
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int n = int(std::min<int64_t>(kRowBlock, rows - r0));
     product_block(x + r0 * kp, a, n, kp, out + r0 * kp);
@@ -206,7 +211,8 @@ void fit_rounding(const float* weight, const float* scale, const float* gram, co
   for (int64_t gi = 0; gi < groups; ++gi) grams[gi] = pad_square(gram + gi * k * k, k, kp);
   const int64_t blocks_per_group = (rows + kRowBlock - 1) / kRowBlock;
   const int64_t blocks = groups * blocks_per_group;
-#pragma omp parallel for schedule(dynamic, 1)
+  const int64_t work = groups * rows * kp * kp * std::max<int64_t>(options.iterations, 1);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_for(work, kFitRoundingMinParallel))
   for (int64_t bi = 0; bi < blocks; ++bi) {
     const int64_t gi = bi / blocks_per_group, r0 = (bi % blocks_per_group) * kRowBlock;
     const int64_t row = gi * rows + r0;

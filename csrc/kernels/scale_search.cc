@@ -1,5 +1,7 @@
 #include "kernels/scale_search.h"
 
+#include "kernels/parallel.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -7,6 +9,12 @@
 
 namespace pyquant {
 namespace {
+
+// Work (bins x candidates, values x candidates) below which one thread is faster
+// (benchmarks/kernel_threads.py).
+constexpr int64_t kHistogramErrorsMinParallel = 1 << 16;
+constexpr int64_t kTensorErrorsMinParallel = 1 << 16;
+constexpr int64_t kEntropyMinParallel = 1 << 16;
 
 // Integral from 0 to u of (t - round(t))^2 dt, for any real u: whole periods
 // contribute 1/12 each, the partial period a cubic.
@@ -48,7 +56,7 @@ double histogram_quant_error(const double* hist, int64_t nbins, double lo, doubl
 void histogram_quant_errors(const double* hist, int64_t nbins, double lo, double hi,
                             const double* scales, const double* zps, int64_t ncand,
                             double qmin, double qmax, double* out) {
-#pragma omp parallel for schedule(static) if (ncand * nbins > (1 << 16))
+#pragma omp parallel for schedule(static) num_threads(threads_for(ncand * nbins, kHistogramErrorsMinParallel))
   for (int64_t k = 0; k < ncand; ++k)
     out[k] = histogram_quant_error(hist, nbins, lo, hi, scales[k], zps[k], qmin, qmax);
 }
@@ -56,7 +64,7 @@ void histogram_quant_errors(const double* hist, int64_t nbins, double lo, double
 void tensor_quant_errors(const float* x, int64_t rows, int64_t cols,
                          const double* scales, const double* zps, int64_t ncand,
                          double qmin, double qmax, double* out) {
-#pragma omp parallel for collapse(2) schedule(static) if (rows * cols * ncand > (1 << 16))
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads_for(rows * cols * ncand, kTensorErrorsMinParallel))
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < ncand; ++k) {
       const double scale = scales[r * ncand + k], zp = zps[r * ncand + k];
@@ -138,7 +146,7 @@ double histogram_entropy_threshold(const double* abs_hist, int64_t nbins, double
                                    int64_t num_quant_bins) {
   const int64_t ncand = nbins - num_quant_bins + 1;
   std::vector<double> kl(static_cast<size_t>(ncand));
-#pragma omp parallel
+#pragma omp parallel num_threads(threads_for(ncand * nbins, kEntropyMinParallel))
   {
     std::vector<double> p, q;
 #pragma omp for schedule(dynamic, 16)

@@ -4,10 +4,7 @@
 #include <vector>
 
 #include "kernels/multiversion.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "kernels/parallel.h"
 
 namespace pyquant {
 namespace {
@@ -63,6 +60,14 @@ PYQUANT_INLINE float total(const float* a, int64_t m) {
   return s;
 }
 
+// Multiply-adds (images x groups x K^2 x positions) below which one thread is faster
+// (benchmarks/kernel_threads.py).
+constexpr int64_t kWindowGramMinParallel = 1 << 16;
+// From this many groups each thread takes whole groups; below, images run in parallel. A
+// constant, not a function of the thread count, so that the summation order (which differs
+// between the two ways) does not depend on the threads.
+constexpr int64_t kGroupParallelMinGroups = 4;
+
 // Positions per block: the block's K rows of q and f stay in L1/L2 while all K^2 pairs use them.
 constexpr int64_t kBlock = 512;
 
@@ -115,15 +120,12 @@ void window_gram(const float* q, const float* f, int64_t n, int64_t c, int64_t h
   if (n <= 0 || groups <= 0) return;
   const int64_t cg = c / groups, K = cg * geo.kh * geo.kw, m = geo.out_h * geo.out_w;
   const int64_t kk = K * K;
-  int threads = 1;
-#ifdef _OPENMP
-  threads = omp_get_max_threads();
-#endif
-  if (groups >= 2 * threads) {
+  const int threads = threads_for(n * groups * kk * m, kWindowGramMinParallel);
+  if (groups >= kGroupParallelMinGroups) {
     // Depthwise-like: each thread owns whole groups; the patches of all images of a
     // group side by side, so that the dot products are long even on small feature maps.
     const int64_t mn = m * n;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
       std::vector<float> pq(K * mn), pf(f ? K * mn : 0);
 #pragma omp for schedule(dynamic, 1)
@@ -147,7 +149,7 @@ void window_gram(const float* q, const float* f, int64_t n, int64_t c, int64_t h
   const GroupSums layout{K, kk, f != nullptr};
   const int64_t per = groups * layout.size();
   std::vector<double> partial(n * per, 0.0);
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
   {
     std::vector<float> pq(K * m), pf(f ? K * m : 0);
 #pragma omp for schedule(dynamic, 1)

@@ -1,0 +1,60 @@
+"""The kernels' thread control: set_num_threads/get_num_threads, the default from the
+affinity mask, and OpenMP's passive waiting."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pyquant import _kernels, kernels
+
+needs_affinity = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no affinity masks here")
+
+
+def run_python(code, **env):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120,
+                          check=True)
+
+
+@pytest.fixture
+def restore_threads():
+    before = kernels.get_num_threads()
+    yield
+    kernels.set_num_threads(before)
+
+
+@needs_affinity
+def test_default_is_the_affinity_mask_at_import():
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from pyquant import kernels; print(kernels.get_num_threads())")
+    assert run_python(code).stdout.split() == ["1"]
+    code = "import os; from pyquant import kernels; print(kernels.get_num_threads(), len(os.sched_getaffinity(0)))"
+    got, cpus = run_python(code).stdout.split()
+    assert got == cpus
+
+
+def test_set_num_threads_round_trips_and_rejects_nonsense(restore_threads):
+    kernels.set_num_threads(1)
+    assert kernels.get_num_threads() == 1
+    kernels.set_num_threads(np.int64(3))
+    assert kernels.get_num_threads() == 3
+    for bad in (0, -2, 1.5, True, "2", kernels.MAX_THREADS + 1):
+        with pytest.raises(ValueError, match=r"set_num_threads: n must be an integer in \[1, 1024\]"):
+            kernels.set_num_threads(bad)
+    with pytest.raises(ValueError, match="at least 1"):
+        _kernels.set_num_threads(0)
+    assert kernels.get_num_threads() == 3
+
+
+def test_openmp_waits_passively_unless_the_user_says_otherwise():
+    """libgomp prints its settings at load with OMP_DISPLAY_ENV: importing pyquant.kernels
+    must have set OMP_WAIT_POLICY before the extension (and libgomp) loaded."""
+    code = "from pyquant import kernels; kernels.range_stats(kernels.np.ones(10**6, 'float32'))"
+    shown = run_python(code, OMP_DISPLAY_ENV="VERBOSE").stderr
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in shown
+    assert "GOMP_SPINCOUNT = '0'" in shown
+    shown = run_python(code, OMP_DISPLAY_ENV="VERBOSE", OMP_WAIT_POLICY="ACTIVE").stderr
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in shown
