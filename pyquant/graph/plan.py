@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from onnx import ModelProto, NodeProto
 
+from ..config import QuantConfig
+from ..errors import ModelError
 from .view import GraphView, attribute
 
-if TYPE_CHECKING:  # config imports the techniques, which import the graph modules
-    from ..config import QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
     return QuantPlan(order, constants, weights, biases, list(groups.values()), skipped)
 
 
-def plan_for(model: ModelProto, config: "QuantConfig") -> QuantPlan:
+def plan_for(model: ModelProto, config: QuantConfig) -> QuantPlan:
     """build_plan with the graph options of ``config``."""
     return build_plan(model, config.enable_npu_cnn, config.quantize_region_outputs)
 
@@ -232,5 +232,4 @@ def _has_constant_weight(view: GraphView, node: NodeProto, rule: OpRule) -> bool
 
 
 def raise_already_quantized(view: GraphView, node: NodeProto) -> None:
-    from ..errors import ModelError
     raise ModelError(f"node {view.node_name(node)} is a {node.op_type}: the model is already quantized")
