@@ -11,12 +11,22 @@ amd-quark pins its own onnx, so it lives in its own environment, never in pyquan
 Quark runs in a subprocess (benchmarks/quark_worker.py, its own peak RSS); pyquant rows
 reuse benchmarks/imagenet_sample.py's workers. `--slow` adds Quark's AdaRound configs
 (about 20 minutes each here) and pyquant's fast finetune rows. Each pyquant row's time is
-divided by its Quark counterpart's from the same run (COUNTERPART).
+divided by its Quark counterpart's from the same run (COUNTERPART). `--quark-rows` and
+`--pyquant-rows` pick rows, e.g. the README's INT8_CLE table:
+
+    python benchmarks/compare_quark.py --quark-python /tmp/quarkvenv/bin/python \
+        --quark-rows INT8_CLE --pyquant-rows int8_cle
+
+Columns: configuration, top-1 %, top-5 %, top-1 agreement with float %, KL to float, size
+MB, quantize s, time / Quark counterpart, peak RSS MB (as imagenet_sample.py's table, with
+the time ratio in place of x floor and finetune s). The load average before and after the
+run goes to stderr: times are only comparable between runs on an otherwise idle machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -70,10 +80,17 @@ def main() -> None:
     quark_rows = dict(QUARK_ROWS, **(QUARK_SLOW_ROWS if args.slow else {}))
     if args.quark_rows:
         every = dict(QUARK_ROWS, **QUARK_SLOW_ROWS)
-        quark_rows = {name: every[name] for name in args.quark_rows.split(",")}
+        names = [n for n in args.quark_rows.split(",") if n]
+        if unknown := [n for n in names if n not in every]:
+            parser.error(f"unknown Quark rows {unknown}; valid: {', '.join(every)}")
+        quark_rows = {name: every[name] for name in names}
     pyquant_rows = PYQUANT_ROWS + (PYQUANT_SLOW_ROWS if args.slow else [])
     if args.pyquant_rows:
-        pyquant_rows = args.pyquant_rows.split(",")
+        pyquant_rows = [n for n in args.pyquant_rows.split(",") if n and n != "float"]  # float always runs
+        if unknown := [n for n in pyquant_rows if n not in imagenet_sample.ROWS or n == "floor"]:
+            valid = [n for n in imagenet_sample.ROWS if n not in ("float", "floor")]
+            parser.error(f"unknown pyquant rows {unknown}; valid: {', '.join(valid)}")
+    print(f"load average (1, 5, 15 min) before: {os.getloadavg()}", file=sys.stderr)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ["float"] + pyquant_rows:
@@ -88,6 +105,7 @@ def main() -> None:
                      logits=ev.logits)
             results[label] = r
             print(f"done: Quark {name}", file=sys.stderr)
+    print(f"load average (1, 5, 15 min) after: {os.getloadavg()}", file=sys.stderr)
     float_result = results[imagenet_sample.ROWS["float"]]
     float_pred = float_result["predictions"]
     print("| configuration | top-1 % | top-5 % | top-1 agreement with float % | KL to float | size MB | quantize s "
