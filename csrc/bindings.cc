@@ -14,6 +14,7 @@
 #include "kernels/channel_stats.h"
 #include "kernels/cle.h"
 #include "kernels/histogram.h"
+#include "kernels/multiversion.h"
 #include "kernels/parallel.h"
 #include "kernels/rounding.h"
 #include "kernels/window_gram.h"
@@ -103,6 +104,27 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("_set_parallel_thresholds", &pyquant::set_parallel_thresholds, py::arg("enabled"),
         "Benchmarks only: False runs every region on get_num_threads() threads, however small.");
   m.def("_parallel_thresholds", &pyquant::parallel_thresholds);
+
+  constexpr pyquant::Isa kLevels[] = {pyquant::Isa::Avx512, pyquant::Isa::Avx2, pyquant::Isa::Baseline};
+  m.def("supported_isas", [kLevels] {
+    std::vector<std::string> names;
+    for (pyquant::Isa isa : kLevels)
+      if (pyquant::isa_supported(isa)) names.push_back(pyquant::isa_name(isa));
+    return names;
+  }, "The ISA levels this CPU runs, best first.");
+  m.def("isa", [] { return std::string(pyquant::isa_name(pyquant::active_isa())); },
+        "The ISA level whose copies of the hot kernels run.");
+  m.def("set_isa", [kLevels](const std::string& name) {
+    for (pyquant::Isa isa : kLevels) {
+      if (name != pyquant::isa_name(isa)) continue;
+      if (!pyquant::isa_supported(isa))
+        throw py::value_error("this CPU does not support the ISA level " + name + " (best: " +
+                              pyquant::isa_name(pyquant::best_isa()) + ")");
+      pyquant::set_active_isa(isa);
+      return;
+    }
+    throw py::value_error("unknown ISA level '" + name + "': expected avx512, avx2 or baseline");
+  }, py::arg("name"), "Run the copies of the hot kernels compiled for this level (process-wide).");
 
   py::class_<pyquant::RangeStats>(m, "RangeStats")
       .def_readonly("finite", &pyquant::RangeStats::finite)

@@ -24,6 +24,7 @@ __all__ = [
     "RangeStats", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range", "channel_sums", "channel_abs_max", "equalization_scales", "scale_channels", "histogram_rebin", "histogram_quant_errors",
     "tensor_quant_errors", "histogram_quantiles", "histogram_entropy_threshold",
     "RoundingAlgorithm", "fit_rounding", "gram_product", "window_gram", "set_num_threads", "get_num_threads",
+    "isa", "set_isa", "supported_isas",
 ]
 
 # Upper bound of set_num_threads: far above any machine's cores, low enough to catch a typo.
@@ -42,6 +43,31 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """Threads the kernels may use (see set_num_threads)."""
     return _kernels.get_num_threads()
+
+
+def supported_isas() -> Tuple[str, ...]:
+    """The x86-64 levels this CPU runs, best first: a subset of ("avx512", "avx2",
+    "baseline") (x86-64-v4, x86-64-v3, x86-64)."""
+    return tuple(_kernels.supported_isas())
+
+
+def isa() -> str:
+    """The level whose copies of the hot kernels run: the best supported one, unless
+    set_isa or the environment variable PYQUANT_ISA (read at import) chose another."""
+    return _kernels.isa()
+
+
+def set_isa(name: str) -> None:
+    """Run the copies of the hot kernels compiled for ``name`` ("avx512", "avx2" or
+    "baseline"), process-wide; a level the CPU lacks is refused (ValueError)."""
+    _kernels.set_isa(str(name))
+
+
+if os.environ.get("PYQUANT_ISA"):
+    try:
+        set_isa(os.environ["PYQUANT_ISA"])
+    except ValueError as e:
+        raise ValueError(f"PYQUANT_ISA={os.environ['PYQUANT_ISA']}: {e}") from None
 
 
 def _as_f32(x: npt.ArrayLike) -> np.ndarray:

@@ -1,5 +1,12 @@
 """Reproducibility of the kernels: the same inputs give the same bits with 1 and 2 threads
-(every kernel's summation order is fixed by the data, not by the threads)."""
+(every kernel's summation order is fixed by the data, not by the threads) and with each
+x86-64 level's copy of the hot kernels (compiled without multiply-add contraction, so that
+a vector width changes no result)."""
+import os
+import subprocess
+import sys
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -125,3 +132,50 @@ def test_one_and_two_threads_give_the_same_bits(case, thread_settings):
     two, again = run(), run()
     assert_same_bits(two, one, f"{case}, 2 threads vs 1")
     assert_same_bits(again, two, f"{case}, 2 threads twice")
+
+
+@pytest.fixture
+def restore_isa():
+    before = kernels.isa()
+    yield
+    kernels.set_isa(before)
+
+
+@pytest.mark.parametrize("level", ["avx512", "avx2"])
+@pytest.mark.parametrize("case", CASES)
+def test_each_isa_level_gives_the_bits_of_the_baseline(case, level, restore_isa):
+    if level not in kernels.supported_isas():
+        pytest.skip(f"this CPU does not run {level}")
+    run = CASES[case]
+    kernels.set_isa("baseline")
+    want = run()
+    kernels.set_isa(level)
+    assert kernels.isa() == level
+    assert_same_bits(run(), want, f"{case}, {level} vs baseline")
+
+
+def test_isa_levels_are_reported_and_refused_when_unknown(restore_isa):
+    levels = kernels.supported_isas()
+    assert levels[-1] == "baseline" and set(levels) <= {"avx512", "avx2", "baseline"}
+    assert list(levels) == [lv for lv in ("avx512", "avx2", "baseline") if lv in levels]  # best first
+    assert kernels.isa() == levels[0]  # the best one by default
+    for level in levels:
+        kernels.set_isa(level)
+        assert kernels.isa() == level
+    with pytest.raises(ValueError, match="unknown ISA level 'sse9': expected avx512, avx2 or baseline"):
+        kernels.set_isa("sse9")
+    for missing in {"avx512", "avx2"} - set(levels):
+        with pytest.raises(ValueError, match=f"this CPU does not support the ISA level {missing}"):
+            kernels.set_isa(missing)
+
+
+def test_pyquant_isa_environment_variable_is_read_at_import():
+    def isa_with(value):
+        env = dict(os.environ, PYQUANT_ISA=value)
+        return subprocess.run([sys.executable, "-c", "from pyquant import kernels; print(kernels.isa())"], env=env,
+                              capture_output=True, text=True, timeout=120, cwd=tempfile.gettempdir())
+
+    done = isa_with("baseline")
+    assert done.returncode == 0 and done.stdout.split() == ["baseline"], done.stderr
+    done = isa_with("sse9")
+    assert done.returncode != 0 and "PYQUANT_ISA=sse9: unknown ISA level" in done.stderr

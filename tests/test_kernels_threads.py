@@ -3,6 +3,7 @@ affinity mask, and OpenMP's passive waiting."""
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -15,8 +16,11 @@ needs_affinity = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason
 def run_python(code, **env):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120,
-                          check=True)
+    # cwd: not the checkout, whose pyquant/ (without the built extension) would shadow the installed one
+    done = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120,
+                          cwd=tempfile.gettempdir())
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 @pytest.fixture

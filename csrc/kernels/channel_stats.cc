@@ -1,33 +1,52 @@
 #include "kernels/channel_stats.h"
 
+#include <algorithm>
+
+#include "kernels/multiversion.h"
 #include "kernels/parallel.h"
 
-
 namespace pyquant {
+namespace {
 
 // Values below which one thread is faster (benchmarks/kernel_threads.py).
 constexpr int64_t kChannelSumsMinParallel = 1 << 16;
 
-void channel_sums(const float* x, int64_t outer, int64_t channels, int64_t inner, double* sums) {
-  // Parallel over channels: each (o, c) row of `inner` values is contiguous, and no
-  // two threads write the same sum. Rows are summed in float blocks of kBlock values
-  // (vectorised), and the blocks in double, so long rows lose no precision.
-  constexpr int64_t kBlock = 256;
-#pragma omp parallel for schedule(static) num_threads(threads_for(outer * channels * inner, kChannelSumsMinParallel))
-  for (int64_t c = 0; c < channels; ++c) {
-    double total = 0.0;
-    for (int64_t o = 0; o < outer; ++o) {
-      const float* row = x + (o * channels + c) * inner;
-      for (int64_t start = 0; start < inner; start += kBlock) {
-        const int64_t end = start + kBlock < inner ? start + kBlock : inner;
-        float block = 0.0f;
-#pragma omp simd reduction(+ : block)
-        for (int64_t i = start; i < end; ++i) block += row[i];
-        total += block;
-      }
+constexpr int64_t kBlock = 256;
+constexpr int kLanes = 16;
+
+// The sum of one channel: its `outer` rows of `inner` contiguous values, row_stride apart.
+// Each block of kBlock values is summed in kLanes partial sums (a fixed order, which every
+// ISA level vectorises the same way), the blocks in double, so long rows lose no precision.
+template <typename T>
+PYQUANT_INLINE double channel_total_body(const T* x, int64_t outer, int64_t row_stride, int64_t inner) {
+  double total = 0.0;
+  for (int64_t o = 0; o < outer; ++o) {
+    const T* row = x + o * row_stride;
+    for (int64_t start = 0; start < inner; start += kBlock) {
+      const int64_t len = std::min(kBlock, inner - start);
+      const T* p = row + start;
+      T acc[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) acc[l] += p[i + l];
+      T block = T(0);
+      for (; i < len; ++i) block += p[i];
+      for (int l = 0; l < kLanes; ++l) block += acc[l];
+      total += block;
     }
-    sums[c] += total;
   }
+  return total;
+}
+
+PYQUANT_CLONES(double, channel_total, (const float* x, int64_t outer, int64_t row_stride, int64_t inner),
+               (x, outer, row_stride, inner))
+
+}  // namespace
+
+void channel_sums(const float* x, int64_t outer, int64_t channels, int64_t inner, double* sums) {
+  // Parallel over channels: no two threads write the same sum, and each sum's order is fixed.
+#pragma omp parallel for schedule(static) num_threads(threads_for(outer * channels * inner, kChannelSumsMinParallel))
+  for (int64_t c = 0; c < channels; ++c) sums[c] += channel_total(x + c * inner, outer, channels * inner, inner);
 }
 
 }  // namespace pyquant

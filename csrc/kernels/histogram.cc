@@ -19,31 +19,32 @@ constexpr int64_t kRangeMinParallel = 1 << 16;
 constexpr int64_t kHistogramMinParallel = 1 << 16;
 
 struct PartialRange {
-  float min = std::numeric_limits<float>::infinity();
-  float max = -std::numeric_limits<float>::infinity();
+  double min = std::numeric_limits<double>::infinity();
+  double max = -std::numeric_limits<double>::infinity();
   int64_t nonfinite = 0;
 };
 
 // Branch-free so that the compiler vectorises it: (v - v) == 0 is false exactly
-// for NaN and +/-Inf.
-PartialRange scan_range(const float* x, int64_t n) {
-  PartialRange r;
-  float mn = r.min, mx = r.max;
+// for NaN and +/-Inf. Min and max are exact in any order.
+template <typename T>
+PYQUANT_INLINE PartialRange scan_range_body(const T* x, int64_t n) {
+  T mn = std::numeric_limits<T>::infinity(), mx = -std::numeric_limits<T>::infinity();
   int64_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    const bool finite = (v - v) == 0.0f;
+    const T v = x[i];
+    const bool finite = (v - v) == T(0);
     mn = finite ? std::min(mn, v) : mn;
     mx = finite ? std::max(mx, v) : mx;
     bad += finite ? 0 : 1;
   }
+  PartialRange r;
   r.min = mn;
   r.max = mx;
   r.nonfinite = bad;
   return r;
 }
 
-void count_non_finite(const float* x, int64_t n, RangeStats* s);
+PYQUANT_CLONES(PartialRange, scan_range, (const float* x, int64_t n), (x, n))
 
 // This thread's contiguous share [begin, end) of n elements in a parallel region.
 void thread_slice(int64_t n, int64_t* begin, int64_t* end) {
@@ -62,33 +63,46 @@ void merge_into(PartialRange* total, const PartialRange& part) {
   total->nonfinite += part.nonfinite;
 }
 
-}  // namespace
-
-RangeStats range_stats(const float* x, int64_t n) {
-  PartialRange total;
-  const int nthreads = threads_for(n, kRangeMinParallel);
-  if (nthreads > 1) {
-#pragma omp parallel num_threads(nthreads)
-    {
-      int64_t begin, end;
-      thread_slice(n, &begin, &end);
-      const PartialRange local = scan_range(x + begin, end - begin);
-#pragma omp critical
-      merge_into(&total, local);
-    }
-  } else {
-    total = scan_range(x, n);
+template <typename T>
+void count_non_finite(const T* x, int64_t n, RangeStats* s) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i];
+    if (std::isnan(v)) ++s->nan;
+    else if (std::isinf(v)) (v > 0 ? s->pos_inf : s->neg_inf) += 1;
   }
+}
 
+// The RangeStats of x from its combined scan.
+template <typename T>
+RangeStats stats_of(const T* x, int64_t n, const PartialRange& total) {
   RangeStats s;
-  s.min = total.min;
-  s.max = total.max;
+  s.min = static_cast<float>(total.min);
+  s.max = static_cast<float>(total.max);
   s.finite = n - total.nonfinite;
   if (total.nonfinite > 0) count_non_finite(x, n, &s);  // rare: tell NaN from +/-Inf
   return s;
 }
 
-namespace {
+template <typename T>
+RangeStats range_stats_impl(const T* x, int64_t n) {
+  PartialRange total;
+#ifdef _OPENMP
+  const int nthreads = threads_for(n, kRangeMinParallel);
+  if (nthreads > 1) {
+    std::vector<PartialRange> parts(static_cast<size_t>(nthreads));
+#pragma omp parallel num_threads(nthreads)
+    {
+      int64_t begin, end;
+      thread_slice(n, &begin, &end);
+      parts[omp_get_thread_num()] = scan_range(x + begin, end - begin);
+    }
+    for (const PartialRange& p : parts) merge_into(&total, p);
+    return stats_of(x, n, total);
+  }
+#endif
+  total = scan_range(x, n);
+  return stats_of(x, n, total);
+}
 
 // Binning runs in blocks: a first loop computes bin indices, the range and the
 // non-finite count for kBlock values (branch-free, so the compiler vectorises
@@ -101,31 +115,31 @@ constexpr int kLanes = 4;
 constexpr int64_t kBlock = 1024;
 
 // counts: kLanes arrays of (nbins + 1) uint32 (small enough to stay in L1 cache for
-// 2048 bins); the caller keeps n below 2^32. Bin of v as documented in the header.
-PYQUANT_MULTIVERSION
-PartialRange accumulate_tracking(const float* x, int64_t n, float lo, float inv_width,
-                                 uint32_t* counts, int64_t nbins) {
-  PartialRange r;
-  const float last = static_cast<float>(nbins - 1);
+// 2048 bins); the caller keeps n below 2^32. Bin of v as documented in the header, in the
+// arithmetic of T.
+template <typename T>
+PYQUANT_INLINE PartialRange accumulate_tracking_body(const T* x, int64_t n, T lo, T inv_width, uint32_t* counts,
+                                                     int64_t nbins) {
+  const T last = static_cast<T>(nbins - 1);
   const int64_t lane_size = nbins + 1;
-  float mn = r.min, mx = r.max;
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  T mn = kInf, mx = -kInf;
   int64_t bad = 0;
   int32_t index[kBlock];
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t len = std::min(kBlock, n - start);
-    const float* xb = x + start;
+    const T* xb = x + start;
     // Non-finite values enter the reductions as neutral elements (+inf for the
     // min, -inf for the max), so both are plain reductions that vectorise.
-    constexpr float kInf = std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(min : mn) reduction(max : mx) reduction(+ : bad)
     for (int64_t j = 0; j < len; ++j) {
-      const float v = xb[j];
-      const bool finite = (v - v) == 0.0f;
+      const T v = xb[j];
+      const bool finite = (v - v) == T(0);
       mn = std::min(mn, finite ? v : kInf);
       mx = std::max(mx, finite ? v : -kInf);
       bad += finite ? 0 : 1;
-      float pos = (v - lo) * inv_width;
-      pos = pos >= 0.0f ? pos : 0.0f;  // NaN compares false: 0, then the sentinel below
+      T pos = (v - lo) * inv_width;
+      pos = pos >= T(0) ? pos : T(0);  // NaN compares false: 0, then the sentinel below
       pos = pos < last ? pos : last;
       index[j] = finite ? static_cast<int32_t>(pos) : static_cast<int32_t>(nbins);
     }
@@ -134,24 +148,27 @@ PartialRange accumulate_tracking(const float* x, int64_t n, float lo, float inv_
       for (int l = 0; l < kLanes; ++l) ++counts[l * lane_size + index[j + l]];
     for (; j < len; ++j) ++counts[index[j]];
   }
+  PartialRange r;
   r.min = mn;
   r.max = mx;
   r.nonfinite = bad;
   return r;
 }
 
-// Runs accumulate_tracking over x on all threads; returns the combined range and
+PYQUANT_CLONES(PartialRange, accumulate_tracking,
+               (const float* x, int64_t n, float lo, float inv_width, uint32_t* counts, int64_t nbins),
+               (x, n, lo, inv_width, counts, nbins))
+
+// Runs accumulate_tracking over x on the kernels' threads; returns the combined range and
 // the per-thread counts (kLanes * (nbins + 1) per thread).
-PartialRange accumulate_parallel(const float* x, int64_t n, double lo, double hi, int64_t nbins,
+template <typename T>
+PartialRange accumulate_parallel(const T* x, int64_t n, double lo, double hi, int64_t nbins,
                                  std::vector<int64_t>& counts, int& nthreads) {
   // uint32 lane counts are flushed into the int64 totals every kFlush values.
   constexpr int64_t kFlush = int64_t{1} << 31;
-  const float lo_f = static_cast<float>(lo);
-  const float inv_width = static_cast<float>(static_cast<double>(nbins) / (hi - lo));
-  nthreads = 1;
-#ifdef _OPENMP
+  const T lo_t = static_cast<T>(lo);
+  const T inv_width = static_cast<T>(static_cast<double>(nbins) / (hi - lo));
   nthreads = threads_for(n, kHistogramMinParallel);
-#endif
   const int64_t stride = kLanes * (nbins + 1);
   counts.assign(static_cast<size_t>(nthreads) * stride, 0);
   std::vector<PartialRange> parts(static_cast<size_t>(nthreads));
@@ -168,7 +185,7 @@ PartialRange accumulate_parallel(const float* x, int64_t n, double lo, double hi
     PartialRange mine;
     for (int64_t chunk = begin; chunk < end; chunk += kFlush) {
       std::fill(lanes.begin(), lanes.end(), 0u);
-      merge_into(&mine, accumulate_tracking(x + chunk, std::min(kFlush, end - chunk), lo_f, inv_width,
+      merge_into(&mine, accumulate_tracking(x + chunk, std::min(kFlush, end - chunk), lo_t, inv_width,
                                             lanes.data(), nbins));
       for (int64_t k = 0; k < stride; ++k) counts[t * stride + k] += lanes[k];
     }
@@ -185,39 +202,37 @@ void add_counts(const std::vector<int64_t>& counts, int nthreads, int64_t nbins,
     for (int64_t b = 0; b < nbins; ++b) hist[b] += static_cast<double>(counts[k * lane_size + b]);
 }
 
-void count_non_finite(const float* x, int64_t n, RangeStats* s) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    if (std::isnan(v)) ++s->nan;
-    else if (std::isinf(v)) (v > 0 ? s->pos_inf : s->neg_inf) += 1;
-  }
-}
-
-}  // namespace
-
-bool histogram_accumulate_if_in_range(const float* x, int64_t n, double lo, double hi,
-                                      double* hist, int64_t nbins, RangeStats* stats) {
+template <typename T>
+bool accumulate_if_in_range_impl(const T* x, int64_t n, double lo, double hi, double* hist, int64_t nbins,
+                                 RangeStats* stats) {
   std::vector<int64_t> counts;
   int nthreads = 1;
   const PartialRange total = accumulate_parallel(x, n, lo, hi, nbins, counts, nthreads);
-  *stats = RangeStats();
-  stats->min = total.min;
-  stats->max = total.max;
-  stats->finite = n - total.nonfinite;
-  if (total.nonfinite > 0) count_non_finite(x, n, stats);
-  const bool fits = total.nonfinite == 0 &&
-                    (stats->finite == 0 || (static_cast<double>(total.min) >= lo &&
-                                            static_cast<double>(total.max) <= hi));
+  *stats = stats_of(x, n, total);
+  const bool fits = total.nonfinite == 0 && (stats->finite == 0 || (total.min >= lo && total.max <= hi));
   if (fits) add_counts(counts, nthreads, nbins, hist);
   return fits;
 }
 
-void histogram_accumulate(const float* x, int64_t n, double lo, double hi,
-                          double* hist, int64_t nbins) {
+template <typename T>
+void accumulate_impl(const T* x, int64_t n, double lo, double hi, double* hist, int64_t nbins) {
   std::vector<int64_t> counts;
   int nthreads = 1;
   accumulate_parallel(x, n, lo, hi, nbins, counts, nthreads);
   add_counts(counts, nthreads, nbins, hist);
+}
+
+}  // namespace
+
+RangeStats range_stats(const float* x, int64_t n) { return range_stats_impl(x, n); }
+
+bool histogram_accumulate_if_in_range(const float* x, int64_t n, double lo, double hi, double* hist, int64_t nbins,
+                                      RangeStats* stats) {
+  return accumulate_if_in_range_impl(x, n, lo, hi, hist, nbins, stats);
+}
+
+void histogram_accumulate(const float* x, int64_t n, double lo, double hi, double* hist, int64_t nbins) {
+  accumulate_impl(x, n, lo, hi, hist, nbins);
 }
 
 void histogram_rebin(const double* src, int64_t nsrc, double src_lo, double src_hi,

@@ -82,8 +82,7 @@ double row_error(const float* wt, const float* g, const float* t, int64_t k) {
   return e;
 }
 
-PYQUANT_MULTIVERSION
-void fit_block(const Block& b, int qmin, int qmax, const RoundingOptions& o) {
+PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const RoundingOptions& o) {
   const int64_t kp = b.kp, size = int64_t(b.n) * kp;
   std::vector<float> param(size, 0.f), m(size, 0.f), v(size, 0.f), base(size, 0.f), wt(size, 0.f),
       g(size, 0.f), t(size, 0.f), dq(size, 0.f), h(size, 0.f);
@@ -183,12 +182,19 @@ void fit_block(const Block& b, int qmin, int qmax, const RoundingOptions& o) {
   }
 }
 
-PYQUANT_MULTIVERSION
+PYQUANT_CLONES(void, fit_block, (const Block& b, int qmin, int qmax, const RoundingOptions& o), (b, qmin, qmax, o))
+
+PYQUANT_INLINE void gram_rows_body(const float* x, const float* a, int n, int64_t kp, float* out) {
+  product_block(x, a, n, kp, out);
+}
+
+PYQUANT_CLONES(void, gram_rows, (const float* x, const float* a, int n, int64_t kp, float* out), (x, a, n, kp, out))
+
 void gram_product_impl(const float* x, const float* a, int64_t rows, int64_t kp, float* out) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads_for(rows * kp * kp, kGramProductMinParallel))
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int n = int(std::min<int64_t>(kRowBlock, rows - r0));
-    product_block(x + r0 * kp, a, n, kp, out + r0 * kp);
+    gram_rows(x + r0 * kp, a, n, kp, out + r0 * kp);
   }
 }
 

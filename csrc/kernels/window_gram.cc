@@ -71,11 +71,10 @@ constexpr int64_t kGroupParallelMinGroups = 4;
 // Positions per block: the block's K rows of q and f stay in L1/L2 while all K^2 pairs use them.
 constexpr int64_t kBlock = 512;
 
-PYQUANT_MULTIVERSION
 // Adds one image's patches of one group (pq, pf: [K, m]) to the accumulators. Without float
 // patches (pf null) only qq and sq are touched; qf, ff and sf may then be null.
-void accumulate(const float* pq, const float* pf, int64_t K, int64_t m, double* qq, double* qf, double* ff,
-                double* sq, double* sf) {
+PYQUANT_INLINE void accumulate_body(const float* pq, const float* pf, int64_t K, int64_t m, double* qq, double* qf,
+                                    double* ff, double* sq, double* sf) {
   for (int64_t c0 = 0; c0 < m; c0 += kBlock) {
     const int64_t len = std::min(kBlock, m - c0);
     for (int64_t a = 0; a < K; ++a) {
@@ -99,6 +98,11 @@ void accumulate(const float* pq, const float* pf, int64_t K, int64_t m, double* 
     }
   }
 }
+
+PYQUANT_CLONES(void, accumulate,
+               (const float* pq, const float* pf, int64_t K, int64_t m, double* qq, double* qf, double* ff,
+                double* sq, double* sf),
+               (pq, pf, K, m, qq, qf, ff, sq, sf))
 
 // Where one group's sums live in a block of doubles: qq [K, K] and sum_q [K], then with
 // float inputs qf [K, K], ff [K, K] and sum_f [K].
