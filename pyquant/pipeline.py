@@ -1,7 +1,7 @@
 """The quantization pipeline: prepare, run the techniques around one calibration pass,
 write the QDQ model.
 
-    prepare (opset check, BatchNormalization folding, shape inference)
+    prepare (pyquant.preparation: opset upgrade, float-exact rewrites checked on a batch)
       -> GRAPH techniques (CLE, ...) on the float model, with a few peeked samples
       -> plan (which tensors get QDQ pairs, which share a scale)
       -> calibration: one pass collecting every planned activation's statistics and
@@ -20,7 +20,7 @@ import functools
 import logging
 import operator
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import onnx
 from onnx import ModelProto
@@ -30,16 +30,14 @@ from .calibrate.runner import StatisticsRequest, collect
 from .calibrate.table import build_table
 from .config import QuantConfig
 from .errors import ModelError
-from .graph.fold_bn import fold_batch_norm
 from .graph.plan import QuantPlan
 from .graph.qdq import write_qdq
 from .qparams import QuantTable
-from .runtime import PeekedReader, RebatchedReader, require_rewind
+from .preparation import prepare_graph
+from .runtime import Feed, PeekedReader, RebatchedReader, require_rewind
 from .techniques import Callbacks, QuantState, Stage, Technique, techniques_for
 
 log = logging.getLogger(__name__)
-# QuantizeLinear with per-axis scales needs opset 13.
-MIN_OPSET = 13
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,20 +50,9 @@ class QuantizeResult:
     seconds_total: float
 
 
-def prepare(model: ModelProto) -> ModelProto:
-    """Shape inference (for element types) and BatchNormalization folding, on a copy."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < MIN_OPSET:
-        raise ModelError(f"model opset {opset} is older than {MIN_OPSET}; convert it first "
-                         f"(onnx.version_converter.convert_version(model, {MIN_OPSET}))")
-    prepared = ModelProto()
-    prepared.CopyFrom(model)
-    fold_batch_norm(prepared)
-    try:
-        prepared = onnx.shape_inference.infer_shapes(prepared)
-    except Exception as e:
-        raise ModelError(f"shape inference failed: {e}") from None
-    return prepared
+def prepare(model: ModelProto, feeds: Sequence[Feed] = ()) -> ModelProto:
+    """The prepared copy of ``model`` (pyquant.preparation), checked on ``feeds`` if given."""
+    return prepare_graph(model, feeds)[0]
 
 
 def _calibration_reader(reader, config: QuantConfig):
@@ -77,16 +64,8 @@ def _calibration_reader(reader, config: QuantConfig):
 
 
 def _run_graph_stage(state: QuantState, techniques: List[Technique]) -> None:
-    samples = max((t.samples_needed() for t in techniques), default=0)
-    peeked = None
-    if samples:
-        peeked = state.reader = PeekedReader(state.reader, samples)
-        state.samples = peeked.peeked
     for technique in techniques:
         technique.apply(state)
-    state.samples = []
-    if peeked is not None:
-        peeked.peeked.clear()  # the batches stay queued for calibration only
 
 
 def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Callbacks = Callbacks()
@@ -101,8 +80,16 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
     if rereaders:  # before any work, on the reader as given
         require_rewind(reader, " and ".join(rereaders))
     with threads.budget(config.threads):
-        state = QuantState(prepare(model), config, _calibration_reader(reader, config), callbacks)
+        # a look at real data before calibration: one batch checks the graph preparation,
+        # the GRAPH techniques ask for more; the batches are replayed to calibration
+        samples = max([1] + [t.samples_needed() for t in graph_stage])
+        peeked = PeekedReader(_calibration_reader(reader, config), samples)
+        prepared, preparation = prepare_graph(model, peeked.peeked[:1])
+        state = QuantState(prepared, config, peeked, callbacks, samples=peeked.peeked)
+        state.reports["preparation"] = preparation
         _run_graph_stage(state, graph_stage)
+        state.samples = []
+        peeked.peeked.clear()  # the batches stay queued for calibration only
         state.replan()
         request = functools.reduce(operator.or_, (t.statistics_needed(state) for t in parameter_stage),
                                    StatisticsRequest())

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pyquant.config import PRESETS, get_preset
 from pyquant.data import ArrayReader
 from pyquant.errors import ModelError
-from pyquant.graph.fold_bn import fold_batch_norm
+from pyquant.graph.rewrites.batchnorm import fold_batch_norm
 from pyquant.graph.plan import build_plan
 from pyquant.pipeline import prepare, quantize_model
 
@@ -129,11 +129,6 @@ def test_already_quantized_model_is_rejected(tiny_model, tiny_data):
     q = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16), get_preset("U8S8")).model
     with pytest.raises(ModelError, match="already quantized"):
         quantize_model(q, ArrayReader(tiny_data, "x", 16), get_preset("U8S8"))
-
-
-def test_old_opset_is_rejected_with_advice(tiny_data):
-    with pytest.raises(ModelError, match="opset 11"):
-        quantize_model(tiny_cnn(opset=11), ArrayReader(tiny_data, "x", 16), get_preset("U8S8"))
 
 
 def test_matmul_with_two_activations_quantizes_both_inputs():

@@ -18,6 +18,12 @@ Rules applied (all presets):
 NPU CNN rules (enable_npu_cnn, part of XINT8):
   * Concat inputs and output share one scale (the NPU concatenates integer data).
   * AveragePool and GlobalAveragePool keep input scale = output scale.
+Placement without NPU rules: quantization points sit on the inputs of compute ops
+(Conv, Gemm, MatMul, pooling, Concat, an Add of two activations) and of the data-movement
+ops that feed them; elementwise ops (activation functions, Mul, an Add/Sub/Div with a
+constant) between them stay in float, with no QDQ pair of their own. A written-out
+hard-swish, SiLU or GELU is then one float region between two layers instead of four
+rounding points (on a paddle2onnx text detector, 266 pairs without this rule).
 Ops not listed in OP_RULES stay in float; the plan records why.
 """
 from __future__ import annotations
@@ -45,18 +51,22 @@ class OpRule:
     npu_same_scale: bool = False  # ... under the NPU CNN rules only
     npu_concat: bool = False  # all inputs and the output share one scale under NPU rules
     fusable: bool = False  # may absorb a following Relu/Clip
+    # Float-region candidate: an elementwise op (unary, or binary with a constant operand)
+    # that computes nothing a quantized kernel needs. Without NPU rules it stays float and
+    # gets no QDQ pair of its own; with them (an NPU computes it in integers) it is quantized.
+    elementwise: bool = False
 
 
 _DATA_MOVEMENT = OpRule(activation_inputs=(0,), same_scale=True)
 _POOL_AVG = OpRule(activation_inputs=(0,), npu_same_scale=True)
-_UNARY = OpRule(activation_inputs=(0,))
+_UNARY = OpRule(activation_inputs=(0,), elementwise=True)
 
 OP_RULES: Dict[str, OpRule] = {
     "Conv": OpRule(activation_inputs=(0,), weight_input=1, bias_input=2, fusable=True),
     "Gemm": OpRule(activation_inputs=(0,), weight_input=1, bias_input=2, fusable=True),
     "MatMul": OpRule(weight_input=1, fusable=True),
-    "Add": OpRule(fusable=True),
-    "Mul": OpRule(),
+    "Add": OpRule(fusable=True, elementwise=True),  # a compute point when both operands are activations
+    "Mul": OpRule(elementwise=True),
     "Concat": OpRule(npu_concat=True),
     "MaxPool": _DATA_MOVEMENT, "Reshape": _DATA_MOVEMENT, "Flatten": _DATA_MOVEMENT,
     "Transpose": _DATA_MOVEMENT, "Squeeze": _DATA_MOVEMENT, "Unsqueeze": _DATA_MOVEMENT,
@@ -169,6 +179,8 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
         rule = OP_RULES.get(node.op_type)
         if rule is None or not rule.fusable:
             continue
+        if node.op_type == "Add" and any(view.is_constant(i) for i in node.input):
+            continue  # an Add of a constant is elementwise (e.g. the x + 3 of a hard-swish), not a layer
         current, allowed = node, FUSED_ACTIVATIONS
         while True:  # layer -> Relu/Clip [-> Min/Max with constant bound]*
             nxt = view.single_consumer(current.output[0])
@@ -179,10 +191,11 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
             fused_outputs.add(current.output[0])
             current, allowed = nxt, FUSED_BOUNDS
 
+    float_region = set() if enable_npu_cnn else _float_region(view, model, fused_outputs)
     read_by_quantized = set()
     for node in model.graph.node:
         rule = OP_RULES.get(node.op_type)
-        if _skip_reason(view, node, rule) is None:
+        if _skip_reason(view, node, rule) is None and id(node) not in float_region:
             read_by_quantized.update(_activation_inputs(view, node, rule))
 
     for node in model.graph.node:
@@ -190,6 +203,8 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
             raise_already_quantized(view, node)
         rule = OP_RULES.get(node.op_type)
         reason = _skip_reason(view, node, rule)
+        if reason is None and id(node) in float_region:
+            reason = FLOAT_REGION_REASON
         if reason is not None:
             if node.op_type != "Constant":
                 skipped[view.node_name(node)] = reason
@@ -219,6 +234,34 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
     for name, reason in skipped.items():
         log.info("leaving %s in float: %s", name, reason)
     return QuantPlan(order, constants, weights, biases, list(groups.values()), skipped)
+
+
+FLOAT_REGION_REASON = "elementwise op between quantized layers: computed in float (no NPU rules)"
+
+
+def _float_region(view: GraphView, model: ModelProto, fused_outputs: set) -> set:
+    """ids of the nodes that stay float under the placement rule without NPU rules:
+    elementwise ops (an Add of two activations and activations fused into their layer
+    excepted), and data-movement ops whose outputs no quantized op reads (decided in
+    reverse graph order, consumers first)."""
+    region = set()
+    for node in model.graph.node:
+        rule = OP_RULES.get(node.op_type)
+        if rule is None or not rule.elementwise or (node.input and node.input[0] in fused_outputs):
+            continue
+        activations = [i for i in node.input if i and not view.is_constant(i)]
+        if node.op_type == "Add" and len(activations) == 2:
+            continue  # residual add: integer in, integer out
+        region.add(id(node))
+    for node in reversed(model.graph.node):
+        rule = OP_RULES.get(node.op_type)
+        if rule is None or not rule.same_scale:
+            continue
+        readers = [c for o in node.output for c in view.consumers.get(o, [])]
+        if not any(OP_RULES.get(c.op_type) is not None and id(c) not in region
+                   and _skip_reason(view, c, OP_RULES.get(c.op_type)) is None for c in readers):
+            region.add(id(node))
+    return region
 
 
 def plan_for(model: ModelProto, config: QuantConfig) -> QuantPlan:

@@ -1,0 +1,132 @@
+"""Graph preparation: float-exact rewrites before any technique runs, each checked on a
+calibration batch and reported.
+
+    opset upgrade (to 13)                  pyquant.graph.rewrites.opset
+    Constant nodes -> initializers         pyquant.graph.rewrites.constants
+    BatchNormalization into the Conv before it, or unfolded before a layer that reads it
+                                           pyquant.graph.rewrites.batchnorm
+    constant Mul/Div/Add/Sub into the neighbouring Conv/Gemm/MatMul
+                                           pyquant.graph.rewrites.affine
+
+After each rewrite that changed something, the model's outputs on the batch must equal
+the original model's within PREPARATION_RTOL (relative to each output's largest value),
+else ModelError naming the rewrite (for the opset upgrade: the first node whose output
+changed). Shape inference runs last, for the element types the plan reads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+
+from .errors import ModelError
+from .graph.rewrites.affine import fold_affines
+from .graph.rewrites.batchnorm import fold_batch_norm, unfold_batch_norm_before_layers
+from .graph.rewrites.constants import constants_to_initializers
+from .graph.rewrites.opset import MIN_OPSET, upgrade_opset
+from .graph.validate import check_definitions
+from .graph.view import GraphView
+from .runtime import Feed, check_feed, make_session
+
+log = logging.getLogger(__name__)
+
+# float32 folding reorders a few products per output; 1e-5 of an output's range is far
+# below any quantization step and far above that rounding.
+PREPARATION_RTOL = 1e-5
+
+REWRITES: List[Tuple[str, Callable[[ModelProto], int]]] = [
+    ("Constant nodes to initializers", constants_to_initializers),
+    ("BatchNormalization folded into the Conv before it", fold_batch_norm),
+    ("BatchNormalization unfolded before the layer that reads it", unfold_batch_norm_before_layers),
+    ("constant Mul/Div/Add/Sub folded into Conv/Gemm/MatMul", fold_affines),
+]
+
+
+@dataclasses.dataclass
+class PreparationReport:
+    opset_from: int
+    opset_to: int
+    changes: Dict[str, int]  # rewrite -> places changed
+    max_relative_change: float  # largest output change of any rewrite, relative
+
+    def summary(self) -> str:
+        parts = [f"opset {self.opset_from} -> {self.opset_to}"] if self.opset_from != self.opset_to else []
+        parts += [f"{name}: {n}" for name, n in self.changes.items() if n]
+        return "graph preparation: " + ("; ".join(parts) if parts else "nothing to change")
+
+
+def _outputs(model: ModelProto, feed: Feed, names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
+    names = names or [o.name for o in model.graph.output]
+    session = make_session(model, [n for n in names if n not in {o.name for o in model.graph.output}])
+    return dict(zip(names, session.run(names, check_feed(session, feed, 0))))
+
+
+def relative_change(reference: np.ndarray, value: np.ndarray) -> float:
+    reference, value = np.asarray(reference), np.asarray(value)
+    if reference.shape != value.shape:
+        return float("inf")
+    if reference.dtype.kind != "f":
+        return 0.0 if np.array_equal(reference, value) else float("inf")
+    scale = float(np.max(np.abs(reference))) if reference.size else 0.0
+    return float(np.max(np.abs(reference.astype(np.float64) - value))) / (scale or 1.0) if reference.size else 0.0
+
+
+def _first_changed_node(original: ModelProto, upgraded: ModelProto, feed: Feed) -> str:
+    """The first node (graph order) of ``original`` whose float output differs in ``upgraded``."""
+    original, upgraded = onnx.shape_inference.infer_shapes(original), onnx.shape_inference.infer_shapes(upgraded)
+    view, new_view = GraphView(original), GraphView(upgraded)
+    names = [o for n in original.graph.node for o in n.output
+             if o and view.is_float(o) and o in new_view.producer]
+    if not names:
+        return "(no comparable node output)"
+    before, after = _outputs(original, feed, names), _outputs(upgraded, feed, names)
+    for node in original.graph.node:
+        for o in node.output:
+            if o in before and relative_change(before[o], after[o]) > PREPARATION_RTOL:
+                return f"{view.node_name(node)} ({node.op_type})"
+    return "(none of the compared nodes; an output-only difference)"
+
+
+def _check(name: str, model: ModelProto, reference: Dict[str, np.ndarray], feed: Feed) -> float:
+    outputs = _outputs(model, feed, list(reference))
+    worst_name, worst = max(((o, relative_change(reference[o], outputs[o])) for o in reference),
+                            key=lambda t: t[1], default=("", 0.0))
+    if worst > PREPARATION_RTOL:
+        raise ModelError(f"graph preparation step '{name}' changed output {worst_name!r} by {worst:.2g} "
+                         f"(relative, tolerance {PREPARATION_RTOL:g}): a bug of pyquant's, please report it")
+    return worst
+
+
+def prepare_graph(model: ModelProto, feeds: Sequence[Feed] = ()) -> Tuple[ModelProto, PreparationReport]:
+    """A prepared copy of ``model``; with ``feeds`` (one batch is used) every rewrite is
+    checked against the original model's outputs."""
+    feed = feeds[0] if feeds else None
+    upgraded, opset = upgrade_opset(model, MIN_OPSET)
+    reference = _outputs(model, feed) if feed is not None else None
+    prepared = ModelProto()
+    prepared.CopyFrom(upgraded)
+    worst = 0.0
+    if opset < MIN_OPSET:
+        log.info("upgraded the model from opset %d to %d", opset, MIN_OPSET)
+        if reference is not None:
+            outputs = _outputs(prepared, feed, list(reference))
+            if any(relative_change(reference[o], outputs[o]) > PREPARATION_RTOL for o in reference):
+                raise ModelError(f"the opset {opset} -> {MIN_OPSET} upgrade changed the model's outputs; first "
+                                 f"node that differs: {_first_changed_node(model, prepared, feed)}")
+    changes: Dict[str, int] = {}
+    for name, rewrite in REWRITES:
+        changes[name] = rewrite(prepared)
+        if changes[name] and reference is not None:
+            worst = max(worst, _check(name, prepared, reference, feed))
+    check_definitions(prepared)
+    try:
+        prepared = onnx.shape_inference.infer_shapes(prepared)
+    except Exception as e:
+        raise ModelError(f"shape inference failed: {e}") from None
+    report = PreparationReport(opset, max(opset, MIN_OPSET), changes, worst)
+    log.info(report.summary())
+    return prepared, report
