@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iomanip>
 #include <optional>
+#include <sstream>
 #include <string>
 
 #include "kernels/channel_stats.h"
@@ -50,14 +52,46 @@ void require(const py::array& a, const char* name, const char* dtype_name,
     throw py::value_error(std::string(name) + " must be writable");
 }
 
-void require_range(double lo, double hi, const char* what) {
-  if (!std::isfinite(lo) || !std::isfinite(hi) || !(hi > lo))
-    throw py::value_error(std::string(what) + " range must be finite with hi > lo, got [" +
-                          std::to_string(lo) + ", " + std::to_string(hi) + "]");
+std::string str(double v) {
+  std::ostringstream s;
+  s << std::setprecision(17) << v;
+  return s.str();
 }
 
-void require_nonempty(const py::array& a, const char* name) {
-  if (a.size() == 0) throw py::value_error(std::string(name) + " must have at least one bin");
+// The bin edges are lo + i (hi - lo) / nbins: hi - lo must be finite too (for float64 data
+// a range like [-1e308, 1e308] is not).
+void require_range(double lo, double hi, const char* what) {
+  if (!std::isfinite(lo) || !std::isfinite(hi) || !(hi > lo) || !std::isfinite(hi - lo))
+    throw py::value_error(std::string(what) + " range must be finite with hi > lo and a finite width hi - lo, got [" +
+                          str(lo) + ", " + str(hi) + "]");
+}
+
+// Histograms have 1 to kMaxBins bins: the accumulating kernel takes 48 bytes per bin and
+// thread of temporary counts, and the entropy search is quadratic in the bins.
+constexpr int64_t kMaxBins = int64_t{1} << 20;
+
+void require_bins(int64_t nbins, const char* name) {
+  if (nbins < 1 || nbins > kMaxBins)
+    throw py::value_error(std::string(name) + " must have 1 to " + std::to_string(kMaxBins) + " bins, got " +
+                          std::to_string(nbins));
+}
+
+void require_nonempty(const py::array& a, const char* name) { require_bins(a.size(), name); }
+
+// The tensor kernels of the statistics path compute in the type of their data.
+enum class Real { F32, F64 };
+
+Real real_type(const py::array& x, const char* name, const char* function) {
+  if (py::isinstance<py::array_t<float>>(x)) {
+    require<float>(x, name, "float32");
+    return Real::F32;
+  }
+  if (py::isinstance<py::array_t<double>>(x)) {
+    require<double>(x, name, "float64");
+    return Real::F64;
+  }
+  throw py::type_error(std::string(function) + ": " + name + " must be float32 or float64, got " +
+                       py::str(x.dtype()).cast<std::string>());
 }
 
 std::string shape_str(const std::vector<py::ssize_t>& shape) {
@@ -76,20 +110,24 @@ double* accumulator(py::array& a, const char* name, const std::vector<py::ssize_
 
 // The checked arguments of the two histogram-accumulating kernels.
 struct HistogramArgs {
-  const float* x;
+  Real type;
+  const void* x;
   int64_t n;
   double* hist;
   int64_t nbins;
 };
 
-HistogramArgs histogram_args(const py::array& x, py::array& hist, double lo, double hi) {
-  require<float>(x, "x", "float32");
+HistogramArgs histogram_args(const py::array& x, py::array& hist, double lo, double hi, const char* function) {
+  const Real type = real_type(x, "x", function);
   require<double>(hist, "hist", "float64", 1, true);
   require_nonempty(hist, "hist");
   require_range(lo, hi, "histogram");
-  return {static_cast<const float*>(x.data()), static_cast<int64_t>(x.size()),
-          static_cast<double*>(hist.mutable_data()), static_cast<int64_t>(hist.size())};
+  return {type, x.data(), static_cast<int64_t>(x.size()), static_cast<double*>(hist.mutable_data()),
+          static_cast<int64_t>(hist.size())};
 }
+
+const float* f32(const void* p) { return static_cast<const float*>(p); }
+const double* f64(const void* p) { return static_cast<const double*>(p); }
 
 }  // namespace
 
@@ -139,28 +177,33 @@ PYBIND11_MODULE(_kernels, m) {
                ", min=" + std::to_string(s.min) + ", max=" + std::to_string(s.max) + ")";
       });
 
+  m.attr("MAX_BINS") = kMaxBins;
+
   m.def("range_stats", [](const py::array& x) {
-    require<float>(x, "x", "float32");
-    const float* p = static_cast<const float*>(x.data());
+    const Real type = real_type(x, "x", "range_stats");
+    const void* p = x.data();
     const int64_t n = x.size();
     py::gil_scoped_release release;
-    return pyquant::range_stats(p, n);
-  }, py::arg("x"), "Finite min/max and NaN/Inf counts of a float32 tensor of any shape.");
+    return type == Real::F32 ? pyquant::range_stats(f32(p), n) : pyquant::range_stats(f64(p), n);
+  }, py::arg("x"), "Finite min/max and NaN/Inf counts of a float32 or float64 tensor of any shape.");
 
   m.def("histogram_accumulate", [](const py::array& x, py::array& hist, double lo, double hi) {
-    const HistogramArgs a = histogram_args(x, hist, lo, hi);
+    const HistogramArgs a = histogram_args(x, hist, lo, hi, "histogram_accumulate");
     py::gil_scoped_release release;
-    pyquant::histogram_accumulate(a.x, a.n, lo, hi, a.hist, a.nbins);
+    if (a.type == Real::F32) pyquant::histogram_accumulate(f32(a.x), a.n, lo, hi, a.hist, a.nbins);
+    else pyquant::histogram_accumulate(f64(a.x), a.n, lo, hi, a.hist, a.nbins);
   }, py::arg("x"), py::arg("hist"), py::arg("lo"), py::arg("hi"),
      "Add the finite values of x to hist (equal bins over [lo, hi], clamped at the ends).");
 
   m.def("histogram_accumulate_if_in_range", [](const py::array& x, py::array& hist, double lo, double hi) {
-    const HistogramArgs a = histogram_args(x, hist, lo, hi);
+    const HistogramArgs a = histogram_args(x, hist, lo, hi, "histogram_accumulate_if_in_range");
     pyquant::RangeStats stats;
     bool added;
     {
       py::gil_scoped_release release;
-      added = pyquant::histogram_accumulate_if_in_range(a.x, a.n, lo, hi, a.hist, a.nbins, &stats);
+      added = a.type == Real::F32
+                  ? pyquant::histogram_accumulate_if_in_range(f32(a.x), a.n, lo, hi, a.hist, a.nbins, &stats)
+                  : pyquant::histogram_accumulate_if_in_range(f64(a.x), a.n, lo, hi, a.hist, a.nbins, &stats);
     }
     return py::make_tuple(added, stats);
   }, py::arg("x"), py::arg("hist"), py::arg("lo"), py::arg("hi"),
@@ -168,16 +211,18 @@ PYBIND11_MODULE(_kernels, m) {
      "Returns (added, stats).");
 
   m.def("channel_sums", [](const py::array& x, py::array& sums) {
-    require<float>(x, "x", "float32", 3);
+    const Real type = real_type(x, "x", "channel_sums");
+    if (x.ndim() != 3) throw py::value_error("x must be 3-D [outer, channels, inner], got shape " + shape_of(x));
     require<double>(sums, "sums", "float64", 1, true);
     if (sums.shape(0) != x.shape(1))
       throw py::value_error("sums must have x.shape[1] = " + std::to_string(x.shape(1)) +
                             " entries, got " + shape_of(sums));
-    const float* px = static_cast<const float*>(x.data());
+    const void* px = x.data();
     double* ps = static_cast<double*>(sums.mutable_data());
     const int64_t outer = x.shape(0), channels = x.shape(1), inner = x.shape(2);
     py::gil_scoped_release release;
-    pyquant::channel_sums(px, outer, channels, inner, ps);
+    if (type == Real::F32) pyquant::channel_sums(f32(px), outer, channels, inner, ps);
+    else pyquant::channel_sums(f64(px), outer, channels, inner, ps);
   }, py::arg("x"), py::arg("sums"), "sums[c] += x[:, c, :].sum() for x viewed as [outer, channels, inner].");
 
   m.def("channel_abs_max", [](const py::array& w, py::array& out) {
@@ -195,23 +240,23 @@ PYBIND11_MODULE(_kernels, m) {
 
   m.def("equalization_scales", [](const py::array& r1, const py::array& r2, const std::optional<py::array>& act,
                                   double act_weight, double max_scale, py::array& out) {
-    require<float>(r1, "r1", "float32", 1);
-    require<float>(r2, "r2", "float32", 1);
+    require<double>(r1, "r1", "float64", 1);
+    require<double>(r2, "r2", "float64", 1);
     require<float>(out, "out", "float32", 1, true);
     if (r2.shape(0) != r1.shape(0) || out.shape(0) != r1.shape(0))
       throw py::value_error("r1, r2 and out must have the same length, got " + shape_of(r1) + ", " +
                             shape_of(r2) + ", " + shape_of(out));
-    const float* pa = nullptr;
+    const double* pa = nullptr;
     if (act) {
-      require<float>(*act, "act", "float32", 1);
+      require<double>(*act, "act", "float64", 1);
       if (act->shape(0) != r1.shape(0))
         throw py::value_error("act must have the length of r1, got " + shape_of(*act) + " and " + shape_of(r1));
-      pa = static_cast<const float*>(act->data());
+      pa = static_cast<const double*>(act->data());
     }
     if (!(act_weight >= 0.0 && act_weight <= 1.0)) throw py::value_error("act_weight must be in [0, 1]");
     if (!(max_scale >= 1.0)) throw py::value_error("max_scale must be at least 1");
-    const float* p1 = static_cast<const float*>(r1.data());
-    const float* p2 = static_cast<const float*>(r2.data());
+    const double* p1 = static_cast<const double*>(r1.data());
+    const double* p2 = static_cast<const double*>(r2.data());
     float* po = static_cast<float*>(out.mutable_data());
     const int64_t n = r1.shape(0);
     py::gil_scoped_release release;
@@ -279,7 +324,8 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("tensor_quant_errors", [](const py::array& x, const py::array& scales,
                                   const py::array& zero_points, double qmin, double qmax,
                                   py::array& out) {
-    require<float>(x, "x", "float32", 2);
+    const Real type = real_type(x, "x", "tensor_quant_errors");
+    if (x.ndim() != 2) throw py::value_error("x must be 2-D [rows, cols], got shape " + shape_of(x));
     require<double>(scales, "scales", "float64", 2);
     require<double>(zero_points, "zero_points", "float64", 2);
     require<double>(out, "out", "float64", 2, true);
@@ -294,12 +340,13 @@ PYBIND11_MODULE(_kernels, m) {
     for (py::ssize_t k = 0; k < scales.size(); ++k)
       if (!(ps[k] > 0) || !std::isfinite(ps[k]))
         throw py::value_error("scales must be finite and positive, got " + std::to_string(ps[k]));
-    const float* px = static_cast<const float*>(x.data());
+    const void* px = x.data();
     const double* pz = static_cast<const double*>(zero_points.data());
     double* po = static_cast<double*>(out.mutable_data());
     const int64_t rows = x.shape(0), cols = x.shape(1), ncand = scales.shape(1);
     py::gil_scoped_release release;
-    pyquant::tensor_quant_errors(px, rows, cols, ps, pz, ncand, qmin, qmax, po);
+    if (type == Real::F32) pyquant::tensor_quant_errors(f32(px), rows, cols, ps, pz, ncand, qmin, qmax, po);
+    else pyquant::tensor_quant_errors(f64(px), rows, cols, ps, pz, ncand, qmin, qmax, po);
   }, py::arg("x"), py::arg("scales"), py::arg("zero_points"), py::arg("qmin"), py::arg("qmax"),
      py::arg("out"), "Exact squared error of quantizing each row of x with each of its candidates.");
 
@@ -326,6 +373,7 @@ PYBIND11_MODULE(_kernels, m) {
 
   m.def("histogram_entropy_threshold", [](const py::array& abs_hist, double hi, int64_t num_quant_bins) {
     require<double>(abs_hist, "abs_hist", "float64", 1);
+    require_nonempty(abs_hist, "abs_hist");
     if (num_quant_bins < 1 || num_quant_bins > abs_hist.size())
       throw py::value_error("num_quant_bins must be in [1, len(abs_hist)] = [1, " +
                             std::to_string(abs_hist.size()) + "], got " + std::to_string(num_quant_bins));

@@ -1,6 +1,7 @@
 """Validating wrappers around the C++ kernels: convert to the exact dtype and layout
-(explicitly, here, so the bindings never copy behind one's back), allocate outputs,
-return named results. pyquant.reference holds the numpy version of each."""
+(explicitly, here, so the bindings never copy behind one's back, and only where no value
+changes: see "dtypes" below), allocate outputs, return named results. pyquant.reference
+holds the numpy version of each."""
 from __future__ import annotations
 
 import enum
@@ -70,12 +71,58 @@ if os.environ.get("PYQUANT_ISA"):
         raise ValueError(f"PYQUANT_ISA={os.environ['PYQUANT_ISA']}: {e}") from None
 
 
-def _as_f32(x: npt.ArrayLike) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32)
+# ---- dtypes -------------------------------------------------------------------------------
+# Each kernel computes in float32 or float64, or, for the statistics of a tensor, in either
+# (the tensor's own). An argument of another dtype is converted only where no value can
+# change: from bool, float16 and integers narrower than the mantissa (8- and 16-bit to
+# float32, 32-bit to float64), and from a wider integer array (what Python ints become)
+# when each of its values is exact. Anything else, float64 data for a float32 kernel first
+# of all, is a TypeError that names the function, the argument and the dtype.
+
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+_MANTISSA_BITS = {F32: 24, F64: 53}
+# Histograms have 1 to MAX_BINS bins (the bindings' bound, csrc/bindings.cc).
+MAX_BINS: int = _kernels.MAX_BINS
 
 
-def _as_f64(x: npt.ArrayLike) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float64)
+def _exact_dtype(dtype: np.dtype, target: np.dtype) -> bool:
+    """Whether every value of ``dtype`` is a value of the float type ``target``."""
+    if dtype.kind == "b":
+        return True
+    if dtype.kind == "f":
+        return dtype.itemsize <= target.itemsize
+    if dtype.kind in "iu":
+        return 8 * dtype.itemsize - (dtype.kind == "i") <= _MANTISSA_BITS[target]
+    return False
+
+
+def _exact_values(a: np.ndarray, target: np.dtype) -> bool:
+    """Whether every value of the integer array ``a`` is a value of ``target``."""
+    if a.dtype.kind not in "iu":
+        return False
+    limit = 2 ** _MANTISSA_BITS[target]
+    return a.size == 0 or (-limit <= int(a.min()) and int(a.max()) <= limit)
+
+
+def _real(x: npt.ArrayLike, function: str, name: str, dtypes: Tuple[np.dtype, ...] = (F32,)) -> np.ndarray:
+    """``x`` as a C-contiguous array of one of ``dtypes``, the types ``function`` computes in
+    (preferred first): as it is if it has one, else converted where no value changes."""
+    a = np.asarray(x)
+    if a.dtype in dtypes:
+        return np.ascontiguousarray(a)
+    for exact in (_exact_dtype(a.dtype, t) for t in dtypes), (_exact_values(a, t) for t in dtypes):
+        for target, ok in zip(dtypes, exact):
+            if ok:
+                return np.ascontiguousarray(a, dtype=target)
+    wanted = " or ".join(str(d) for d in dtypes)
+    raise TypeError(f"{function}: {name} has dtype {a.dtype}, whose values {wanted} cannot all hold exactly; "
+                    f"convert it explicitly if the rounding is intended")
+
+
+def _bins(n: int, function: str, name: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_BINS:
+        raise ValueError(f"{function}: {name} must be an integer in [1, {MAX_BINS}], got {n!r}")
+    return int(n)
 
 
 def _check_hist(hist: np.ndarray) -> None:
@@ -84,15 +131,19 @@ def _check_hist(hist: np.ndarray) -> None:
         raise TypeError("hist must be a C-contiguous 1-D float64 numpy array (it is updated in place)")
 
 
+# ---- tensor statistics (float32 or float64 data) ---------------------------------------------
+
 def range_stats(x: npt.ArrayLike) -> RangeStats:
-    """Finite min/max and NaN/+Inf/-Inf counts of a tensor of any shape."""
-    return _kernels.range_stats(_as_f32(x))
+    """Finite min/max and NaN/+Inf/-Inf counts of a tensor of any shape (float32 or float64:
+    min and max are values of the tensor)."""
+    return _kernels.range_stats(_real(x, "range_stats", "x", (F32, F64)))
 
 
 def histogram_accumulate(x: npt.ArrayLike, hist: np.ndarray, lo: float, hi: float) -> None:
-    """Add the finite values of ``x`` to ``hist`` in place (equal bins over [lo, hi])."""
+    """Add the finite values of ``x`` to ``hist`` in place (equal bins over [lo, hi]; bin
+    positions in x's precision, float32 or float64)."""
     _check_hist(hist)
-    _kernels.histogram_accumulate(_as_f32(x), hist, float(lo), float(hi))
+    _kernels.histogram_accumulate(_real(x, "histogram_accumulate", "x", (F32, F64)), hist, float(lo), float(hi))
 
 
 class CheckedAccumulate(NamedTuple):
@@ -104,13 +155,14 @@ def histogram_accumulate_if_in_range(x: npt.ArrayLike, hist: np.ndarray, lo: flo
     """One pass over ``x``: its RangeStats, and its values added to ``hist`` only if all are
     finite and inside [lo, hi]."""
     _check_hist(hist)
-    added, stats = _kernels.histogram_accumulate_if_in_range(_as_f32(x), hist, float(lo), float(hi))
+    x = _real(x, "histogram_accumulate_if_in_range", "x", (F32, F64))
+    added, stats = _kernels.histogram_accumulate_if_in_range(x, hist, float(lo), float(hi))
     return CheckedAccumulate(added, stats)
 
 
 def channel_sums(x: npt.ArrayLike, sums: np.ndarray, channel_axis: int = 1) -> None:
     """``sums[c] += `` the sum of ``x`` over every axis but ``channel_axis`` (in place)."""
-    x = _as_f32(x)
+    x = _real(x, "channel_sums", "x", (F32, F64))
     if not (isinstance(sums, np.ndarray) and sums.dtype == np.float64 and sums.ndim == 1 and sums.flags.c_contiguous):
         raise TypeError("sums must be a C-contiguous 1-D float64 numpy array (it is updated in place)")
     if x.ndim == 0 or not -x.ndim <= channel_axis < x.ndim:
@@ -121,9 +173,11 @@ def channel_sums(x: npt.ArrayLike, sums: np.ndarray, channel_axis: int = 1) -> N
     _kernels.channel_sums(x.reshape(outer, x.shape[axis], inner), sums)
 
 
+# ---- cross-layer equalization (float32 weights) --------------------------------------------
+
 def channel_abs_max(w4: npt.ArrayLike) -> np.ndarray:
-    """max |w[a, :, c, :]| for each (a, c) of a tensor viewed as [A, B, C, D], as [A*C]."""
-    w4 = _as_f32(w4)
+    """max |w[a, :, c, :]| for each (a, c) of a float32 tensor viewed as [A, B, C, D], as [A*C]."""
+    w4 = _real(w4, "channel_abs_max", "w")
     if w4.ndim != 4:
         raise ValueError(f"w must be viewed as [A, B, C, D], got shape {w4.shape}")
     out = np.empty(w4.shape[0] * w4.shape[2], dtype=np.float32)
@@ -135,11 +189,11 @@ def equalization_scales(r1: npt.ArrayLike, r2: npt.ArrayLike, max_scale: float =
                         act: Optional[npt.ArrayLike] = None, act_weight: float = 0.0) -> np.ndarray:
     """Cross-layer equalization scales sqrt(e / r2), 1 where a range is zero: e = r1, or
     with the activation's channel ranges ``act`` e = r1^(1-b) (rho act)^b, b = ``act_weight``
-    (see csrc/kernels/cle.h)."""
-    r1, r2 = _as_f32(r1), _as_f32(r2)
-    out = np.empty_like(r1)
-    _kernels.equalization_scales(r1, r2, None if act is None else _as_f32(act), float(act_weight),
-                                 float(max_scale), out)
+    (see csrc/kernels/cle.h). Computed in float64; the scales are float32, as the weights."""
+    r1, r2 = _real(r1, "equalization_scales", "r1", (F64,)), _real(r2, "equalization_scales", "r2", (F64,))
+    act = None if act is None else _real(act, "equalization_scales", "act", (F64,))
+    out = np.empty(r1.shape, dtype=np.float32)
+    _kernels.equalization_scales(r1, r2, act, float(act_weight), float(max_scale), out)
     return out
 
 
@@ -148,38 +202,44 @@ def scale_channels(w4: np.ndarray, s: npt.ArrayLike, divide: bool = False) -> No
     float32 array (a reshaped view of the weight is fine)."""
     if not (isinstance(w4, np.ndarray) and w4.dtype == np.float32 and w4.flags.c_contiguous):
         raise TypeError("w must be a C-contiguous float32 numpy array (it is updated in place)")
-    _kernels.scale_channels(w4, _as_f32(s), bool(divide))
+    _kernels.scale_channels(w4, _real(s, "scale_channels", "s"), bool(divide))
 
+
+# ---- histograms and scale search (float64) ---------------------------------------------------
 
 def histogram_rebin(src: npt.ArrayLike, src_lo: float, src_hi: float,
                     dst_lo: float, dst_hi: float, dst_bins: int) -> np.ndarray:
     """``src`` re-binned onto ``dst_bins`` equal bins over [dst_lo, dst_hi]."""
-    dst = np.zeros(int(dst_bins), dtype=np.float64)
-    _kernels.histogram_rebin(_as_f64(src), float(src_lo), float(src_hi), dst, float(dst_lo), float(dst_hi))
+    dst = np.zeros(_bins(dst_bins, "histogram_rebin", "dst_bins"), dtype=np.float64)
+    _kernels.histogram_rebin(_real(src, "histogram_rebin", "src", (F64,)), float(src_lo), float(src_hi), dst,
+                             float(dst_lo), float(dst_hi))
     return dst
 
 
 def histogram_quant_errors(hist: npt.ArrayLike, lo: float, hi: float, scales: npt.ArrayLike,
                            zero_points: npt.ArrayLike, qmin: int, qmax: int) -> np.ndarray:
     """Total squared quantization error of the histogram's distribution for each candidate."""
-    scales = np.atleast_1d(_as_f64(scales))
-    zero_points = np.broadcast_to(_as_f64(zero_points), scales.shape).copy()
+    scales = np.atleast_1d(_real(scales, "histogram_quant_errors", "scales", (F64,)))
+    zero_points = np.broadcast_to(_real(zero_points, "histogram_quant_errors", "zero_points", (F64,)),
+                                  scales.shape).copy()
     out = np.empty_like(scales)
-    _kernels.histogram_quant_errors(_as_f64(hist), float(lo), float(hi), scales, zero_points,
-                                    float(qmin), float(qmax), out)
+    _kernels.histogram_quant_errors(_real(hist, "histogram_quant_errors", "hist", (F64,)), float(lo), float(hi),
+                                    scales, zero_points, float(qmin), float(qmax), out)
     return out
 
 
 def tensor_quant_errors(x: npt.ArrayLike, scales: npt.ArrayLike, zero_points: npt.ArrayLike,
                         qmin: int, qmax: int) -> np.ndarray:
-    """Exact squared error of each row of 2-D ``x`` for each of its candidates ([rows, ncand])."""
-    x = _as_f32(x)
+    """Exact squared error of each row of 2-D ``x`` (float32 or float64) for each of its
+    candidates ([rows, ncand])."""
+    x = _real(x, "tensor_quant_errors", "x", (F32, F64))
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D [rows, cols], got shape {x.shape}")
-    scales = _as_f64(scales)
+    scales = _real(scales, "tensor_quant_errors", "scales", (F64,))
     if scales.ndim == 1:
         scales = np.ascontiguousarray(np.broadcast_to(scales, (x.shape[0], scales.shape[0])))
-    zero_points = np.ascontiguousarray(np.broadcast_to(_as_f64(zero_points), scales.shape))
+    zero_points = _real(zero_points, "tensor_quant_errors", "zero_points", (F64,))
+    zero_points = np.ascontiguousarray(np.broadcast_to(zero_points, scales.shape))
     out = np.empty(scales.shape, dtype=np.float64)
     _kernels.tensor_quant_errors(x, scales, zero_points, float(qmin), float(qmax), out)
     return out
@@ -187,15 +247,18 @@ def tensor_quant_errors(x: npt.ArrayLike, scales: npt.ArrayLike, zero_points: np
 
 def histogram_quantiles(hist: npt.ArrayLike, lo: float, hi: float, qs: npt.ArrayLike) -> np.ndarray:
     """Values below which the fractions ``qs`` (in [0, 1]) of the histogram's mass lie."""
-    qs = np.atleast_1d(_as_f64(qs))
+    qs = np.atleast_1d(_real(qs, "histogram_quantiles", "qs", (F64,)))
     out = np.empty_like(qs)
-    _kernels.histogram_quantiles(_as_f64(hist), float(lo), float(hi), qs, out)
+    _kernels.histogram_quantiles(_real(hist, "histogram_quantiles", "hist", (F64,)), float(lo), float(hi), qs, out)
     return out
 
 
 def histogram_entropy_threshold(abs_hist: npt.ArrayLike, hi: float, num_quant_bins: int = 128) -> float:
-    """KL-divergence clipping threshold of a histogram of |x| over [0, hi]."""
-    return _kernels.histogram_entropy_threshold(_as_f64(abs_hist), float(hi), int(num_quant_bins))
+    """KL-divergence clipping threshold of a histogram of |x| over [0, hi]
+    (1 <= num_quant_bins <= len(abs_hist))."""
+    num_quant_bins = _bins(num_quant_bins, "histogram_entropy_threshold", "num_quant_bins")
+    abs_hist = _real(abs_hist, "histogram_entropy_threshold", "abs_hist", (F64,))
+    return _kernels.histogram_entropy_threshold(abs_hist, float(hi), num_quant_bins)
 
 
 class RoundingAlgorithm(enum.IntEnum):
@@ -203,6 +266,20 @@ class RoundingAlgorithm(enum.IntEnum):
 
     AdaRound = 0
     AdaQuant = 1
+
+
+def _statistic(x: npt.ArrayLike, name: str) -> np.ndarray:
+    """fit_rounding's loop runs in float32 (see csrc/kernels/rounding.h): its scale, Gram
+    matrix and target, which callers accumulate in float64, are rounded to float32 unless a
+    value would overflow; other dtypes as _real."""
+    a = np.asarray(x)
+    if a.dtype != F64:
+        return _real(a, "fit_rounding", name)
+    with np.errstate(over="ignore"):
+        rounded = np.ascontiguousarray(a, dtype=F32)
+    if np.any(np.isinf(rounded) & np.isfinite(a)):
+        raise ValueError(f"fit_rounding: {name} has values beyond float32's range, the precision of its loop")
+    return rounded
 
 
 class FitRounding(NamedTuple):
@@ -220,13 +297,14 @@ def fit_rounding(weight: npt.ArrayLike, scale: npt.ArrayLike, gram: npt.ArrayLik
     weight and target are [groups, rows, k] (or [rows, k] for one group), scale one value
     per row ([groups, rows], broadcast from a scalar), gram [groups, k, k] (or [k, k]).
     See csrc/kernels/rounding.h for the algorithms and the loss."""
-    weight, target, gram = _as_f32(weight), _as_f32(target), _as_f32(gram)
+    weight = _real(weight, "fit_rounding", "weight")
+    target, gram = _statistic(target, "target"), _statistic(gram, "gram")
     if weight.ndim == 2:
         weight, target = weight[None], target[None]
         gram = gram[None] if gram.ndim == 2 else gram
     if weight.ndim != 3:
         raise ValueError(f"weight must be [groups, rows, k], got shape {weight.shape}")
-    scale = np.ascontiguousarray(np.broadcast_to(_as_f32(scale), weight.shape[:2]))
+    scale = np.ascontiguousarray(np.broadcast_to(_statistic(scale, "scale"), weight.shape[:2]))
     for name, a in (("weight", weight), ("scale", scale), ("gram", gram), ("target", target)):
         if not np.all(np.isfinite(a)):
             raise ValueError(f"{name} has NaN or Inf values")
@@ -240,7 +318,7 @@ def fit_rounding(weight: npt.ArrayLike, scale: npt.ArrayLike, gram: npt.ArrayLik
 
 def gram_product(x: npt.ArrayLike, gram: npt.ArrayLike) -> np.ndarray:
     """x @ gram with the product kernel of fit_rounding (for tests and benchmarks)."""
-    x, gram = _as_f32(x), _as_f32(gram)
+    x, gram = _real(x, "gram_product", "x"), _real(gram, "gram_product", "gram")
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D [rows, k], got shape {x.shape}")
     out = np.empty_like(x)
@@ -258,5 +336,7 @@ def window_gram(q: np.ndarray, f: Optional[np.ndarray], groups: int, kernel: Tup
     for name, a in (("qq", qq), ("qf", qf), ("ff", ff), ("sum_q", sum_q), ("sum_f", sum_f)):
         if not (isinstance(a, np.ndarray) and a.dtype == np.float64 and a.flags.c_contiguous):
             raise TypeError(f"{name} must be a C-contiguous float64 numpy array (it is updated in place)")
-    return _kernels.window_gram(_as_f32(q), None if f is None else _as_f32(f), int(groups), list(kernel), list(strides), list(dilations),
-                                list(pads), qq, qf, ff, sum_q, sum_f)
+    q = _real(q, "window_gram", "q")
+    f = None if f is None else _real(f, "window_gram", "f")
+    return _kernels.window_gram(q, f, int(groups), list(kernel), list(strides), list(dilations), list(pads),
+                                qq, qf, ff, sum_q, sum_f)

@@ -19,8 +19,14 @@ class RangeStatsRef(NamedTuple):
     max: float
 
 
+def _tensor(x: np.ndarray) -> np.ndarray:
+    """x flattened in the type a statistics kernel computes in: float64 stays, the rest float32."""
+    x = np.asarray(x)
+    return (x if x.dtype == np.float64 else x.astype(np.float32)).ravel()
+
+
 def range_stats(x: np.ndarray) -> RangeStatsRef:
-    x = np.asarray(x, dtype=np.float32).ravel()
+    x = _tensor(x)
     finite = x[np.isfinite(x)]
     return RangeStatsRef(
         finite=int(finite.size), nan=int(np.isnan(x).sum()),
@@ -30,10 +36,11 @@ def range_stats(x: np.ndarray) -> RangeStatsRef:
 
 
 def histogram_accumulate(x: np.ndarray, hist: np.ndarray, lo: float, hi: float) -> None:
-    x = np.asarray(x, dtype=np.float32).ravel()
+    x = _tensor(x)
     x = x[np.isfinite(x)]
     nbins = hist.shape[0]
-    pos = (x - np.float32(lo)) * np.float32(nbins / (hi - lo))  # float32, as the kernel
+    real = x.dtype.type
+    pos = (x - real(lo)) * real(nbins / (hi - lo))  # in x's precision, as the kernel
     idx = np.clip(pos, 0, nbins - 1).astype(np.int64)
     hist += np.bincount(idx, minlength=nbins)
 
@@ -111,7 +118,8 @@ def histogram_quant_errors(hist, lo, hi, scales, zero_points, qmin, qmax,
 
 
 def tensor_quant_errors(x, scales, zero_points, qmin, qmax) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32).astype(np.float64)
+    x = np.asarray(x)
+    x = (x if x.dtype == np.float64 else x.astype(np.float32)).astype(np.float64)
     scales = np.asarray(scales, dtype=np.float64)
     if scales.ndim == 1:
         scales = np.broadcast_to(scales, (x.shape[0], scales.shape[0]))

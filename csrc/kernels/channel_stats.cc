@@ -40,13 +40,24 @@ PYQUANT_INLINE double channel_total_body(const T* x, int64_t outer, int64_t row_
 
 PYQUANT_CLONES(double, channel_total, (const float* x, int64_t outer, int64_t row_stride, int64_t inner),
                (x, outer, row_stride, inner))
+PYQUANT_CLONES(double, channel_total, (const double* x, int64_t outer, int64_t row_stride, int64_t inner),
+               (x, outer, row_stride, inner))
+
+template <typename T>
+void channel_sums_impl(const T* x, int64_t outer, int64_t channels, int64_t inner, double* sums) {
+  // Parallel over channels: no two threads write the same sum, and each sum's order is fixed.
+#pragma omp parallel for schedule(static) num_threads(threads_for(outer * channels * inner, kChannelSumsMinParallel))
+  for (int64_t c = 0; c < channels; ++c) sums[c] += channel_total(x + c * inner, outer, channels * inner, inner);
+}
 
 }  // namespace
 
 void channel_sums(const float* x, int64_t outer, int64_t channels, int64_t inner, double* sums) {
-  // Parallel over channels: no two threads write the same sum, and each sum's order is fixed.
-#pragma omp parallel for schedule(static) num_threads(threads_for(outer * channels * inner, kChannelSumsMinParallel))
-  for (int64_t c = 0; c < channels; ++c) sums[c] += channel_total(x + c * inner, outer, channels * inner, inner);
+  channel_sums_impl(x, outer, channels, inner, sums);
+}
+
+void channel_sums(const double* x, int64_t outer, int64_t channels, int64_t inner, double* sums) {
+  channel_sums_impl(x, outer, channels, inner, sums);
 }
 
 }  // namespace pyquant

@@ -34,7 +34,7 @@ double median(std::vector<double>& v) {
 
 }  // namespace
 
-void equalization_scales(const float* r1, const float* r2, const float* act, double act_weight, int64_t n,
+void equalization_scales(const double* r1, const double* r2, const double* act, double act_weight, int64_t n,
                          double max_scale, float* s) {
   const bool with_act = act != nullptr && act_weight > 0.0;
   double rho = 1.0;

@@ -26,7 +26,8 @@ void channel_abs_max(const float* w, int64_t A, int64_t B, int64_t C, int64_t D,
 // stays neutral; e_i = r1_i where act_i is zero or not finite (a dead channel).
 // s_i = 1 where r1_i or r2_i is zero or not finite (nothing to balance). Scales are
 // clamped to [1/max_scale, max_scale].
-void equalization_scales(const float* r1, const float* r2, const float* act, double act_weight, int64_t n,
+// r1, r2 and act are doubles (float32 ranges convert exactly); s is float32, the weights' type.
+void equalization_scales(const double* r1, const double* r2, const double* act, double act_weight, int64_t n,
                          double max_scale, float* s);
 
 // w[a, :, c, :] *= s[a*C + c] (or /= when divide). In place.

@@ -45,6 +45,7 @@ PYQUANT_INLINE PartialRange scan_range_body(const T* x, int64_t n) {
 }
 
 PYQUANT_CLONES(PartialRange, scan_range, (const float* x, int64_t n), (x, n))
+PYQUANT_CLONES(PartialRange, scan_range, (const double* x, int64_t n), (x, n))
 
 // This thread's contiguous share [begin, end) of n elements in a parallel region.
 void thread_slice(int64_t n, int64_t* begin, int64_t* end) {
@@ -76,8 +77,8 @@ void count_non_finite(const T* x, int64_t n, RangeStats* s) {
 template <typename T>
 RangeStats stats_of(const T* x, int64_t n, const PartialRange& total) {
   RangeStats s;
-  s.min = static_cast<float>(total.min);
-  s.max = static_cast<float>(total.max);
+  s.min = total.min;
+  s.max = total.max;
   s.finite = n - total.nonfinite;
   if (total.nonfinite > 0) count_non_finite(x, n, &s);  // rare: tell NaN from +/-Inf
   return s;
@@ -158,6 +159,9 @@ PYQUANT_INLINE PartialRange accumulate_tracking_body(const T* x, int64_t n, T lo
 PYQUANT_CLONES(PartialRange, accumulate_tracking,
                (const float* x, int64_t n, float lo, float inv_width, uint32_t* counts, int64_t nbins),
                (x, n, lo, inv_width, counts, nbins))
+PYQUANT_CLONES(PartialRange, accumulate_tracking,
+               (const double* x, int64_t n, double lo, double inv_width, uint32_t* counts, int64_t nbins),
+               (x, n, lo, inv_width, counts, nbins))
 
 // Runs accumulate_tracking over x on the kernels' threads; returns the combined range and
 // the per-thread counts (kLanes * (nbins + 1) per thread).
@@ -225,13 +229,21 @@ void accumulate_impl(const T* x, int64_t n, double lo, double hi, double* hist, 
 }  // namespace
 
 RangeStats range_stats(const float* x, int64_t n) { return range_stats_impl(x, n); }
+RangeStats range_stats(const double* x, int64_t n) { return range_stats_impl(x, n); }
 
 bool histogram_accumulate_if_in_range(const float* x, int64_t n, double lo, double hi, double* hist, int64_t nbins,
                                       RangeStats* stats) {
   return accumulate_if_in_range_impl(x, n, lo, hi, hist, nbins, stats);
 }
+bool histogram_accumulate_if_in_range(const double* x, int64_t n, double lo, double hi, double* hist, int64_t nbins,
+                                      RangeStats* stats) {
+  return accumulate_if_in_range_impl(x, n, lo, hi, hist, nbins, stats);
+}
 
 void histogram_accumulate(const float* x, int64_t n, double lo, double hi, double* hist, int64_t nbins) {
+  accumulate_impl(x, n, lo, hi, hist, nbins);
+}
+void histogram_accumulate(const double* x, int64_t n, double lo, double hi, double* hist, int64_t nbins) {
   accumulate_impl(x, n, lo, hi, hist, nbins);
 }
 

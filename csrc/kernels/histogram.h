@@ -2,7 +2,8 @@
 //
 // Plain C++17, no Python headers. Every function is stateless: the running
 // histogram and its range are owned by the caller (pyquant.calibrate.collector),
-// so nothing here grows with the number of calibration batches.
+// so nothing here grows with the number of calibration batches. The tensor kernels take
+// float32 or float64 data and compute in that precision (a float64 tensor keeps its range).
 #pragma once
 #include <cstdint>
 
@@ -10,25 +11,30 @@ namespace pyquant {
 
 // Summary of one tensor. min/max cover the finite values only; NaN and +/-Inf
 // are counted separately so that the caller can report them instead of letting
-// them poison the range. With no finite value, min = +inf and max = -inf.
+// them poison the range. With no finite value, min = +inf and max = -inf. min and
+// max are values of the tensor (exact in double for either input type).
 struct RangeStats {
   int64_t finite = 0;
   int64_t nan = 0;
   int64_t pos_inf = 0;
   int64_t neg_inf = 0;
-  float min = 0.0f;
-  float max = 0.0f;
+  double min = 0.0;
+  double max = 0.0;
 };
 
-// Preconditions: x points to n floats (n >= 0).
+// Preconditions: x points to n values (n >= 0).
 RangeStats range_stats(const float* x, int64_t n);
+RangeStats range_stats(const double* x, int64_t n);
 
 // Adds the finite values of x to hist, nbins equal bins over [lo, hi].
-// Bin of v: floor((v - lo) * inv_width) in float32 arithmetic, with
-// inv_width = float(nbins / (hi - lo)) and lo rounded to float, clamped to
+// Bin of v: floor((v - lo) * inv_width) in the arithmetic of x's type T (float32 or
+// float64), with inv_width = T(nbins / (hi - lo)) and lo rounded to T, clamped to
 // [0, nbins - 1] (so v == hi lands in the last bin). Non-finite values are skipped.
-// Preconditions: nbins >= 1, lo and hi finite, hi > lo, hist has nbins doubles.
+// Preconditions: 1 <= nbins < 2^31, lo and hi finite, hi > lo, hi - lo finite, hist has
+// nbins doubles. Temporary memory: 48 bytes per bin and thread.
 void histogram_accumulate(const float* x, int64_t n, double lo, double hi,
+                          double* hist, int64_t nbins);
+void histogram_accumulate(const double* x, int64_t n, double lo, double hi,
                           double* hist, int64_t nbins);
 
 // One pass that does both: computes the RangeStats of x and bins it as
@@ -38,6 +44,8 @@ void histogram_accumulate(const float* x, int64_t n, double lo, double hi,
 // caller grows the range and calls histogram_accumulate.
 // Preconditions: as histogram_accumulate.
 bool histogram_accumulate_if_in_range(const float* x, int64_t n, double lo, double hi,
+                                      double* hist, int64_t nbins, RangeStats* stats);
+bool histogram_accumulate_if_in_range(const double* x, int64_t n, double lo, double hi,
                                       double* hist, int64_t nbins, RangeStats* stats);
 
 // Re-bins a histogram onto a new grid, assuming a uniform density inside each

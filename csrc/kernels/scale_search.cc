@@ -61,15 +61,17 @@ void histogram_quant_errors(const double* hist, int64_t nbins, double lo, double
     out[k] = histogram_quant_error(hist, nbins, lo, hi, scales[k], zps[k], qmin, qmax);
 }
 
-void tensor_quant_errors(const float* x, int64_t rows, int64_t cols,
-                         const double* scales, const double* zps, int64_t ncand,
-                         double qmin, double qmax, double* out) {
+namespace {
+
+template <typename T>
+void tensor_quant_errors_impl(const T* x, int64_t rows, int64_t cols, const double* scales, const double* zps,
+                              int64_t ncand, double qmin, double qmax, double* out) {
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads_for(rows * cols * ncand, kTensorErrorsMinParallel))
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < ncand; ++k) {
       const double scale = scales[r * ncand + k], zp = zps[r * ncand + k];
       const double inv = 1.0 / scale;
-      const float* row = x + r * cols;
+      const T* row = x + r * cols;
       double err = 0.0;
       for (int64_t j = 0; j < cols; ++j) {
         const double v = row[j];
@@ -81,6 +83,18 @@ void tensor_quant_errors(const float* x, int64_t rows, int64_t cols,
       out[r * ncand + k] = err;
     }
   }
+}
+
+}  // namespace
+
+void tensor_quant_errors(const float* x, int64_t rows, int64_t cols, const double* scales, const double* zps,
+                         int64_t ncand, double qmin, double qmax, double* out) {
+  tensor_quant_errors_impl(x, rows, cols, scales, zps, ncand, qmin, qmax, out);
+}
+
+void tensor_quant_errors(const double* x, int64_t rows, int64_t cols, const double* scales, const double* zps,
+                         int64_t ncand, double qmin, double qmax, double* out) {
+  tensor_quant_errors_impl(x, rows, cols, scales, zps, ncand, qmin, qmax, out);
 }
 
 void histogram_quantiles(const double* hist, int64_t nbins, double lo, double hi,

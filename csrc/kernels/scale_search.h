@@ -25,8 +25,12 @@ void histogram_quant_errors(const double* hist, int64_t nbins, double lo, double
 
 // Exact squared error of quantizing each row of x ([rows, cols], row-major) with
 // each of ncand candidates of that row: scales/zps/out are [rows, ncand].
-// Rounding is half-to-even, as in QuantizeLinear. Non-finite values are skipped.
+// Rounding is half-to-even, as in QuantizeLinear. Non-finite values are skipped. Computed
+// in double for either input type.
 void tensor_quant_errors(const float* x, int64_t rows, int64_t cols,
+                         const double* scales, const double* zps, int64_t ncand,
+                         double qmin, double qmax, double* out);
+void tensor_quant_errors(const double* x, int64_t rows, int64_t cols,
                          const double* scales, const double* zps, int64_t ncand,
                          double qmin, double qmax, double* out);
 
