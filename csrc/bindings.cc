@@ -126,6 +126,12 @@ HistogramArgs histogram_args(const py::array& x, py::array& hist, double lo, dou
           static_cast<int64_t>(hist.size())};
 }
 
+// What histogram_accumulate_if_in_range returns.
+struct CheckedAccumulate {
+  bool added;
+  pyquant::RangeStats stats;
+};
+
 const float* f32(const void* p) { return static_cast<const float*>(p); }
 const double* f64(const void* p) { return static_cast<const double*>(p); }
 
@@ -179,6 +185,10 @@ PYBIND11_MODULE(_kernels, m) {
 
   m.attr("MAX_BINS") = kMaxBins;
 
+  py::class_<CheckedAccumulate>(m, "CheckedAccumulate")
+      .def_readonly("added", &CheckedAccumulate::added, "False: hist unchanged (a value was non-finite or outside)")
+      .def_readonly("stats", &CheckedAccumulate::stats);
+
   m.def("range_stats", [](const py::array& x) {
     const Real type = real_type(x, "x", "range_stats");
     const void* p = x.data();
@@ -205,10 +215,10 @@ PYBIND11_MODULE(_kernels, m) {
                   ? pyquant::histogram_accumulate_if_in_range(f32(a.x), a.n, lo, hi, a.hist, a.nbins, &stats)
                   : pyquant::histogram_accumulate_if_in_range(f64(a.x), a.n, lo, hi, a.hist, a.nbins, &stats);
     }
-    return py::make_tuple(added, stats);
+    return CheckedAccumulate{added, stats};
   }, py::arg("x"), py::arg("hist"), py::arg("lo"), py::arg("hi"),
      "One pass: RangeStats of x, and x added to hist only if all finite and inside [lo, hi]. "
-     "Returns (added, stats).");
+     "Returns CheckedAccumulate(added, stats).");
 
   m.def("channel_sums", [](const py::array& x, py::array& sums) {
     const Real type = real_type(x, "x", "channel_sums");
@@ -385,10 +395,63 @@ PYBIND11_MODULE(_kernels, m) {
   }, py::arg("abs_hist"), py::arg("hi"), py::arg("num_quant_bins"),
      "KL-divergence (entropy) clipping threshold of a histogram of |x| over [0, hi].");
 
+  py::enum_<pyquant::RoundingAlgorithm>(m, "RoundingAlgorithm",
+                                        "How fit_rounding learns the integer weights (csrc/kernels/rounding.h).")
+      .value("AdaRound", pyquant::RoundingAlgorithm::AdaRound, "Nagel et al. 2020: learned rounding up or down.")
+      .value("AdaQuant", pyquant::RoundingAlgorithm::AdaQuant, "Hubara et al. 2021: learned float weights.");
+
+  const pyquant::RoundingOptions defaults;
+  py::class_<pyquant::RoundingOptions>(m, "RoundingOptions",
+                                       "The settings of fit_rounding's loop (csrc/kernels/rounding.h); immutable.")
+      .def(py::init([](pyquant::RoundingAlgorithm algorithm, int64_t iterations, double learning_rate,
+                       double reg_param, double beta_start, double beta_end, double warm_start, bool keep_best) {
+             if (algorithm != pyquant::RoundingAlgorithm::AdaRound && algorithm != pyquant::RoundingAlgorithm::AdaQuant)
+               throw py::value_error("algorithm must be RoundingAlgorithm.AdaRound or RoundingAlgorithm.AdaQuant");
+             if (iterations < 0) throw py::value_error("iterations must be >= 0, got " + std::to_string(iterations));
+             if (!(learning_rate > 0.0) || !std::isfinite(learning_rate))
+               throw py::value_error("learning_rate must be finite and > 0, got " + str(learning_rate));
+             if (!(reg_param >= 0.0) || !std::isfinite(reg_param))
+               throw py::value_error("reg_param must be finite and >= 0, got " + str(reg_param));
+             if (!std::isfinite(beta_start) || !std::isfinite(beta_end))
+               throw py::value_error("beta_start and beta_end must be finite, got " + str(beta_start) + ", " +
+                                     str(beta_end));
+             if (!(warm_start >= 0.0 && warm_start < 1.0))
+               throw py::value_error("warm_start must be in [0, 1), got " + str(warm_start));
+             pyquant::RoundingOptions o;
+             o.algorithm = algorithm;
+             o.iterations = iterations;
+             o.learning_rate = float(learning_rate);
+             o.reg_param = float(reg_param);
+             o.beta_start = float(beta_start);
+             o.beta_end = float(beta_end);
+             o.warm_start = warm_start;
+             o.keep_best = keep_best;
+             return o;
+           }),
+           py::kw_only(), py::arg("algorithm") = defaults.algorithm, py::arg("iterations") = defaults.iterations,
+           py::arg("learning_rate") = defaults.learning_rate, py::arg("reg_param") = defaults.reg_param,
+           py::arg("beta_start") = defaults.beta_start, py::arg("beta_end") = defaults.beta_end,
+           py::arg("warm_start") = defaults.warm_start, py::arg("keep_best") = defaults.keep_best)
+      .def_readonly("algorithm", &pyquant::RoundingOptions::algorithm)
+      .def_readonly("iterations", &pyquant::RoundingOptions::iterations)
+      .def_readonly("learning_rate", &pyquant::RoundingOptions::learning_rate)
+      .def_readonly("reg_param", &pyquant::RoundingOptions::reg_param)
+      .def_readonly("beta_start", &pyquant::RoundingOptions::beta_start)
+      .def_readonly("beta_end", &pyquant::RoundingOptions::beta_end)
+      .def_readonly("warm_start", &pyquant::RoundingOptions::warm_start)
+      .def_readonly("keep_best", &pyquant::RoundingOptions::keep_best)
+      .def("__repr__", [](const pyquant::RoundingOptions& o) {
+        return std::string("RoundingOptions(algorithm=") +
+               (o.algorithm == pyquant::RoundingAlgorithm::AdaRound ? "AdaRound" : "AdaQuant") +
+               ", iterations=" + std::to_string(o.iterations) + ", learning_rate=" + str(o.learning_rate) +
+               ", reg_param=" + str(o.reg_param) + ", beta_start=" + str(o.beta_start) + ", beta_end=" +
+               str(o.beta_end) + ", warm_start=" + str(o.warm_start) + ", keep_best=" +
+               (o.keep_best ? "True" : "False") + ")";
+      });
+
   m.def("fit_rounding", [](const py::array& weight, const py::array& scale, const py::array& gram,
-                           const py::array& target, int qmin, int qmax, int algorithm, int64_t iterations,
-                           double learning_rate, double reg_param, double beta_start, double beta_end,
-                           double warm_start, bool keep_best, py::array& out, py::object param_out) {
+                           const py::array& target, int qmin, int qmax, const pyquant::RoundingOptions& options,
+                           py::array& out, std::optional<py::array> param_out) {
     require<float>(weight, "weight", "float32", 3);
     require<float>(scale, "scale", "float32", 2);
     require<float>(gram, "gram", "float32", 3);
@@ -405,40 +468,26 @@ PYBIND11_MODULE(_kernels, m) {
     if (out.shape(0) != groups || out.shape(1) != rows || out.shape(2) != k)
       throw py::value_error("out must have the shape of weight " + want + ", got " + shape_of(out));
     float* pp = nullptr;
-    if (!param_out.is_none()) {
-      py::array p = param_out.cast<py::array>();
-      require<float>(p, "param_out", "float32", 3, true);
-      if (p.shape(0) != groups || p.shape(1) != rows || p.shape(2) != k)
-        throw py::value_error("param_out must have the shape of weight " + want + ", got " + shape_of(p));
-      pp = static_cast<float*>(p.mutable_data());
+    if (param_out) {
+      require<float>(*param_out, "param_out", "float32", 3, true);
+      if (param_out->shape(0) != groups || param_out->shape(1) != rows || param_out->shape(2) != k)
+        throw py::value_error("param_out must have the shape of weight " + want + ", got " + shape_of(*param_out));
+      pp = static_cast<float*>(param_out->mutable_data());
     }
     if (qmin < -128 || qmax > 127 || qmin >= qmax)
       throw py::value_error("need -128 <= qmin < qmax <= 127, got [" + std::to_string(qmin) + ", " + std::to_string(qmax) + "]");
-    if (algorithm != 0 && algorithm != 1) throw py::value_error("algorithm must be 0 (AdaRound) or 1 (AdaQuant)");
-    if (iterations < 0) throw py::value_error("iterations must be >= 0");
-    if (!(warm_start >= 0.0 && warm_start < 1.0)) throw py::value_error("warm_start must be in [0, 1)");
-    if (!(learning_rate > 0.0) || !std::isfinite(learning_rate)) throw py::value_error("learning_rate must be > 0");
     const float* ps = static_cast<const float*>(scale.data());
     for (int64_t i = 0; i < scale.size(); ++i)
       if (!(ps[i] > 0.0f) || !std::isfinite(ps[i])) throw py::value_error("scale must be finite and > 0");
-    pyquant::RoundingOptions o;
-    o.algorithm = static_cast<pyquant::RoundingAlgorithm>(algorithm);
-    o.iterations = iterations;
-    o.learning_rate = float(learning_rate);
-    o.reg_param = float(reg_param);
-    o.beta_start = float(beta_start);
-    o.beta_end = float(beta_end);
-    o.warm_start = warm_start;
-    o.keep_best = keep_best;
     const float* pw = static_cast<const float*>(weight.data());
     const float* pg = static_cast<const float*>(gram.data());
     const float* pt = static_cast<const float*>(target.data());
     int8_t* po = static_cast<int8_t*>(out.mutable_data());
+    const pyquant::RoundingOptions o = options;  // a copy the kernel owns while the GIL is released
     py::gil_scoped_release release;
     pyquant::fit_rounding(pw, ps, pg, pt, groups, rows, k, qmin, qmax, o, po, pp);
   }, py::arg("weight"), py::arg("scale"), py::arg("gram"), py::arg("target"), py::arg("qmin"), py::arg("qmax"),
-     py::arg("algorithm"), py::arg("iterations"), py::arg("learning_rate"), py::arg("reg_param"),
-     py::arg("beta_start"), py::arg("beta_end"), py::arg("warm_start"), py::arg("keep_best"), py::arg("out"), py::arg("param_out") = py::none(),
+     py::arg("options"), py::arg("out"), py::arg("param_out") = py::none(),
      "Learned integer weights of a layer in Gram form (AdaRound / AdaQuant); see csrc/kernels/rounding.h.");
 
   m.def("gram_product", [](const py::array& x, const py::array& gram, py::array& out) {

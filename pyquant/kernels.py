@@ -4,7 +4,6 @@ changes: see "dtypes" below), allocate outputs, return named results. pyquant.re
 holds the numpy version of each."""
 from __future__ import annotations
 
-import enum
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -24,7 +23,7 @@ from ._kernels import RangeStats
 __all__ = [
     "RangeStats", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range", "channel_sums", "channel_abs_max", "equalization_scales", "scale_channels", "histogram_rebin", "histogram_quant_errors",
     "tensor_quant_errors", "histogram_quantiles", "histogram_entropy_threshold",
-    "RoundingAlgorithm", "fit_rounding", "gram_product", "window_gram", "set_num_threads", "get_num_threads",
+    "RoundingAlgorithm", "RoundingOptions", "FitRounding", "CheckedAccumulate", "fit_rounding", "gram_product", "window_gram", "set_num_threads", "get_num_threads",
     "isa", "set_isa", "supported_isas",
 ]
 
@@ -156,8 +155,8 @@ def histogram_accumulate_if_in_range(x: npt.ArrayLike, hist: np.ndarray, lo: flo
     finite and inside [lo, hi]."""
     _check_hist(hist)
     x = _real(x, "histogram_accumulate_if_in_range", "x", (F32, F64))
-    added, stats = _kernels.histogram_accumulate_if_in_range(x, hist, float(lo), float(hi))
-    return CheckedAccumulate(added, stats)
+    checked = _kernels.histogram_accumulate_if_in_range(x, hist, float(lo), float(hi))
+    return CheckedAccumulate(checked.added, checked.stats)
 
 
 def channel_sums(x: npt.ArrayLike, sums: np.ndarray, channel_axis: int = 1) -> None:
@@ -261,11 +260,22 @@ def histogram_entropy_threshold(abs_hist: npt.ArrayLike, hi: float, num_quant_bi
     return _kernels.histogram_entropy_threshold(abs_hist, float(hi), num_quant_bins)
 
 
-class RoundingAlgorithm(enum.IntEnum):
-    """How fit_rounding learns the integer weights (values match csrc/kernels/rounding.h)."""
+# ---- learned rounding (float32) --------------------------------------------------------------
 
-    AdaRound = 0
-    AdaQuant = 1
+RoundingAlgorithm = _kernels.RoundingAlgorithm  # AdaRound, AdaQuant; int() gives 0, 1
+RoundingOptions = _kernels.RoundingOptions  # fit_rounding's settings, keyword-built and validated in C++
+_DEFAULTS = RoundingOptions()  # the defaults, defined once (csrc/kernels/rounding.h)
+
+
+def _algorithm(value) -> RoundingAlgorithm:
+    """A RoundingAlgorithm from itself or its integer value (0 AdaRound, 1 AdaQuant)."""
+    if isinstance(value, RoundingAlgorithm):
+        return value
+    members = {int(a): a for a in RoundingAlgorithm.__members__.values()}
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) not in members:
+        raise ValueError(f"fit_rounding: algorithm must be one of {sorted(RoundingAlgorithm.__members__)} or its "
+                         f"value {sorted(members)}, got {value!r}")
+    return members[int(value)]
 
 
 def _statistic(x: npt.ArrayLike, name: str) -> np.ndarray:
@@ -288,10 +298,12 @@ class FitRounding(NamedTuple):
 
 
 def fit_rounding(weight: npt.ArrayLike, scale: npt.ArrayLike, gram: npt.ArrayLike, target: npt.ArrayLike,
-                 qmin: int, qmax: int, *, algorithm: RoundingAlgorithm = RoundingAlgorithm.AdaRound,
-                 iterations: int = 1000, learning_rate: float = 0.1, reg_param: float = 0.01,
-                 beta_range: Tuple[float, float] = (20.0, 2.0), warm_start: float = 0.2,
-                 keep_best: bool = True, return_param: bool = False) -> FitRounding:
+                 qmin: int, qmax: int, *, algorithm: RoundingAlgorithm = _DEFAULTS.algorithm,
+                 iterations: int = _DEFAULTS.iterations, learning_rate: float = _DEFAULTS.learning_rate,
+                 reg_param: float = _DEFAULTS.reg_param,
+                 beta_range: Tuple[float, float] = (_DEFAULTS.beta_start, _DEFAULTS.beta_end),
+                 warm_start: float = _DEFAULTS.warm_start, keep_best: bool = _DEFAULTS.keep_best,
+                 return_param: bool = False) -> FitRounding:
     """Integer weights q (w~ = scale * q) minimising sum_r w~_r A w~_r^T - 2 w~_r . t_r per group.
 
     weight and target are [groups, rows, k] (or [rows, k] for one group), scale one value
@@ -308,11 +320,14 @@ def fit_rounding(weight: npt.ArrayLike, scale: npt.ArrayLike, gram: npt.ArrayLik
     for name, a in (("weight", weight), ("scale", scale), ("gram", gram), ("target", target)):
         if not np.all(np.isfinite(a)):
             raise ValueError(f"{name} has NaN or Inf values")
+    beta_start, beta_end = beta_range
+    options = RoundingOptions(algorithm=_algorithm(algorithm), iterations=int(iterations),
+                              learning_rate=float(learning_rate), reg_param=float(reg_param),
+                              beta_start=float(beta_start), beta_end=float(beta_end), warm_start=float(warm_start),
+                              keep_best=bool(keep_best))
     out = np.empty(weight.shape, dtype=np.int8)
     param = np.empty(weight.shape, dtype=np.float32) if return_param else None
-    _kernels.fit_rounding(weight, scale, gram, target, int(qmin), int(qmax), int(RoundingAlgorithm(algorithm)),
-                          int(iterations), float(learning_rate), float(reg_param), float(beta_range[0]),
-                          float(beta_range[1]), float(warm_start), bool(keep_best), out, param)
+    _kernels.fit_rounding(weight, scale, gram, target, int(qmin), int(qmax), options, out, param)
     return FitRounding(out, param)
 
 
