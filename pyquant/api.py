@@ -8,16 +8,19 @@ file or folder of .npy batches).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
+import re
+import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
-from onnx import ModelProto
+from onnx import ModelProto, helper
 
 from . import threads as thread_budget
 from .config import DEFAULT_CALIB_BATCH_SIZE, PRESETS, QuantConfig, get_preset
-from .data import ArrayReader, ImageFolderReader, Preprocess, is_npy_source
+from .data import ArrayReader, FeedReader, ImageFolderReader, Preprocess, is_npy_source, is_npz_source
 from .errors import ConfigError, DataError
 from .evaluation import EvalResult
 from .evaluation import evaluate as _evaluate
@@ -61,14 +64,58 @@ class _DictReader:
         return feed
 
 
-def as_reader(data: Any, model: ModelProto, batch_size: int = DEFAULT_CALIB_BATCH_SIZE, preprocess: Optional[Preprocess] = None,
-              limit: Optional[int] = None):
-    """A get_next() reader for any accepted form of calibration data."""
+def model_inputs(model: ModelProto) -> Dict[str, Tuple[int, np.dtype]]:
+    """{input name: (rank, numpy dtype)} of the model's graph inputs."""
+    view = GraphView(model)
+    out = {}
+    for vi in model.graph.input:
+        if vi.name in view.graph_inputs:
+            t = vi.type.tensor_type
+            out[vi.name] = (len(t.shape.dim), helper.tensor_dtype_to_np_dtype(t.elem_type))
+    return out
+
+
+def _python_source(spec: str):
+    """The object a ``module:function`` spec names, called: an iterable of feed dicts or a reader."""
+    module_name, _, function_name = spec.partition(":")
+    try:
+        sys.path.insert(0, os.getcwd())
+        try:
+            function = getattr(importlib.import_module(module_name), function_name)
+        finally:
+            sys.path.pop(0)
+    except (ImportError, AttributeError) as e:
+        raise DataError(f"calibration data {spec!r}: cannot import {function_name!r} from {module_name!r} ({e})") \
+            from None
+    if not callable(function):
+        raise DataError(f"calibration data {spec!r}: {function_name} is not callable")
+    return function()
+
+
+def is_python_source(data: Any) -> bool:
+    """``module:function`` (not a path that exists, not a Windows drive)."""
+    return isinstance(data, str) and not os.path.exists(data) and \
+        re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", data) is not None
+
+
+def as_reader(data: Any, model: ModelProto, batch_size: int = DEFAULT_CALIB_BATCH_SIZE,
+              preprocess: Optional[Preprocess] = None, limit: Optional[int] = None):
+    """A get_next() reader for any accepted form of calibration data: a reader, an array
+    (one-input models), a dict {input: array [N, ...]}, an iterable of feed dicts, or a
+    path: .npy file or folder (one-input models), .npz file or folder (any inputs), image
+    folder (image models); or ``module:function`` returning any of these."""
     if hasattr(data, "get_next"):
         return data
+    if is_python_source(data):
+        return as_reader(_python_source(data), model, batch_size, preprocess, limit)
     names = GraphView(model).graph_inputs
     if isinstance(data, (str, os.PathLike)):
+        if is_npz_source(data):
+            return FeedReader(data, model_inputs(model), batch_size, limit)
         if is_npy_source(data):
+            if len(names) != 1:
+                raise DataError(f".npy data needs a one-input model; this one has inputs {names}: use .npz "
+                                "(one array per input name)")
             return ArrayReader(data, names[0], batch_size, limit)
         spec = image_input(model)
         if preprocess is None:

@@ -14,9 +14,9 @@ from typing import Optional, Sequence
 from tqdm import tqdm
 
 from . import __version__, demo, threads
-from .api import quantize_detailed
+from .api import as_reader, is_python_source, quantize_detailed
 from .config import DEFAULT_CALIB_BATCH_SIZE, PRESETS, FastFinetuneOptions, get_preset
-from .data import ArrayReader, ImageFolderReader, Preprocess, is_npy_source
+from .data import ImageFolderReader, Preprocess, is_npy_source, is_npz_source
 from .errors import ConfigError, ModelError, PyquantError
 from .evaluation import evaluate
 from .graph.model_io import check_output_path, load_model
@@ -67,8 +67,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="per-channel mean in units of pixel/255")
     g.add_argument("--std", type=_triple, default=(0.229, 0.224, 0.225),
                    help="per-channel std in units of pixel/255")
-    g.add_argument("--batch_size", type=_positive_int, default=DEFAULT_CALIB_BATCH_SIZE,
-                   help="samples per onnxruntime run")
+    g.add_argument("--batch_size", type=_positive_int, default=None,
+                   help=f"samples per onnxruntime run (default: {DEFAULT_CALIB_BATCH_SIZE} for images, arrays and "
+                        ".npz files; a Python reader's or .npz folder's batches as they come)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="thread budget shared by onnxruntime, the kernels and the image decoders "
                         "(default: the CPUs this process may run on)")
@@ -86,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model_input", required=True, help="float ONNX model")
     q.add_argument("--model_output", required=True, help="where to write the QDQ model")
     q.add_argument("--calib_data", required=True,
-                   help="folder of images (class sub-folders allowed), a .npy file [N, ...] or a folder of .npy batches")
+                   help="folder of images (class sub-folders allowed); a .npy file [N, ...] or folder of .npy "
+                        "batches (one-input models); a .npz file (one array [N, ...] per input name) or a folder "
+                        "of .npz feeds (one sample or batch per file); or module:function returning feed dicts")
+    q.add_argument("--report", default=None, metavar="FILE.json",
+                   help="write what stayed float and why, what graph preparation changed and each technique's "
+                        "summary as JSON")
     q.add_argument("--config", default="XINT8", help=f"preset: {', '.join(PRESETS)}")
     q.add_argument("--per_channel", action="store_true", help="per-channel weight scales (not with XINT8)")
     q.add_argument("--num_calib", type=_positive_int, default=None, help="use at most this many calibration samples")
@@ -172,9 +178,9 @@ class _LayerProgress:
             self.bar.close()
 
 
-def _model_input_spec(path: str):
+def _model_input_spec(path: str, model=None):
     """(model, input name, layout, static input size or None); errors name the file."""
-    model = load_model(path)
+    model = model if model is not None else load_model(path)
     try:
         spec = image_input(model)
     except ModelError as e:
@@ -211,12 +217,15 @@ def quant_config_from_args(args):
 def _run_quantize(args) -> int:
     config = quant_config_from_args(args)
     check_output_path(args.model_output, args.model_input)
-    model, input_name, layout, size = _model_input_spec(args.model_input)
-    if is_npy_source(args.calib_data):
-        reader = ArrayReader(args.calib_data, input_name, args.batch_size, args.num_calib)
+    if args.report is not None:
+        check_output_path(args.report)
+    model = load_model(args.model_input)
+    if is_npy_source(args.calib_data) or is_npz_source(args.calib_data) or is_python_source(args.calib_data):
+        reader = as_reader(args.calib_data, model, args.batch_size or DEFAULT_CALIB_BATCH_SIZE, limit=args.num_calib)
     else:
+        _, input_name, layout, size = _model_input_spec(args.model_input, model)
         reader = ImageFolderReader(args.calib_data, input_name, _preprocess(args, layout, size),
-                                   args.batch_size, args.num_calib)
+                                   args.batch_size or DEFAULT_CALIB_BATCH_SIZE, args.num_calib)
     progress = _Progress("calibrating", args.quiet)
     passes = _Progress("fast finetune pass", args.quiet)
     layers = _LayerProgress(args.quiet)
@@ -228,8 +237,10 @@ def _run_quantize(args) -> int:
         progress.close()
         passes.close()
         layers.close()
-    if reader.skipped:
+    if getattr(reader, "skipped", None):
         log.warning("skipped %d unreadable calibration image(s)", len(reader.skipped))
+    if args.report is not None:
+        result.report.write_json(args.report)
     if not args.quiet:
         print(f"wrote {args.model_output} ({args.config.upper()}, {len(result.plan.activations)} activations, "
               f"{len(result.plan.weights)} weights) in {time.perf_counter() - start:.1f} s")
@@ -238,7 +249,8 @@ def _run_quantize(args) -> int:
 
 def _run_eval(args) -> int:
     _, input_name, layout, size = _model_input_spec(args.model)
-    reader = ImageFolderReader(args.data, input_name, _preprocess(args, layout, size), args.batch_size,
+    reader = ImageFolderReader(args.data, input_name, _preprocess(args, layout, size),
+                               args.batch_size or DEFAULT_CALIB_BATCH_SIZE,
                                args.num_images, labels_file=args.labels)
     options = {"config_file": args.provider_config} if args.provider_config else None
     progress = _Progress("evaluating", args.quiet or args.json)

@@ -224,3 +224,87 @@ def is_npy_source(path: os.PathLike) -> bool:
     p = Path(path)
     return p.suffix == ".npy" or (p.is_dir() and any(p.glob("*.npy")) and not any(
         q.suffix.lower() in IMAGE_EXTENSIONS for q in p.iterdir()))
+
+
+def is_npz_source(path: os.PathLike) -> bool:
+    p = Path(path)
+    return p.suffix == ".npz" or (p.is_dir() and any(p.glob("*.npz")))
+
+
+def _load_npz(path: Path) -> Dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except Exception as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+
+
+class FeedReader:
+    """Feeds for a model with any inputs (names, dtypes, ranks) from .npz data.
+
+    A ``.npz`` file holds one array per input name, [N, ...] each, read in batches of
+    ``batch_size``. A folder of ``.npz`` files holds one feed per file (sorted by name):
+    an array whose rank is one less than its input's is one sample and gets a batch axis,
+    so files of different sequence lengths are fine. Arrays are cast to the input's dtype
+    only where that is lossless (an int64 token array read as int32, say), else DataError."""
+
+    def __init__(self, path: os.PathLike, inputs: Dict[str, Tuple[int, np.dtype]], batch_size: int = 8,
+                 limit: Optional[int] = None) -> None:
+        self.path, self.inputs, self.batch_size = Path(path), inputs, batch_size
+        if not self.path.exists():
+            raise DataError(f"calibration data not found: {self.path}")
+        self.files = sorted(self.path.glob("*.npz")) if self.path.is_dir() else [self.path]
+        if not self.files:
+            raise DataError(f"{self.path}: no .npz files")
+        self.arrays = None if self.path.is_dir() else self._checked(_load_npz(self.path), self.path, batched=True)
+        self.limit = limit
+        self.skipped: List[Path] = []
+        self._pos = 0
+
+    def __len__(self) -> int:
+        if self.arrays is None:
+            return len(self.files) if self.limit is None else min(len(self.files), self.limit)
+        n = len(next(iter(self.arrays.values())))
+        n = n if self.limit is None else min(n, self.limit)
+        return (n + self.batch_size - 1) // self.batch_size
+
+    def rewind(self) -> None:
+        self._pos = 0
+
+    def _checked(self, arrays: Dict[str, np.ndarray], source: Path, batched: bool) -> Dict[str, np.ndarray]:
+        missing, extra = set(self.inputs) - set(arrays), set(arrays) - set(self.inputs)
+        if missing or extra:
+            raise DataError(f"{source}: arrays {sorted(arrays)} do not match the model inputs {sorted(self.inputs)}")
+        out = {}
+        for name, value in arrays.items():
+            rank, dtype = self.inputs[name]
+            if not batched and value.ndim == rank - 1:
+                value = value[None]
+            if value.ndim != rank:
+                raise DataError(f"{source}: array {name!r} has shape {value.shape}; the model input has rank {rank}")
+            if value.dtype != dtype:
+                if not np.can_cast(value.dtype, dtype, casting="safe") and not (
+                        value.dtype.kind in "iu" and np.dtype(dtype).kind in "iu"
+                        and np.array_equal(value.astype(dtype).astype(value.dtype), value)):
+                    raise DataError(f"{source}: array {name!r} is {value.dtype}, the model input is {np.dtype(dtype)} "
+                                    "and the conversion would lose values")
+                value = value.astype(dtype)
+            out[name] = np.ascontiguousarray(value)
+        if batched and len({len(v) for v in out.values()}) > 1:
+            raise DataError(f"{source}: arrays have different lengths {[len(v) for v in out.values()]}")
+        return out
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        if self.arrays is None:
+            if self._pos >= len(self):
+                return None
+            path = self.files[self._pos]
+            self._pos += 1
+            return self._checked(_load_npz(path), path, batched=False)
+        n = len(self) and len(next(iter(self.arrays.values())))
+        end = n if self.limit is None else min(n, self.limit)
+        if self._pos >= end:
+            return None
+        feed = {k: v[self._pos:min(self._pos + self.batch_size, end)] for k, v in self.arrays.items()}
+        self._pos += self.batch_size
+        return feed

@@ -30,9 +30,10 @@ from .calibrate.runner import StatisticsRequest, collect
 from .calibrate.table import build_table
 from .config import QuantConfig
 from .errors import ModelError
-from .graph.plan import QuantPlan
+from .graph.plan import NEAR_INFINITE, QuantPlan
 from .graph.qdq import write_qdq
 from .qparams import QuantTable
+from .report import RunReport, run_report
 from .preparation import prepare_graph
 from .runtime import Feed, PeekedReader, RebatchedReader, require_rewind
 from .techniques import Callbacks, QuantState, Stage, Technique, techniques_for
@@ -46,6 +47,7 @@ class QuantizeResult:
     plan: QuantPlan
     table: QuantTable
     reports: Dict[str, Any]  # technique name -> its report (e.g. "fast_finetune": FinetuneReport)
+    report: RunReport  # what stayed float and why, what preparation changed
     seconds_calibration: float
     seconds_total: float
 
@@ -66,6 +68,19 @@ def _calibration_reader(reader, config: QuantConfig):
 def _run_graph_stage(state: QuantState, techniques: List[Technique]) -> None:
     for technique in techniques:
         technique.apply(state)
+
+
+def _keep_near_infinite_in_float(state: QuantState) -> None:
+    """Activations that reached near-infinite values in calibration (an attention score
+    with its mask added) stay float: one 8-bit scale cannot hold both the mask and the data
+    (a transformer's XINT8 scale of 5.3e36 destroyed it). The plan is made again without them."""
+    huge = {name: f"reached |x| = {c.abs_max:.3g} in calibration (>= {NEAR_INFINITE:g}: a mask or sentinel)"
+            for name, c in state.statistics.ranges.items() if c.count and c.abs_max >= NEAR_INFINITE}
+    if huge:
+        for name, reason in huge.items():
+            log.info("leaving tensor %s in float: %s", name, reason)
+        state.keep_float.update(huge)
+        state.replan()
 
 
 def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Callbacks = Callbacks()
@@ -99,6 +114,7 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
         t0 = time.perf_counter()
         state.statistics = collect(state.model, state.plan, state.reader, config, request, callbacks.calibration)
         seconds_calibration = time.perf_counter() - t0
+        _keep_near_infinite_in_float(state)
         state.table = build_table(state.model, state.plan, state.statistics.ranges, config)
         for technique in parameter_stage:
             technique.apply(state)
@@ -108,8 +124,7 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
         onnx.checker.check_model(quantized)
     except onnx.checker.ValidationError as e:  # a bug of ours, not of the user's model
         raise ModelError(f"internal error: the quantized model is invalid: {str(e).splitlines()[0]}") from None
-    plan = state.plan
-    log.info("quantized %d activations, %d weights, %d biases; %d nodes left in float",
-             len(plan.activations), len(plan.weights), len(plan.biases), len(plan.skipped))
-    return QuantizeResult(quantized, plan, state.table, state.reports, seconds_calibration,
+    report = run_report(state.model, state.plan, state.reports)
+    report.log()
+    return QuantizeResult(quantized, state.plan, state.table, state.reports, report, seconds_calibration,
                           time.perf_counter() - start)

@@ -28,7 +28,7 @@ from .graph.rewrites.affine import fold_affines
 from .graph.rewrites.batchnorm import fold_batch_norm, unfold_batch_norm_before_layers
 from .graph.rewrites.constants import constants_to_initializers
 from .graph.rewrites.opset import MIN_OPSET, upgrade_opset
-from .graph.validate import check_definitions
+from .graph.validate import check_definitions, check_not_quantized
 from .graph.view import GraphView
 from .runtime import Feed, check_feed, make_session
 
@@ -105,6 +105,7 @@ def prepare_graph(model: ModelProto, feeds: Sequence[Feed] = ()) -> Tuple[ModelP
     """A prepared copy of ``model``; with ``feeds`` (one batch is used) every rewrite is
     checked against the original model's outputs."""
     feed = feeds[0] if feeds else None
+    check_not_quantized(model)
     upgraded, opset = upgrade_opset(model, MIN_OPSET)
     reference = _outputs(model, feed) if feed is not None else None
     prepared = ModelProto()

@@ -14,7 +14,7 @@ import pyquant
 from pyquant.evaluation import mean_kl_divergence
 from pyquant import (CalibrationMethod, Config, ConfigError, DataError, ModelQuantizer, OutputError, PowerOfTwoMethod,
                      QuantizationConfig, QuantType, get_default_config, get_preset)
-from pyquant.compat import EXTRA_OPTIONS, resolve
+from pyquant.compat import resolve
 
 
 @pytest.mark.parametrize("name", list(pyquant.PRESETS))

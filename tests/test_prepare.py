@@ -3,8 +3,6 @@ preparation stage checks every rewrite on a batch; the placement rule keeps elem
 ops in float between quantized layers (without NPU rules)."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import onnx
 import onnxruntime as ort

@@ -73,7 +73,9 @@ def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
             try:
                 collectors[name].update(value)
             except NonFiniteValues as e:
-                raise CalibrationError(f"tensor {name!r} has {e} in calibration batch {batches}") from None
+                producer = view.producer.get(name)
+                where = f" (output of node {view.node_name(producer)})" if producer is not None else " (a model input)"
+                raise CalibrationError(f"tensor {name!r}{where} has {e} in calibration batch {batches}") from None
             if name in means:
                 means[name].update(value)
         del values

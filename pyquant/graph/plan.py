@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict, List, Optional, Tuple
+from types import MappingProxyType
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
 
 from onnx import ModelProto, NodeProto
 
 from ..config import QuantConfig
-from ..errors import ModelError
 from .view import GraphView, attribute
 
 
@@ -71,7 +73,8 @@ OP_RULES: Dict[str, OpRule] = {
     "MaxPool": _DATA_MOVEMENT, "Reshape": _DATA_MOVEMENT, "Flatten": _DATA_MOVEMENT,
     "Transpose": _DATA_MOVEMENT, "Squeeze": _DATA_MOVEMENT, "Unsqueeze": _DATA_MOVEMENT,
     "Slice": _DATA_MOVEMENT, "Pad": _DATA_MOVEMENT, "Resize": _DATA_MOVEMENT,
-    "Gather": _DATA_MOVEMENT, "Split": _DATA_MOVEMENT,
+    # an embedding table (a constant data input) is a weight: int8, per row with per_channel
+    "Gather": OpRule(activation_inputs=(0,), weight_input=0, same_scale=True), "Split": _DATA_MOVEMENT,
     "AveragePool": _POOL_AVG, "GlobalAveragePool": _POOL_AVG,
     "Relu": _UNARY, "Clip": _UNARY, "LeakyRelu": _UNARY, "Sigmoid": _UNARY,
     "HardSigmoid": _UNARY, "Tanh": _UNARY, "Min": _UNARY, "Max": _UNARY, "Identity": _DATA_MOVEMENT,
@@ -105,6 +108,7 @@ class QuantPlan:
     biases: List[BiasUse]
     groups: List[List[str]]  # tensors that share one scale (each activation in exactly one group)
     skipped: Dict[str, str]  # node name -> reason it stays float
+    float_tensors: Dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> reason it is not quantized
 
     def group_of(self) -> Dict[str, int]:
         return {t: gi for gi, members in enumerate(self.groups) for t in members}
@@ -151,10 +155,14 @@ def _activation_inputs(view: GraphView, node: NodeProto, rule: OpRule) -> List[s
             and not (i == rule.weight_input and view.is_constant(node.input[i]))]
 
 
-def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs: bool = True) -> QuantPlan:
+def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs: bool = True,
+               keep_float: Mapping[str, str] = MappingProxyType({})) -> QuantPlan:
     """The QDQ plan of ``model``: enable_npu_cnn applies the NPU CNN scale rules;
-    quantize_region_outputs also quantizes tensors no quantized op reads (see above)."""
+    quantize_region_outputs also quantizes tensors no quantized op reads (see above);
+    ``keep_float`` ({tensor: reason}) are never quantized (e.g. found near-infinite in
+    calibration), nor are constants with non-finite or near-infinite values."""
     view = GraphView(model)
+    float_tensors: Dict[str, str] = dict(keep_float)
     order: List[str] = []
     seen = set()
     constants: List[str] = []
@@ -164,8 +172,13 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
     uf = _UnionFind()
 
     def want(name: str) -> bool:
-        if not name or not view.is_float(name) or name in fused_outputs:
+        if not name or not view.is_float(name) or name in fused_outputs or name in float_tensors:
             return False
+        if name not in seen and view.is_constant(name):
+            reason = _unquantizable_constant(view.constant_value(name))
+            if reason is not None:
+                float_tensors[name] = reason
+                return False
         if name not in seen:
             seen.add(name)
             order.append(name)
@@ -199,8 +212,6 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
             read_by_quantized.update(_activation_inputs(view, node, rule))
 
     for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            raise_already_quantized(view, node)
         rule = OP_RULES.get(node.op_type)
         reason = _skip_reason(view, node, rule)
         if reason is None and id(node) in float_region:
@@ -232,8 +243,23 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
     for name in order:
         groups.setdefault(uf.find(name), []).append(name)
     for name, reason in skipped.items():
-        log.info("leaving %s in float: %s", name, reason)
-    return QuantPlan(order, constants, weights, biases, list(groups.values()), skipped)
+        log.debug("leaving %s in float: %s", name, reason)
+    return QuantPlan(order, constants, weights, biases, list(groups.values()), skipped, float_tensors)
+
+
+# Values at or beyond this magnitude are masks and sentinels (-inf, -3.4e38, -1e9 added to
+# attention scores), not data: one 8-bit scale cannot hold them and the data too.
+NEAR_INFINITE = 1e9
+
+
+def _unquantizable_constant(value) -> Optional[str]:
+    if value is None or value.size == 0 or value.dtype.kind != "f":
+        return None
+    if not np.all(np.isfinite(value)):
+        return "constant with non-finite values (a mask or sentinel)"
+    if float(np.max(np.abs(value))) >= NEAR_INFINITE:
+        return f"constant with near-infinite values (|x| >= {NEAR_INFINITE:g}: a mask or sentinel)"
+    return None
 
 
 FLOAT_REGION_REASON = "elementwise op between quantized layers: computed in float (no NPU rules)"
@@ -264,15 +290,12 @@ def _float_region(view: GraphView, model: ModelProto, fused_outputs: set) -> set
     return region
 
 
-def plan_for(model: ModelProto, config: QuantConfig) -> QuantPlan:
+def plan_for(model: ModelProto, config: QuantConfig,
+             keep_float: Mapping[str, str] = MappingProxyType({})) -> QuantPlan:
     """build_plan with the graph options of ``config``."""
-    return build_plan(model, config.enable_npu_cnn, config.quantize_region_outputs)
+    return build_plan(model, config.enable_npu_cnn, config.quantize_region_outputs, keep_float)
 
 
 def _has_constant_weight(view: GraphView, node: NodeProto, rule: OpRule) -> bool:
     return rule.weight_input is not None and rule.weight_input < len(node.input) \
         and view.is_constant(node.input[rule.weight_input])
-
-
-def raise_already_quantized(view: GraphView, node: NodeProto) -> None:
-    raise ModelError(f"node {view.node_name(node)} is a {node.op_type}: the model is already quantized")

@@ -1,5 +1,6 @@
-"""Structural checks that every stage of the pipeline must leave true (run by tests after
-each stage): each tensor name is defined once, and each node input is defined."""
+"""Checks on a model's structure: each tensor name is defined once and each node input is
+defined (every stage of the pipeline must leave this true; tests run it after each), and
+a model to quantize is not quantized already, in any of the formats."""
 from __future__ import annotations
 
 from collections import Counter
@@ -25,3 +26,17 @@ def check_definitions(model: ModelProto) -> None:
     missing = sorted({i for n in g.node for i in n.input if i and i not in defined})
     if missing:
         raise ModelError(f"{len(missing)} tensor(s) read but never defined: {', '.join(missing[:5])}")
+
+
+# Integer-operator and QOperator formats (onnxruntime's quantizers write these), besides QDQ.
+_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                  "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention", "DynamicQuantizeLSTM",
+                  "QuantizeBFP", "DequantizeBFP"}
+
+
+def check_not_quantized(model: ModelProto) -> None:
+    """ModelError naming the first node that shows ``model`` is already quantized."""
+    for node in model.graph.node:
+        if node.op_type in _QUANTIZED_OPS or node.op_type.startswith("QLinear"):
+            raise ModelError(f"node {node.name or node.output[0]!r} is a {node.op_type}: the model is already "
+                             "quantized; pass the float model")

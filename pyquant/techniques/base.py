@@ -74,10 +74,11 @@ class QuantState:
     statistics: Optional[Statistics] = None
     table: Optional[QuantTable] = None
     reports: Dict[str, Any] = dataclasses.field(default_factory=dict)  # technique name -> its report
+    keep_float: Dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> why it is never quantized
 
     def replan(self) -> None:
         """Plan again after a change of the graph (e.g. a layer gained a bias input)."""
-        self.plan = plan_for(self.model, self.config)
+        self.plan = plan_for(self.model, self.config, self.keep_float)
 
 
 class Technique(abc.ABC):
