@@ -167,12 +167,20 @@ def opset(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def repo_head() -> str:
+def pyquant_source() -> str:
+    """Where pyquant comes from: this checkout (its HEAD, and whether pyquant/ or csrc/ has
+    uncommitted changes) or an installed copy."""
+    where = Path(pyquant.__file__).resolve().parent
+    if where.parent != corpus.REPO:
+        return f"pyquant {where} (an installed copy, not this checkout)"
     try:
-        return subprocess.run(["git", "-C", str(corpus.REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        git = ["git", "-C", str(corpus.REPO)]
+        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(git + ["status", "--porcelain", "--", "pyquant", "csrc"], capture_output=True, text=True,
+                               check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return f"pyquant {where} (git state unknown)"
+    return f"pyquant {where} at {head.strip()}" + (" with uncommitted changes in pyquant/ or csrc/" if dirty else "")
 
 
 def main() -> None:
@@ -192,7 +200,7 @@ def main() -> None:
     started = time.perf_counter()
     print(f"machine load at start (1/5/15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())} "
           f"on {os.cpu_count()} CPUs; onnxruntime {ort.__version__}, onnx {onnx.__version__}", flush=True)
-    print(f"pyquant imported from {Path(pyquant.__file__).parent} (repository HEAD {repo_head()})\n", flush=True)
+    print(pyquant_source() + "\n", flush=True)
     paths = corpus.fetch(names)
     about = []
     print("| model | configuration | SQNR dB | task metric | quantize s | QDQ pairs | stayed float | failure |")
