@@ -15,8 +15,9 @@ constexpr int64_t kBlock = 256;
 constexpr int kLanes = 16;
 
 // The sum of one channel: its `outer` rows of `inner` contiguous values, row_stride apart.
-// Each block of kBlock values is summed in kLanes partial sums (a fixed order, which every
-// ISA level vectorises the same way), the blocks in double, so long rows lose no precision.
+// Each block of kBlock values is summed in kLanes partial sums of double (a fixed order,
+// which every ISA level vectorises the same way; float32 values near their type's limit
+// do not overflow), then the blocks in order.
 template <typename T>
 PYQUANT_INLINE double channel_total_body(const T* x, int64_t outer, int64_t row_stride, int64_t inner) {
   double total = 0.0;
@@ -25,12 +26,12 @@ PYQUANT_INLINE double channel_total_body(const T* x, int64_t outer, int64_t row_
     for (int64_t start = 0; start < inner; start += kBlock) {
       const int64_t len = std::min(kBlock, inner - start);
       const T* p = row + start;
-      T acc[kLanes] = {};
+      double acc[kLanes] = {};
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) acc[l] += p[i + l];
-      T block = T(0);
-      for (; i < len; ++i) block += p[i];
+        for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(p[i + l]);
+      double block = 0.0;
+      for (; i < len; ++i) block += static_cast<double>(p[i]);
       for (int l = 0; l < kLanes; ++l) block += acc[l];
       total += block;
     }
