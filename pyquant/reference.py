@@ -60,10 +60,9 @@ def channel_sums(x: np.ndarray, sums: np.ndarray, channel_axis: int = 1) -> None
 
 
 def channel_abs_max(w4: np.ndarray) -> np.ndarray:
+    """max |w[a, :, c, :]|, NaN ignored (fmax), 0 for an empty slice."""
     w4 = np.abs(np.asarray(w4, dtype=np.float32))
-    if w4.shape[1] == 0 or w4.shape[3] == 0:
-        return np.zeros(w4.shape[0] * w4.shape[2], np.float32)
-    return w4.max(axis=(1, 3)).reshape(-1)
+    return np.fmax.reduce(w4, axis=(1, 3), initial=np.float32(0)).reshape(-1)
 
 
 def equalization_scales(r1, r2, max_scale: float = 1e4, act=None, act_weight: float = 0.0) -> np.ndarray:
@@ -85,7 +84,8 @@ def equalization_scales(r1, r2, max_scale: float = 1e4, act=None, act_weight: fl
 def scale_channels(w4: np.ndarray, s, divide: bool = False) -> np.ndarray:
     s = np.asarray(s, np.float32).reshape(w4.shape[0], 1, w4.shape[2], 1)
     factor = (np.float32(1.0) / s) if divide else s
-    return (w4 * factor).astype(np.float32)
+    with np.errstate(over="ignore"):  # float32 products beyond its range are inf, as in the kernel
+        return (w4 * factor).astype(np.float32)
 
 
 def histogram_rebin(src: np.ndarray, src_lo: float, src_hi: float,
@@ -242,3 +242,56 @@ def rounding_error(q, scale, gram, target):
     wt = np.asarray(scale, np.float64)[..., None] * np.asarray(q, np.float64)
     g = np.einsum("grk,gkj->grj", wt, np.asarray(gram, np.float64))
     return np.einsum("grk,grk->gr", wt, g - 2 * np.asarray(target, np.float64))
+
+
+# ---- Gram matrices of layer inputs (csrc/kernels/window_gram.h, rounding.h) -------------
+
+def gram_product(x, gram) -> np.ndarray:
+    """x @ gram in float64."""
+    return np.asarray(x, np.float64) @ np.asarray(gram, np.float64)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, dilation: int, pad_before: int, pad_after: int) -> int:
+    return (size + pad_before + pad_after - (kernel - 1) * dilation - 1) // stride + 1
+
+
+def im2col(x, groups, kernel, strides, dilations, pads) -> np.ndarray:
+    """The convolution patches of x [N, C, H, W] per group: [groups, N * out_h * out_w, K]
+    in float64, K = C / groups * kh * kw ordered (channel, kernel row, kernel column) like a
+    Conv weight, positions ordered (image, row, column); zero padding (top, left, bottom,
+    right) included, as the Conv sees it."""
+    x = np.asarray(x, np.float64)
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
+    top, left, bottom, right = pads
+    out_h = conv_output_size(h, kh, sh, dh, top, bottom)
+    out_w = conv_output_size(w, kw, sw, dw, left, right)
+    padded = np.zeros((n, c, h + top + bottom, w + left + right))
+    padded[:, :, top:top + h, left:left + w] = x
+    cols = np.empty((n, c, kh, kw, out_h, out_w))
+    for i in range(kh):
+        for j in range(kw):
+            for oy in range(out_h):  # output row oy, columns ox: input (oy sh + i dh, ox sw + j dw)
+                cols[:, :, i, j, oy, :] = padded[:, :, oy * sh + i * dh, j * dw: j * dw + (out_w - 1) * sw + 1: sw]
+    cg = c // groups
+    cols = cols.reshape(n, groups, cg, kh, kw, out_h, out_w).transpose(1, 0, 5, 6, 2, 3, 4)
+    return cols.reshape(groups, n * out_h * out_w, cg * kh * kw)
+
+
+class WindowGramRef(NamedTuple):
+    qq: np.ndarray  # [groups, K, K]
+    qf: np.ndarray
+    ff: np.ndarray
+    sum_q: np.ndarray  # [groups, K]
+    sum_f: np.ndarray
+    count: int  # patches per group
+
+
+def window_gram(q, f, groups, kernel, strides, dilations, pads) -> WindowGramRef:
+    """Per group, sums over all patches p of q_p q_p^T, q_p f_p^T, f_p f_p^T, q_p and f_p
+    (float64; the f terms are None without f)."""
+    pq = im2col(q, groups, kernel, strides, dilations, pads)
+    pf = None if f is None else im2col(f, groups, kernel, strides, dilations, pads)
+    outer = lambda a, b: np.einsum("gpi,gpj->gij", a, b)  # noqa: E731
+    return WindowGramRef(outer(pq, pq), None if pf is None else outer(pq, pf), None if pf is None else outer(pf, pf),
+                         pq.sum(axis=1), None if pf is None else pf.sum(axis=1), pq.shape[1])

@@ -45,9 +45,9 @@ def _fit_rounding(groups, rows, k, algorithm):
     return run
 
 
-def _histogram(n, nbins=2048):
+def _histogram(n, nbins=2048, dtype=np.float32):
     def run():
-        x = np.random.default_rng(RNG_SEED).standard_t(2, n).astype(np.float32)
+        x = np.random.default_rng(RNG_SEED).standard_t(2, n).astype(dtype)
         x[::97] = np.nan
         hist = np.zeros(nbins)
         kernels.histogram_accumulate(x, hist, -5.0, 7.0)
@@ -58,9 +58,9 @@ def _histogram(n, nbins=2048):
     return run
 
 
-def _channel_sums(shape):
+def _channel_sums(shape, dtype=np.float32):
     def run():
-        x = (np.random.default_rng(RNG_SEED).standard_normal(shape) * 3 + 1).astype(np.float32)
+        x = (np.random.default_rng(RNG_SEED).standard_normal(shape) * 3 + 1).astype(dtype)
         sums = np.zeros(shape[1])
         kernels.channel_sums(x, sums)
         return [sums]
@@ -100,7 +100,9 @@ CASES = {
     "fit_rounding AdaRound": _fit_rounding(3, 21, 37, kernels.RoundingAlgorithm.AdaRound),
     "fit_rounding AdaQuant": _fit_rounding(2, 17, 20, kernels.RoundingAlgorithm.AdaQuant),
     "histogram and range": _histogram(1_000_003),
+    "histogram and range, float64": _histogram(1_000_003, 100, np.float64),
     "channel_sums": _channel_sums((4, 96, 57, 31)),
+    "channel_sums, float64": _channel_sums((3, 40, 1000), np.float64),
     "scale search": _scale_search(),
     "gram_product": _gram_product(67, 129),
 }

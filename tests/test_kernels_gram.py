@@ -1,9 +1,21 @@
-"""The Gram kernels (window_gram, gram_product): memory safety and argument checks."""
+"""The Gram kernels of fast finetune (window_gram, gram_product, fit_rounding) against
+their numpy references over sizes, geometries and layouts; memory safety and argument checks."""
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 from numpy.lib.stride_tricks import as_strided
 
-from pyquant import kernels
+from pyquant import kernels, reference
+
+# float32 dot products (gram_product: k terms in order; window_gram: 16 lanes over blocks of
+# 512 positions, blocks added in float64) against float64, relative to the same sums of
+# absolute values: a bound of the rounding error of any summation order.
+GRAM_PRODUCT_RTOL = 1e-5
+WINDOW_GRAM_RTOL = 1e-5
+# fit_rounding (float32) against its float64 reference after a few iterations, as in
+# tests/test_fast_finetune.py: parameters to 1e-3 of their scale.
+FIT_PARAM_ATOL = 1e-3
 
 NEG_ZERO_BITS = np.array(-0.0).view(np.uint64)
 
@@ -50,3 +62,139 @@ def test_window_gram_checks_each_accumulator_shape():
     with pytest.raises(TypeError, match="qq must be a C-contiguous float64"):
         kernels.window_gram(x, x, 1, *geometry, qq.astype(np.float32), qf, ff, sum_q, sum_f)
     assert not qq.any() and not sum_q.any()  # a rejected call adds nothing
+
+
+def assert_within(got, want, bound, rtol):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    excess = np.abs(got - want) - rtol * bound
+    assert np.all(excess <= 0), f"off by {np.max(np.abs(got - want)):.3g}, allowed {rtol:.1g} x bound"
+
+
+# rows x k of 0, 1, 7, 8, 9, 1023 and about 1e6 values
+PRODUCT_SHAPES = [(0, 5), (1, 1), (1, 7), (8, 1), (3, 3), (33, 31), (4096, 256)]
+
+
+@pytest.mark.parametrize("rows,k", PRODUCT_SHAPES)
+@pytest.mark.parametrize("kind", ["normal", "constant", "huge"])
+@pytest.mark.parametrize("layout", ["contiguous", "fortran"])
+def test_gram_product_matches_reference(rows, k, kind, layout):
+    rng = np.random.default_rng(rows + k)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    a = rng.standard_normal((k, k)).astype(np.float32)
+    if kind == "constant":
+        x[:], a[:] = 0.5, -1.5
+    elif kind == "huge":
+        x *= np.float32(1e17)
+    if layout == "fortran":
+        x, a = np.asfortranarray(x), a.T.copy().T  # column-major: copied by the wrapper
+    got = kernels.gram_product(x, a)
+    assert got.shape == (rows, k) and got.dtype == np.float32
+    assert_within(got, reference.gram_product(x, a), reference.gram_product(np.abs(x), np.abs(a)),
+                  GRAM_PRODUCT_RTOL)
+
+
+# (n, c, h, w, groups, kernel, stride, dilation, pads (top, left, bottom, right))
+GEOMETRIES = {
+    "full 3x3 pad 1": (2, 3, 9, 8, 1, 3, 1, 1, (1, 1, 1, 1)),
+    "2 groups, no pad": (3, 4, 7, 7, 2, 3, 1, 1, (0, 0, 0, 0)),
+    "depthwise 5x5 stride 2": (2, 8, 11, 11, 8, 5, 2, 1, (2, 2, 2, 2)),
+    "3 groups dilation 2 uneven pads": (1, 6, 10, 9, 3, 3, 1, 2, (2, 1, 0, 3)),
+    "1x1 stride 2": (2, 4, 8, 8, 1, 1, 2, 1, (0, 0, 0, 0)),
+    "kernel covers the input": (2, 2, 3, 3, 1, 3, 1, 1, (0, 0, 0, 0)),
+    "1x1 images": (7, 3, 1, 1, 1, 1, 1, 1, (0, 0, 0, 0)),
+    "one image, one channel": (1, 1, 1, 1, 1, 1, 1, 1, (0, 0, 0, 0)),
+    "full conv, 64k values": (2, 8, 64, 64, 1, 3, 1, 1, (1, 1, 1, 1)),
+    "depthwise, 1e6 values": (2, 32, 128, 128, 32, 3, 1, 1, (1, 1, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("with_f", [True, False])
+def test_window_gram_matches_reference(geometry, with_f):
+    n, c, h, w, groups, k, stride, dilation, pads = GEOMETRIES[geometry]
+    rng = np.random.default_rng(n * c * h)
+    q = rng.standard_normal((n, c, h, 2 * w)).astype(np.float32)[..., ::2]  # a strided view
+    f = (q + 0.1 * rng.standard_normal(q.shape)).astype(np.float32) if with_f else None
+    kk = c // groups * k * k
+    acc = [np.zeros((groups, kk, kk)), np.zeros((groups, kk, kk) if with_f else (0, 0, 0)),
+           np.zeros((groups, kk, kk) if with_f else (0, 0, 0)), np.zeros((groups, kk)),
+           np.zeros((groups, kk) if with_f else (0, 0))]
+    geo = ((k, k), (stride, stride), (dilation, dilation), pads)
+    count = kernels.window_gram(q, f, groups, *geo, *acc)
+    want = reference.window_gram(q, f, groups, *geo)
+    assert count == want.count
+    abs_q = reference.im2col(np.abs(q), groups, *geo)
+    abs_f = None if f is None else reference.im2col(np.abs(f), groups, *geo)
+    outer = lambda a, b: np.einsum("gpi,gpj->gij", a, b)  # noqa: E731
+    assert_within(acc[0], want.qq, outer(abs_q, abs_q), WINDOW_GRAM_RTOL)
+    assert_within(acc[3], want.sum_q, abs_q.sum(axis=1), WINDOW_GRAM_RTOL)
+    if with_f:
+        assert_within(acc[1], want.qf, outer(abs_q, abs_f), WINDOW_GRAM_RTOL)
+        assert_within(acc[2], want.ff, outer(abs_f, abs_f), WINDOW_GRAM_RTOL)
+        assert_within(acc[4], want.sum_f, abs_f.sum(axis=1), WINDOW_GRAM_RTOL)
+    # a second batch adds to the sums
+    kernels.window_gram(q, f, groups, *geo, *acc)
+    assert_within(acc[0], 2 * want.qq, 2 * outer(abs_q, abs_q), WINDOW_GRAM_RTOL)
+
+
+@pytest.mark.parametrize("geometry", [g for g in GEOMETRIES if "1e6" not in g])
+def test_reference_im2col_reproduces_the_convolution(geometry):
+    """The reference's patches times a weight give onnxruntime's Conv output."""
+    n, c, h, w, groups, k, stride, dilation, pads = GEOMETRIES[geometry]
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    out_c = 2 * groups
+    weight = rng.standard_normal((out_c, c // groups, k, k)).astype(np.float32)
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], group=groups, strides=[stride] * 2,
+                                 dilations=[dilation] * 2, pads=[pads[0], pads[1], pads[2], pads[3]])
+    graph = onnx.helper.make_graph([node], "conv", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                                   [onnx.numpy_helper.from_array(weight, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    patches = reference.im2col(x, groups, (k, k), (stride, stride), (dilation, dilation), pads)
+    per_group = np.einsum("gpk,grk->gpr", patches, weight.reshape(groups, 2, -1))  # [g, n*oh*ow, 2]
+    got = per_group.reshape(groups, n, y.shape[2], y.shape[3], 2).transpose(1, 0, 4, 2, 3).reshape(y.shape)
+    np.testing.assert_allclose(got, y, rtol=1e-4, atol=1e-4)
+
+
+def fit_problem(groups, rows, k, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((groups, 4 * k + 4, k))
+    xq = x + 0.05 * rng.standard_normal(x.shape)
+    w = (rng.standard_normal((groups, rows, k)) * 0.3).astype(np.float32)
+    gram = np.einsum("gnk,gnj->gkj", xq, xq) / x.shape[1]
+    target = np.einsum("gkj,grj->grk", np.einsum("gnk,gnj->gkj", xq, x) / x.shape[1], w)
+    scale = (np.abs(w).max(axis=2) / 127 * rng.uniform(1, 8, (groups, rows))).astype(np.float32)
+    return w, scale, gram.astype(np.float32), target.astype(np.float32)
+
+
+# (groups, rows, k): 1, 7, 8, 9 and 1023 weights, a depthwise-like and a wider layer
+FIT_SHAPES = [(1, 1, 1), (1, 7, 1), (1, 1, 8), (1, 3, 3), (3, 11, 31), (16, 1, 9), (2, 17, 40)]
+
+
+@pytest.mark.parametrize("shape", FIT_SHAPES)
+@pytest.mark.parametrize("algorithm,lr", [(kernels.RoundingAlgorithm.AdaRound, 0.1),
+                                          (kernels.RoundingAlgorithm.AdaQuant, 1e-3)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_fit_rounding_matches_reference(shape, algorithm, lr, layout):
+    w, s, a, t = fit_problem(*shape)
+    if layout == "transposed":  # views the wrapper copies: the same problem, other strides
+        w, t = (np.ascontiguousarray(v.transpose(0, 2, 1)).transpose(0, 2, 1) for v in (w, t))
+    for iterations in (0, 1, 7):
+        fit = kernels.fit_rounding(w, s, a, t, -128, 127, algorithm=algorithm, iterations=iterations,
+                                   learning_rate=lr, keep_best=False, return_param=True)
+        q_ref, param_ref = reference.fit_rounding(w, s, a, t, -128, 127, algorithm=int(algorithm),
+                                                  iterations=iterations, learning_rate=lr, keep_best=False)
+        adaround = algorithm == kernels.RoundingAlgorithm.AdaRound
+        np.testing.assert_allclose(fit.param, param_ref, atol=FIT_PARAM_ATOL * (1.0 if adaround else np.abs(w).max()))
+        decided = np.abs(param_ref) > 1e-2 if adaround else slice(None)
+        np.testing.assert_array_equal(fit.q[decided], q_ref[decided])
+
+
+def test_fit_rounding_of_constant_weights_keeps_them_on_the_grid():
+    w = np.full((1, 4, 6), 0.25, np.float32)
+    s = np.full((1, 4), 0.1, np.float32)
+    a = np.eye(6, dtype=np.float32)[None]
+    fit = kernels.fit_rounding(w, s, a, w.copy(), -128, 127, iterations=50)
+    assert set(np.unique(fit.q)) <= {2, 3}  # floor or ceil of 2.5

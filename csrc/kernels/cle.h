@@ -11,7 +11,8 @@
 
 namespace pyquant {
 
-// out[a*C + c] = max |w[a, :, c, :]| (0 for an empty slice). out has A*C floats.
+// out[a*C + c] = max |w[a, :, c, :]| (0 for an empty slice; NaN values are ignored, an
+// infinity counts). out has A*C floats.
 void channel_abs_max(const float* w, int64_t A, int64_t B, int64_t C, int64_t D, float* out);
 
 // Equalizing scales s_i = sqrt(e_i / r2_i), computed in double: dividing the first
