@@ -27,10 +27,14 @@ ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
              "tensor(int8)": np.int8, "tensor(bool)": np.bool_}
 
 
-def session_options() -> ort.SessionOptions:
+def session_options(optimize: bool = True) -> ort.SessionOptions:
     """Options under the current thread budget, without spin-waiting: between runs the
-    kernels and the image decoders need the cores that spinning workers would hold."""
+    kernels and the image decoders need the cores that spinning workers would hold.
+    ``optimize=False``: no graph optimizations (onnxruntime's fusions change float
+    rounding, which a check of our own rewrites must not count)."""
     options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     options.intra_op_num_threads = threads.current().onnxruntime
     options.inter_op_num_threads = 1
@@ -39,7 +43,8 @@ def session_options() -> ort.SessionOptions:
     return options
 
 
-def make_session(model: ModelProto, outputs: Sequence[str] = (), providers=None) -> ort.InferenceSession:
+def make_session(model: ModelProto, outputs: Sequence[str] = (), providers=None,
+                 optimize: bool = True) -> ort.InferenceSession:
     """An onnxruntime session of ``model`` that also returns the tensors ``outputs``."""
     if outputs:
         extended = ModelProto()
@@ -48,7 +53,7 @@ def make_session(model: ModelProto, outputs: Sequence[str] = (), providers=None)
         extended.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
                                      for name in outputs if name not in existing)
         model = extended
-    return ort.InferenceSession(model.SerializeToString(), session_options(),
+    return ort.InferenceSession(model.SerializeToString(), session_options(optimize),
                                 providers=providers or ["CPUExecutionProvider"])
 
 

@@ -81,7 +81,8 @@ def test_attention_with_an_infinite_mask_quantizes_and_keeps_the_mask_float(pres
     if preset == "XINT8":  # with NPU rules the Mul is quantized: its constant is refused by name
         assert plan.float_tensors["neg"].startswith("constant with near-infinite values")
     assert not {"bias", "bias3", "masked"} & set(plan.activations)  # near-infinite activations stay float
-    assert "near-infinite" in plan.float_tensors["bias3"] or "reached" in plan.float_tensors["bias3"]
+    if preset == "XINT8":  # the masked sum is quantized under NPU rules: calibration finds it near-infinite
+        assert plan.float_tensors["bias3"].startswith("reached |x| = 3.4e+38 in calibration")
     held_out = text_feeds(6, seed=1)
     cos = []
     for feed in held_out:
@@ -139,7 +140,7 @@ def test_cli_quantizes_from_an_npz_file_and_writes_a_report(tmp_path, attention_
     np.savez(tmp_path / "calib.npz", ids=ids.astype(np.int32), mask=mask)  # int32 ids: cast losslessly
     out, report = tmp_path / "q.onnx", tmp_path / "report.json"
     assert main(["quantize", "--model_input", str(attention_path), "--model_output", str(out), "--calib_data",
-                 str(tmp_path / "calib.npz"), "--config", "U8S8", "--report", str(report), "--quiet"]) == 0
+                 str(tmp_path / "calib.npz"), "--config", "XINT8", "--report", str(report), "--quiet"]) == 0
     run(onnx.load(out), feeds[0])
     data = json.loads(report.read_text())
     assert data["float_tensors"]["bias3"].startswith("reached |x| = 3.4e+38 in calibration")

@@ -77,7 +77,8 @@ OP_RULES: Dict[str, OpRule] = {
     "Gather": OpRule(activation_inputs=(0,), weight_input=0, same_scale=True), "Split": _DATA_MOVEMENT,
     "AveragePool": _POOL_AVG, "GlobalAveragePool": _POOL_AVG,
     "Relu": _UNARY, "Clip": _UNARY, "LeakyRelu": _UNARY, "Sigmoid": _UNARY,
-    "HardSigmoid": _UNARY, "Tanh": _UNARY, "Min": _UNARY, "Max": _UNARY, "Identity": _DATA_MOVEMENT,
+    "HardSigmoid": _UNARY, "HardSwish": _UNARY, "PRelu": _UNARY, "Tanh": _UNARY, "Min": _UNARY, "Max": _UNARY,
+    "Identity": _DATA_MOVEMENT,
 }
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 # Min/Max with a constant bound after Relu/Clip: a clipped activation with per-channel
@@ -204,7 +205,7 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
             fused_outputs.add(current.output[0])
             current, allowed = nxt, FUSED_BOUNDS
 
-    float_region = set() if enable_npu_cnn else _float_region(view, model, fused_outputs)
+    float_region = _float_region(view, model, fused_outputs, enable_npu_cnn)
     read_by_quantized = set()
     for node in model.graph.node:
         rule = OP_RULES.get(node.op_type)
@@ -215,7 +216,7 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
         rule = OP_RULES.get(node.op_type)
         reason = _skip_reason(view, node, rule)
         if reason is None and id(node) in float_region:
-            reason = FLOAT_REGION_REASON
+            reason = float_region[id(node)]
         if reason is not None:
             if node.op_type != "Constant":
                 skipped[view.node_name(node)] = reason
@@ -263,30 +264,56 @@ def _unquantizable_constant(value) -> Optional[str]:
 
 
 FLOAT_REGION_REASON = "elementwise op between quantized layers: computed in float (no NPU rules)"
+UNREAD_REASON = "no quantized op reads its output (nor produces its input): computed in float"
 
 
-def _float_region(view: GraphView, model: ModelProto, fused_outputs: set) -> set:
-    """ids of the nodes that stay float under the placement rule without NPU rules:
-    elementwise ops (an Add of two activations and activations fused into their layer
-    excepted), and data-movement ops whose outputs no quantized op reads (decided in
-    reverse graph order, consumers first)."""
-    region = set()
-    for node in model.graph.node:
+def _fused_end(view: GraphView, name: str, fused_outputs: set) -> str:
+    """The tensor a fused chain (layer -> Relu/Clip -> Min/Max) ends in."""
+    while name in fused_outputs:
+        name = view.single_consumer(name).output[0]
+    return name
+
+
+def _float_region(view: GraphView, model: ModelProto, fused_outputs: set, npu: bool) -> Dict[int, str]:
+    """{id(node): reason} of the nodes that stay float under the placement rule.
+
+    Without NPU rules: elementwise ops (activations fused into their layer excepted).
+    Then, consumers first (reverse graph order): a data-movement op, and without NPU rules
+    an Add of two activations, is computed in integers only if a quantized op reads its
+    output; with NPU rules a data-movement op also when a quantized op produces its input
+    (an NPU passes integers through it). So an Identity between a float op and a model
+    output, or a residual Add whose sum only a LayerNormalization reads, adds no pair."""
+    region: Dict[int, str] = {}
+    nodes = list(model.graph.node)
+    for node in nodes:
         rule = OP_RULES.get(node.op_type)
-        if rule is None or not rule.elementwise or (node.input and node.input[0] in fused_outputs):
+        if npu or rule is None or not rule.elementwise or (node.input and node.input[0] in fused_outputs):
             continue
         activations = [i for i in node.input if i and not view.is_constant(i)]
         if node.op_type == "Add" and len(activations) == 2:
-            continue  # residual add: integer in, integer out
-        region.add(id(node))
-    for node in reversed(model.graph.node):
+            continue  # decided below, from its readers
+        region[id(node)] = FLOAT_REGION_REASON
+
+    def quantized(node) -> bool:
         rule = OP_RULES.get(node.op_type)
-        if rule is None or not rule.same_scale:
+        return rule is not None and id(node) not in region and _skip_reason(view, node, rule) is None
+
+    for node in reversed(nodes):
+        rule = OP_RULES.get(node.op_type)
+        if rule is None or id(node) in region or not node.output:
             continue
-        readers = [c for o in node.output for c in view.consumers.get(o, [])]
-        if not any(OP_RULES.get(c.op_type) is not None and id(c) not in region
-                   and _skip_reason(view, c, OP_RULES.get(c.op_type)) is None for c in readers):
-            region.add(id(node))
+        two_activation_add = node.op_type == "Add" and not npu
+        if not (rule.same_scale or two_activation_add):
+            continue
+        readers = [c for o in node.output if o
+                   for c in view.consumers.get(_fused_end(view, o, fused_outputs), [])]
+        if any(quantized(c) for c in readers):
+            continue
+        if npu and rule.same_scale:
+            producer = view.producer.get(node.input[0]) if node.input else None
+            if producer is not None and quantized(producer):
+                continue
+        region[id(node)] = UNREAD_REASON
     return region
 
 
