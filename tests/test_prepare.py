@@ -238,3 +238,14 @@ def test_paddle_hard_sigmoid_becomes_one_op():
     prepared = prepare(model, [{"x": X}])
     assert "HardSigmoid" in [n.op_type for n in prepared.graph.node] and "Clip" not in [n.op_type for n in prepared.graph.node]
     assert_same_function(model, prepared, X)
+
+
+def test_divisors_are_never_quantized():
+    """x / (std + eps) and 1 / std written out: a divisor rounded to zero would be inf."""
+    inits = {"w": rand(4, 4, 1, 1), "eps": 1e-6}
+    model = make([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Abs", ["c"], ["a"]),
+                  helper.make_node("Add", ["a", "eps"], ["d"]), helper.make_node("Div", ["c", "d"], ["q"]),
+                  helper.make_node("Reciprocal", ["d"], ["r"]), helper.make_node("Mul", ["q", "r"], ["y"])], inits)
+    plan = plan_for(prepare(model), get_preset("XINT8"))
+    assert "d" not in plan.activations and plan.float_tensors["d"].startswith("divisor of Div")
+    assert "c" in plan.activations
