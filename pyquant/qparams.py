@@ -63,6 +63,7 @@ class QuantizedWeight:
 def weight_key(use, per_channel: bool) -> WeightKey:
     """The table key of a weight use (pyquant.graph.plan.WeightUse): per-channel scales
     follow the layer's output-channel axis."""
+    per_channel = per_channel or use.always_per_channel
     return use.node.input[use.input_index], (use.channel_axis if per_channel else None)
 
 

@@ -175,3 +175,24 @@ def test_cli_takes_a_python_reader(tmp_path, attention_path, monkeypatch):
                  "my_text_data:feeds", "--config", "U8S8", "--quiet"]) == 0
     assert main(["quantize", "--model_input", str(attention_path), "--model_output", str(out), "--calib_data",
                  "my_text_data:nothing", "--quiet"]) == 1
+
+
+@pytest.mark.parametrize("preset", ["U8S8", "XINT8"])
+def test_recurrent_layers_compute_in_float_with_int8_weights(preset):
+    rng = np.random.default_rng(0)
+    hidden, features = 8, 5
+    init = [numpy_helper.from_array((rng.standard_normal((1, 4 * hidden, features)) * 0.3).astype(np.float32), "W"),
+            numpy_helper.from_array((rng.standard_normal((1, 4 * hidden, hidden)) * 0.3).astype(np.float32), "R"),
+            numpy_helper.from_array((rng.standard_normal((1, 8 * hidden)) * 0.1).astype(np.float32), "B")]
+    graph = helper.make_graph([helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=hidden)], "lstm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, "N", features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = [{"x": rng.standard_normal((6, 4, features)).astype(np.float32)} for _ in range(4)]
+    result = quantize_detailed(model, data, preset)
+    assert {(u.node.op_type, u.input_index) for u in result.plan.weights} == {("LSTM", 1), ("LSTM", 2)}
+    assert "recurrent layer" in next(iter(result.plan.skipped.values()))
+    tables = {t.name: t for t in result.model.graph.initializer}
+    assert tables["W_quantized"].data_type == TensorProto.INT8 and tables["R_quantized"].data_type == TensorProto.INT8
+    a, b = run(model, data[0]), run(result.model, data[0])
+    assert np.max(np.abs(a - b)) < 0.05 * np.max(np.abs(a))  # float compute, int8 weights: a small change

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 
 from .. import kernels
-from ..config import CalibrateMethod, CalibrationMethod, PowerOfTwoMethod, QuantConfig, QuantType
+from ..config import ENTROPY_QUANT_BINS, CalibrateMethod, CalibrationMethod, PowerOfTwoMethod, QuantConfig, QuantType
 from ..qparams import QParams
 from .collector import TensorCollector
 
@@ -88,7 +88,7 @@ def _entropy(c: TensorCollector, cfg: QuantConfig) -> QParams:
     mag, hi = c.magnitude_histogram()
     if hi <= 0:
         return _minmax(c, cfg)
-    t = kernels.histogram_entropy_threshold(mag, hi, 128)
+    t = kernels.histogram_entropy_threshold(mag, hi, ENTROPY_QUANT_BINS)
     return qparams_from_range(max(c.min, -t), min(c.max, t), cfg.activation_type, cfg.activation_symmetric)
 
 
