@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from .api import quantize
-from .data import ArrayReader
 from .errors import ConfigError
 from .evaluation import model_size_mb
+from .runtime import make_provider_session, save_basic_optimized
 
 # scikit-image sample photographs (RGB) that show ImageNet-like objects.
 DEMO_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "retina", "immunohistochemistry", "hubble_deep_field",
@@ -71,10 +70,7 @@ def build_efficientnet_lite0(path: Path) -> Path:
         torch.onnx.export(net, torch.zeros(1, 3, LITE0_INPUT, LITE0_INPUT), str(exported), opset_version=17,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, dynamo=False)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(path)
-    ort.InferenceSession(str(exported), options, providers=["CPUExecutionProvider"])
+    save_basic_optimized(exported, path)
     exported.unlink()
     return path
 
@@ -140,16 +136,15 @@ def run_demo(out_dir: Path, build: Callable[[Path], Path] = build_efficientnet_l
         raise ConfigError("no sample photographs available for the demo")
     calib = calibration_set(images, input_size, mean, std)
     quant_path = float_path.with_name(float_path.stem + "_xint8.onnx")
-    input_name = ort.InferenceSession(str(float_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
     start = time.perf_counter()
-    quantize(float_path, ArrayReader(calib, input_name, 8), "XINT8", output=quant_path, progress=progress)
+    quantize(float_path, calib, "XINT8", output=quant_path, progress=progress)
     seconds_quantize = time.perf_counter() - start
 
     views = np.stack([crop(image, input_size, 1.0, 0.5, 0.5, mean, std) for image in images.values()])
     names = class_name or (lambda i: str(i))
     results = []
     for path in (float_path, quant_path):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = make_provider_session(path)
         results.append(top5(session.run(None, {session.get_inputs()[0].name: views})[0], names))
     predictions = {photo: (f, q) for photo, f, q in zip(images, *results)}
     return DemoResult(model_size_mb(float_path), model_size_mb(quant_path), seconds_build, seconds_quantize,

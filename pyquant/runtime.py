@@ -7,6 +7,7 @@ Every onnxruntime session of the package is made here, under the thread budget
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
@@ -70,6 +71,15 @@ def make_provider_session(model, provider: str = "CPUExecutionProvider",
     if provider != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
     return ort.InferenceSession(source, session_options(), providers=providers)
+
+
+def save_basic_optimized(source: "os.PathLike[str] | str", destination: "os.PathLike[str] | str") -> None:
+    """Write ``source`` as onnxruntime's basic graph optimizations leave it (constant
+    folding, e.g. of an exporter's same-padding subgraphs into Conv pads)."""
+    options = session_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(destination)
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
 
 
 def check_feed(session: ort.InferenceSession, feed: Feed, batch_index: int) -> Feed:
