@@ -148,6 +148,8 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("_set_parallel_thresholds", &pyquant::set_parallel_thresholds, py::arg("enabled"),
         "Benchmarks only: False runs every region on get_num_threads() threads, however small.");
   m.def("_parallel_thresholds", &pyquant::parallel_thresholds);
+  m.def("_threads_for", &pyquant::threads_for, py::arg("work"), py::arg("min_work"),
+        "The threads a region of `work` units with threshold `min_work` runs on (for tests).");
 
   constexpr pyquant::Isa kLevels[] = {pyquant::Isa::Avx512, pyquant::Isa::Avx2, pyquant::Isa::Baseline};
   m.def("supported_isas", [kLevels] {

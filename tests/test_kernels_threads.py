@@ -62,3 +62,37 @@ def test_openmp_waits_passively_unless_the_user_says_otherwise():
     assert "GOMP_SPINCOUNT = '0'" in shown
     shown = run_python(code, OMP_DISPLAY_ENV="VERBOSE", OMP_WAIT_POLICY="ACTIVE").stderr
     assert "OMP_WAIT_POLICY = 'ACTIVE'" in shown
+
+
+def test_small_regions_run_on_one_thread(restore_threads):
+    thresholds = _kernels._parallel_thresholds()
+    kernels.set_num_threads(2)
+    try:
+        assert _kernels._threads_for(99_999, 100_000) == 1
+        assert _kernels._threads_for(100_000, 100_000) == 2
+        _kernels._set_parallel_thresholds(False)  # benchmarks/kernel_threads.py times small inputs on 2 threads
+        assert _kernels._threads_for(1, 100_000) == 2
+    finally:
+        _kernels._set_parallel_thresholds(thresholds)
+    kernels.set_num_threads(1)
+    assert _kernels._threads_for(10 ** 9, 100_000) == 1
+
+
+def test_kernels_give_the_same_results_below_and_above_their_thresholds(restore_threads):
+    """Thresholds change the threads, never the results (the order of every sum is fixed)."""
+    x = np.random.default_rng(5).standard_normal(200_003).astype(np.float32)
+    kernels.set_num_threads(2)
+    results = []
+    for thresholds in (True, False):
+        _kernels._set_parallel_thresholds(thresholds)
+        try:
+            hist = np.zeros(64)
+            kernels.histogram_accumulate(x, hist, -5, 5)
+            sums = np.zeros(7)
+            kernels.channel_sums(x[:199_997].reshape(1, 7, -1), sums)
+            results.append((hist, sums, kernels.range_stats(x).max))
+        finally:
+            _kernels._set_parallel_thresholds(True)
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert results[0][2] == results[1][2]

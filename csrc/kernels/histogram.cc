@@ -14,9 +14,12 @@
 namespace pyquant {
 namespace {
 
-// Elements below which one thread is faster (benchmarks/kernel_threads.py).
-constexpr int64_t kRangeMinParallel = 1 << 16;
-constexpr int64_t kHistogramMinParallel = 1 << 16;
+// Elements below which one thread is faster.
+// Measured by benchmarks/kernel_threads.py (2 cores, AVX-512, OMP_WAIT_POLICY=PASSIVE): the
+// smallest work from which two threads were 1.1x faster at every larger size; repeated
+// sweeps moved it by at most one step of the sweep (x3).
+constexpr int64_t kRangeMinParallel = 300'000;
+constexpr int64_t kHistogramMinParallel = 300'000;
 
 struct PartialRange {
   double min = std::numeric_limits<double>::infinity();

@@ -22,9 +22,12 @@ constexpr int kRowBlock = 8;
 // The padded width of a row: a multiple of the widest vector tile.
 constexpr int64_t kPad = 16;
 // Multiply-adds (rows x k^2, times the iterations for fit_rounding) below which one thread
-// is faster (benchmarks/kernel_threads.py).
-constexpr int64_t kFitRoundingMinParallel = 1 << 16;
-constexpr int64_t kGramProductMinParallel = 1 << 16;
+// is faster.
+// Measured by benchmarks/kernel_threads.py (2 cores, AVX-512, OMP_WAIT_POLICY=PASSIVE): the
+// smallest work from which two threads were 1.1x faster at every larger size; repeated
+// sweeps moved it by at most one step of the sweep (x3).
+constexpr int64_t kFitRoundingMinParallel = 100'000;
+constexpr int64_t kGramProductMinParallel = 10'000'000;
 
 
 // out[R, cols j0..j0+J) = x[R, kp] @ a[kp, kp] over that column tile; accumulators stay

@@ -10,11 +10,13 @@
 namespace pyquant {
 namespace {
 
-// Work (bins x candidates, values x candidates) below which one thread is faster
-// (benchmarks/kernel_threads.py).
-constexpr int64_t kHistogramErrorsMinParallel = 1 << 16;
-constexpr int64_t kTensorErrorsMinParallel = 1 << 16;
-constexpr int64_t kEntropyMinParallel = 1 << 16;
+// Work (bins x candidates, values x candidates) below which one thread is faster.
+// Measured by benchmarks/kernel_threads.py (2 cores, AVX-512, OMP_WAIT_POLICY=PASSIVE): the
+// smallest work from which two threads were 1.1x faster at every larger size; repeated
+// sweeps moved it by at most one step of the sweep (x3).
+constexpr int64_t kHistogramErrorsMinParallel = 30'000;
+constexpr int64_t kTensorErrorsMinParallel = 100'000;
+constexpr int64_t kEntropyMinParallel = 30'000;
 
 // Integral from 0 to u of (t - round(t))^2 dt, for any real u: whole periods
 // contribute 1/12 each, the partial period a cubic.

@@ -60,9 +60,13 @@ PYQUANT_INLINE float total(const float* a, int64_t m) {
   return s;
 }
 
-// Multiply-adds (images x groups x K^2 x positions) below which one thread is faster
-// (benchmarks/kernel_threads.py).
-constexpr int64_t kWindowGramMinParallel = 1 << 16;
+// Multiply-adds (images x groups x K^2 x positions) below which one thread is faster, with
+// threads over groups and over images.
+// Measured by benchmarks/kernel_threads.py (2 cores, AVX-512, OMP_WAIT_POLICY=PASSIVE): the
+// smallest work from which two threads were 1.1x faster at every larger size; repeated
+// sweeps moved it by at most one step of the sweep (x3).
+constexpr int64_t kWindowGramGroupsMinParallel = 1'000'000;
+constexpr int64_t kWindowGramImagesMinParallel = 3'000'000;
 // From this many groups each thread takes whole groups; below, images run in parallel. A
 // constant, not a function of the thread count, so that the summation order (which differs
 // between the two ways) does not depend on the threads.
@@ -124,8 +128,9 @@ void window_gram(const float* q, const float* f, int64_t n, int64_t c, int64_t h
   if (n <= 0 || groups <= 0) return;
   const int64_t cg = c / groups, K = cg * geo.kh * geo.kw, m = geo.out_h * geo.out_w;
   const int64_t kk = K * K;
-  const int threads = threads_for(n * groups * kk * m, kWindowGramMinParallel);
+  const int64_t work = n * groups * kk * m;
   if (groups >= kGroupParallelMinGroups) {
+    const int threads = threads_for(work, kWindowGramGroupsMinParallel);
     // Depthwise-like: each thread owns whole groups; the patches of all images of a
     // group side by side, so that the dot products are long even on small feature maps.
     const int64_t mn = m * n;
@@ -150,6 +155,7 @@ void window_gram(const float* q, const float* f, int64_t n, int64_t c, int64_t h
   }
   // Few groups (a full convolution): images in parallel into per-image partial sums,
   // added in image order afterwards. Without f, only qq and sum_q have partials.
+  const int threads = threads_for(work, kWindowGramImagesMinParallel);
   const GroupSums layout{K, kk, f != nullptr};
   const int64_t per = groups * layout.size();
   std::vector<double> partial(n * per, 0.0);
