@@ -3,7 +3,7 @@ EfficientNet-Lite0's shapes, against numpy doing the same Gram products (matmul 
 weights with the Gram matrix, once per iteration) in the same process. Prints one
 markdown table. Not collected by pytest.
 
-    python benchmarks/fit_rounding.py [--iterations 600] [--repeats 3]
+    python benchmarks/fit_rounding.py [--iterations 600] [--repeats 3] [--isa LEVEL] [--threads N]
 
 The ratio "fit / numpy products" is the kernel's whole Adam loop (soft rounding, products,
 gradient, regulariser, update) over numpy's bare products: below 1, the C++ loop costs
@@ -51,7 +51,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--isa", choices=kernels.supported_isas(), help="force an ISA level (default: the best)")
+    parser.add_argument("--threads", type=int, help="kernel threads (default: the CPUs of the affinity mask)")
     args = parser.parse_args()
+    if args.isa:
+        kernels.set_isa(args.isa)
+    if args.threads:
+        kernels.set_num_threads(args.threads)
+    print(f"ISA level {kernels.isa()}, {kernels.get_num_threads()} kernel threads\n")
     print(f"| layer | fit_rounding s ({args.iterations} iterations) | numpy products s | fit / numpy products |")
     print("|---|---|---|---|")
     for name, groups, rows, k in LAYERS:

@@ -7,7 +7,7 @@ np.histogram plus np.min/np.max (and np.isfinite, without which np.histogram wou
 on a NaN). Tensors have EfficientNet-Lite0's shapes at batch 8; each time is the best of
 ``--repeat`` runs.
 
-    python benchmarks/histogram.py
+    python benchmarks/histogram.py [--isa avx512|avx2|baseline] [--threads N]
 """
 from __future__ import annotations
 
@@ -45,7 +45,14 @@ def best_time(fn, repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--isa", choices=kernels.supported_isas(), help="force an ISA level (default: the best)")
+    parser.add_argument("--threads", type=int, help="kernel threads (default: the CPUs of the affinity mask)")
     args = parser.parse_args()
+    if args.isa:
+        kernels.set_isa(args.isa)
+    if args.threads:
+        kernels.set_num_threads(args.threads)
+    print(f"ISA level {kernels.isa()}, {kernels.get_num_threads()} kernel threads\n")
     rng = np.random.default_rng(0)
     print("| tensor | elements | pyquant ms | numpy ms | numpy / pyquant |")
     print("|---|---|---|---|---|")
