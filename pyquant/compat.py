@@ -4,28 +4,214 @@
     config = Config(global_quant_config=get_default_config("XINT8"))
     ModelQuantizer(config).quantize_model("model.onnx", "model_xint8.onnx", data_reader)
 
-This module only translates: every default comes from pyquant.config (Quark's
-``include_cle=True`` is the one default of Quark's own), and quantizing goes through
-pyquant.api.quantize, the same entry point as the library and the CLI. An unknown key is
-a ConfigError that names the valid keys; a key that has no meaning in pyquant is
-accepted with a one-line notice saying why (never dropped silently).
+``pyquant.quark`` re-exports these names in Quark's own module layout (replace
+``quark.onnx`` with ``pyquant.quark`` in import lines); its ``get_default_config`` gives
+Quark's presets by Quark's names (QUARK_PRESETS), this module's gives pyquant's own.
+
+This module only translates: every QuantConfig default comes from pyquant.config, and
+quantizing goes through pyquant.api.quantize_detailed, the same entry point as the library
+and the CLI. QuantizationConfig has Quark's fields and Quark's defaults. Every field and
+key is honoured, accepted with a one-line notice saying why it has no effect here, or
+refused with a ConfigError saying what to do instead (README, "Quark drop-in"); an unknown
+key is a ConfigError that names the valid ones. Quark's enums (onnxruntime's QuantType,
+CalibrationMethod and QuantFormat, VitisQuantType/VitisQuantFormat) are accepted where
+they mean what pyquant does.
+
+ModelQuantizer itself carries out the fields that act around a run rather than on the
+quantization (print_summary, debug_mode, log_severity_level, ignore_warnings,
+use_external_data_format: LayerOptions), and makes a reader without rewind() usable by a
+technique that reads the data twice (ReplayReader).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import enum
 import logging
-from typing import Any, Callable, Dict, Optional
+import sys
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+from onnx import ModelProto
+from onnxruntime.quantization.calibrate import CalibrationMethod as OrtCalibrationMethod
+from onnxruntime.quantization.quant_utils import QuantFormat
+from onnxruntime.quantization.quant_utils import QuantType as OrtQuantType
 
 from . import api
-from .config import (CalibrateMethod, CLEOptions, FastFinetuneOptions, FinetuneAlgorithm, QuantConfig,
-                     QuantType, get_preset)
-from .errors import ConfigError
+from .config import (CalibrationMethod, CLEOptions, FastFinetuneOptions, FinetuneAlgorithm, PowerOfTwoMethod,
+                     QuantConfig, QuantType, get_preset)
+from .errors import ConfigError, DataError
+from .graph.model_io import check_output_path, save_model
+from .techniques import techniques_for
 
 log = logging.getLogger(__name__)
 _DEFAULTS = QuantConfig()
 # Quark's AdaQuant learning rate is in units of the weights, AdaRound's in units of V.
 ADAQUANT_LEARNING_RATE = 1e-5
+# A reader without rewind() used by a technique that reads the data twice (fast finetune)
+# keeps copies of its batches up to this many bytes (ReplayReader).
+REPLAY_CACHE_BYTES = 1 << 30
 
+
+class VitisQuantType(enum.Enum):
+    """Quark's extended quantization types (quark.onnx.quant_utils). pyquant writes the
+    8-bit ones (QInt8, QUInt8); the others are refused with the reason."""
+
+    QInt8 = "int8"
+    QUInt8 = "uint8"
+    QInt16 = "int16"
+    QUInt16 = "uint16"
+    QInt32 = "int32"
+    QUInt32 = "uint32"
+    QFloat16 = "float16"
+    QBFloat16 = "bfloat16"
+    QBFP = "bfp"
+    QMX = "mx"
+
+
+class VitisQuantFormat(enum.Enum):
+    """Quark's extended formats. QDQ (Quark's own QuantizeLinear ops) is accepted: pyquant
+    writes onnx's standard QuantizeLinear/DequantizeLinear, the same 8-bit arithmetic."""
+
+    QDQ = "qdq"
+    FixNeuron = "fixneuron"
+    BFPFixNeuron = "bfpfixneuron"
+    MXFixNeuron = "mxfixneuron"
+
+
+ExtendedQuantType = VitisQuantType  # Quark's newer names for the same enums
+ExtendedQuantFormat = VitisQuantFormat
+
+# ---- values of Quark's enums -> pyquant's ---------------------------------------------------
+
+_QUANT_TYPES: Dict[Any, QuantType] = {
+    QuantType.QInt8: QuantType.QInt8, QuantType.QUInt8: QuantType.QUInt8,
+    OrtQuantType.QInt8: QuantType.QInt8, OrtQuantType.QUInt8: QuantType.QUInt8,
+    VitisQuantType.QInt8: QuantType.QInt8, VitisQuantType.QUInt8: QuantType.QUInt8,
+}
+_SIXTEEN_BITS = ("16-bit tensors are not supported yet: pyquant's core quantizes to 8 bits (activations int8/uint8, "
+                 "weights int8); use QuantType.QInt8 or QUInt8 (presets A8W8, XINT8, U8S8_AAWS)")
+_UNSUPPORTED_TYPES = {  # by member name, for onnxruntime's and Quark's enums alike
+    "QInt16": _SIXTEEN_BITS, "QUInt16": _SIXTEEN_BITS,
+    "QInt32": "32-bit tensors are not supported (only biases are int32); use QuantType.QInt8 or QUInt8",
+    "QUInt32": "32-bit tensors are not supported (only biases are int32); use QuantType.QInt8 or QUInt8",
+    "QInt4": "4-bit types are not supported; use QuantType.QInt8 or QUInt8",
+    "QUInt4": "4-bit types are not supported; use QuantType.QInt8 or QUInt8",
+    "QFloat16": "pyquant writes integer QDQ models only; keep the float model for float16",
+    "QBFloat16": "bfloat16 is not supported: pyquant writes integer QDQ models only; use an 8-bit type",
+    "QFLOAT8E4M3FN": "float8 is not supported: pyquant writes integer QDQ models only; use an 8-bit type",
+    "QBFP": "block floating point is not supported; use an 8-bit integer type",
+    "QMX": "microscaling (MX) types are not supported; use an 8-bit integer type",
+}
+_CALIBRATION_METHODS: Dict[Any, Any] = {
+    **{m: m for m in CalibrationMethod}, **{m: m for m in PowerOfTwoMethod},
+    OrtCalibrationMethod.MinMax: CalibrationMethod.MinMax, OrtCalibrationMethod.Entropy: CalibrationMethod.Entropy,
+    OrtCalibrationMethod.Percentile: CalibrationMethod.Percentile,
+}
+_FORMAT_NOTICES = {
+    QuantFormat.QDQ: None,
+    VitisQuantFormat.QDQ: "pyquant writes onnx's standard QuantizeLinear/DequantizeLinear (the same 8-bit "
+                          "arithmetic), not Quark's custom QDQ ops",
+}
+_REFUSED_FORMATS = {
+    QuantFormat.QOperator: "pyquant writes QDQ models (QuantizeLinear/DequantizeLinear around float ops), not "
+                           "QOperator (QLinearConv ...); use QuantFormat.QDQ, onnxruntime fuses QDQ into integer kernels",
+    VitisQuantFormat.FixNeuron: "FixNeuron is Quark's experimental, non-deployable op; use QuantFormat.QDQ",
+    VitisQuantFormat.BFPFixNeuron: "block floating point is not supported; use QuantFormat.QDQ with an 8-bit type",
+    VitisQuantFormat.MXFixNeuron: "microscaling (MX) is not supported; use QuantFormat.QDQ with an 8-bit type",
+}
+
+
+def quant_type(field: str, value: Any) -> QuantType:
+    """pyquant's QuantType for a QuantType of pyquant, onnxruntime or Quark (ConfigError
+    saying what is missing for the others)."""
+    if isinstance(value, enum.Enum) and value in _QUANT_TYPES:
+        return _QUANT_TYPES[value]
+    why = _UNSUPPORTED_TYPES.get(getattr(value, "name", None), "not a quantization type")
+    raise ConfigError(f"{field}={value!r}: {why}")
+
+
+def calibrate_method(value: Any):
+    """pyquant's calibration method for one of pyquant, onnxruntime (MinMax, Entropy,
+    Percentile) or Quark (PowerOfTwoMethod)."""
+    if isinstance(value, enum.Enum) and value in _CALIBRATION_METHODS:
+        return _CALIBRATION_METHODS[value]
+    raise ConfigError(f"calibrate_method={value!r} is not supported; use CalibrationMethod.MinMax, Entropy or "
+                      "Percentile (onnxruntime's or pyquant's), pyquant's CalibrationMethod.MSE, or "
+                      "PowerOfTwoMethod.NonOverflow / MinMSE")
+
+
+# ---- value checks and the three kinds of handling ---------------------------------------------
+
+def _where(place: str, key: str) -> str:
+    return f"QuantizationConfig.{key}" if place == "field" else f"{place}[{key!r}]"
+
+
+def _bool(key: str, value: Any, place: str = "extra_options") -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{_where(place, key)} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _number(key: str, value: Any, place: str = "extra_options") -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"{_where(place, key)} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(key: str, value: Any, place: str = "extra_options") -> int:
+    """An integer, or a float with an integral value (12.0); 12.7 is an error, not 12."""
+    number = _number(key, value, place)
+    if number != int(number):
+        raise ConfigError(f"{_where(place, key)} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _anything(key: str, value: Any, place: str = "extra_options") -> Any:
+    return value
+
+
+def _check_like(expected: Any) -> Callable[..., Any]:
+    return _bool if isinstance(expected, bool) else _number if isinstance(expected, (int, float)) else _anything
+
+
+Handler = Callable[[str, Any], Dict[str, Any]]
+
+
+def notice(why: str, place: str = "extra_options", check: Callable[..., Any] = _bool) -> Handler:
+    """A key accepted with a one-line notice: it has no effect in pyquant, for ``why``."""
+
+    def accept(key: str, value: Any) -> Dict[str, Any]:
+        check(key, value, place)
+        log.warning("%s = %r has no effect in pyquant: %s", _where(place, key), value, why)
+        return {}
+    return accept
+
+
+def same_as_pyquant(expected: Any, *, refuse: Optional[str] = None, notice_why: Optional[str] = None,
+                    place: str = "extra_options") -> Handler:
+    """A key whose value ``expected`` is what pyquant does anyway; another value is refused
+    (``refuse``: why, and what to do instead) or accepted with a notice (``notice_why``)."""
+    check = _check_like(expected)
+
+    def accept(key: str, value: Any) -> Dict[str, Any]:
+        check(key, value, place)
+        if value == expected:
+            return {}
+        if refuse is not None:
+            raise ConfigError(f"{_where(place, key)} = {value!r} is not supported: {refuse}")
+        log.warning("%s = %r has no effect in pyquant: %s", _where(place, key), value, notice_why)
+        return {}
+    return accept
+
+
+def _mapped(field: str, check: Callable[..., Any], place: str = "extra_options") -> Handler:
+    return lambda k, v: {field: check(k, v, place)}
+
+
+# ---- FastFinetune keys -------------------------------------------------------------------------
 
 def _algorithm(key: str, value: Any) -> Dict[str, Any]:
     names = {a.value: a for a in FinetuneAlgorithm}
@@ -43,46 +229,61 @@ def _cpu(key: str, value: Any) -> Dict[str, Any]:
 def _beta_range(key: str, value: Any) -> Dict[str, Any]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ConfigError(f"FastFinetune[{key!r}] must be (start, end), got {value!r}")
-    return {"beta_range": (_number(key, value[0]), _number(key, value[1]))}
+    return {"beta_range": (_number(key, value[0], "FastFinetune"), _number(key, value[1], "FastFinetune"))}
 
 
-def _notice(why: str) -> Callable[[str, Any], Dict[str, Any]]:
-    """A key accepted with a one-line notice: it means nothing in pyquant, for ``why``."""
-
-    def accept(key: str, value: Any) -> Dict[str, Any]:
-        _number(key, value)
-        log.warning("FastFinetune[%r] = %r has no effect in pyquant: %s", key, value, why)
-        return {}
-    return accept
-
-
+_FT = "FastFinetune"
 # Quark FastFinetune key -> function(key, value) returning FastFinetuneOptions fields.
-FAST_FINETUNE_OPTIONS: Dict[str, Callable[[str, Any], Dict[str, Any]]] = {
+FAST_FINETUNE_OPTIONS: Dict[str, Handler] = {
     "OptimAlgorithm": _algorithm,
-    "NumIterations": lambda k, v: {"iterations": _integer(k, v)},
-    "LearningRate": lambda k, v: {"learning_rate": _number(k, v)},
-    "RegParam": lambda k, v: {"reg_param": _number(k, v)},
+    "NumIterations": _mapped("iterations", _integer, _FT),
+    "LearningRate": _mapped("learning_rate", _number, _FT),
+    "RegParam": _mapped("reg_param", _number, _FT),
     "BetaRange": _beta_range,
-    "WarmStart": lambda k, v: {"warm_start": _number(k, v)},
-    "EarlyStop": lambda k, v: {"early_stop": _bool(k, v)},
-    "UpdateBias": lambda k, v: {"update_bias": _bool(k, v)},
-    "DataSize": lambda k, v: {"data_size": _integer(k, v)},
-    "NumBatches": lambda k, v: {"data_batches": _integer(k, v)},
+    "WarmStart": _mapped("warm_start", _number, _FT),
+    "UpdateBias": _mapped("update_bias", _bool, _FT),
+    "DataSize": _mapped("data_size", _integer, _FT),
+    # pyquant's own: at most this many calibration batches; per output channel, nearest
+    # rounding kept where the learned one does not lower the layer's output error.
+    "DataBatches": _mapped("data_batches", _integer, _FT),
+    "FallbackToNearest": _mapped("early_stop", _bool, _FT),
     "OptimDevice": _cpu,
     "InferDevice": _cpu,
-    "BatchSize": _notice("every iteration uses the Gram matrix of all calibration samples (no mini-batches)"),
-    "FixedSeed": _notice("fast finetune draws no random numbers (it is deterministic)"),
-    "LogPeriod": _notice("each layer's fit runs in C++ without intermediate logs; its result is logged"),
+    # Quark's EarlyStop ends a layer's iterations once the mean loss over a window of
+    # NumBatches iterations stops falling; pyquant runs every iteration.
+    "EarlyStop": same_as_pyquant(False, place=_FT, refuse="pyquant runs all NumIterations of every layer (Quark "
+                                 "ends a layer once its windowed mean loss stops falling); remove the key or set "
+                                 "it False, and lower NumIterations to save time"),
+    "NumBatches": notice("each iteration uses the Gram matrix of all calibration samples: no mini-batches, no "
+                         "early-stop window (pyquant's DataBatches limits the batches read)", _FT, _number),
+    "BatchSize": notice("every iteration uses the Gram matrix of all calibration samples (no mini-batches)", _FT,
+                        _number),
+    "FixedSeed": notice("fast finetune draws no random numbers (it is deterministic)", _FT, _number),
+    "LogPeriod": notice("each layer's fit runs in C++ without intermediate logs; its result is logged", _FT, _number),
+    "SelectiveUpdate": same_as_pyquant(False, place=_FT, refuse="pyquant does not re-evaluate the whole model after "
+                                       "each layer; its FallbackToNearest keeps nearest rounding per channel where "
+                                       "the learned rounding does not help"),
+    "OutputQDQ": same_as_pyquant(False, place=_FT, refuse="pyquant fits each layer's output before its activation "
+                                 "quantizer; remove the key"),
+    "DropRatio": same_as_pyquant(1, place=_FT, refuse="pyquant fits on the inputs the quantized network produces "
+                                 "(DropRatio 1); float inputs measured worse (README, fast finetune)"),
+}
+REFUSED_FAST_FINETUNE_OPTIONS: Dict[str, str] = {
+    "LRAdjust": "no per-layer learning rate; set LearningRate for all layers",
+    "TargetOpType": "pyquant fine-tunes every quantized Conv, Gemm and MatMul; choosing op types needs node "
+                    "selection, which the core does not have yet",
 }
 
 
 def fast_finetune_options(params: Any) -> FastFinetuneOptions:
     """Quark's extra_options['FastFinetune'] dict -> FastFinetuneOptions (ConfigError on an
-    unknown key or a bad value)."""
+    unknown or refused key or a bad value)."""
     if not isinstance(params, dict):
         raise ConfigError(f"extra_options['FastFinetune'] must be a dict, got {type(params).__name__}")
     fields: Dict[str, Any] = {}
     for key, value in params.items():
+        if key in REFUSED_FAST_FINETUNE_OPTIONS:
+            raise ConfigError(f"FastFinetune[{key!r}] is not supported: {REFUSED_FAST_FINETUNE_OPTIONS[key]}")
         if key not in FAST_FINETUNE_OPTIONS:
             raise ConfigError(f"unknown FastFinetune key {key!r}; valid keys: {', '.join(sorted(FAST_FINETUNE_OPTIONS))}")
         fields.update(FAST_FINETUNE_OPTIONS[key](key, value))
@@ -90,17 +291,17 @@ def fast_finetune_options(params: Any) -> FastFinetuneOptions:
 
 
 def fast_finetune_params(options: FastFinetuneOptions) -> Dict[str, Any]:
-    """FastFinetuneOptions -> Quark's FastFinetune dict (the keys with an effect)."""
+    """FastFinetuneOptions -> Quark-style FastFinetune dict (the keys with an effect)."""
     params: Dict[str, Any] = {
         "OptimAlgorithm": options.algorithm.value, "NumIterations": options.iterations,
         "LearningRate": options.learning_rate, "RegParam": options.reg_param,
         "BetaRange": tuple(options.beta_range), "WarmStart": options.warm_start,
-        "EarlyStop": options.early_stop, "UpdateBias": options.update_bias,
+        "FallbackToNearest": options.early_stop, "UpdateBias": options.update_bias,
     }
     if options.data_size is not None:
         params["DataSize"] = options.data_size
     if options.data_batches is not None:
-        params["NumBatches"] = options.data_batches
+        params["DataBatches"] = options.data_batches
     return params
 
 
@@ -111,92 +312,287 @@ DEFAULT_ADAROUND_PARAMS: Dict[str, Any] = fast_finetune_params(FastFinetuneOptio
 DEFAULT_ADAQUANT_PARAMS: Dict[str, Any] = fast_finetune_params(
     FastFinetuneOptions(algorithm=FinetuneAlgorithm.AdaQuant, learning_rate=ADAQUANT_LEARNING_RATE))
 
+# ---- extra_options keys --------------------------------------------------------------------------
 
-def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"extra_options[{key!r}] must be True or False, got {value!r}")
-    return value
+_NODE_SELECTION = ("the core cannot leave chosen nodes or op types in float yet (no plan hook; README, Quark "
+                   "drop-in); remove it to quantize every node pyquant has a rule for (the others stay float, "
+                   "named in the run report)")
+_DATA_MOVEMENT = ("pyquant quantizes a data-movement op (MaxPool, Reshape, Slice, ...) when a quantized op reads its "
+                  "output, with enable_npu_cnn also when one produces its input")
+
+# Quark extra_options key -> function(key, value) returning QuantConfig fields.
+EXTRA_OPTIONS: Dict[str, Handler] = {
+    "ActivationSymmetric": _mapped("activation_symmetric", _bool),
+    "WeightSymmetric": same_as_pyquant(True, refuse="weights are symmetric int8"),
+    "Percentile": _mapped("percentile", _number),
+    "NumBins": _mapped("num_bins", _integer),
+    "CalibDataBatchSize": _mapped("calib_batch_size", _integer),
+    # Cross-layer equalization (CLEOptions): sweeps, convergence tolerance on the scales,
+    # Clip -> Relu replacement (changes the network), bias included in the first layer's range.
+    "CLESteps": _mapped("cle.steps", _integer),
+    "CLETotalLayerDiffThreshold": _mapped("cle.tolerance", _number),
+    "ReplaceClip6Relu": _mapped("cle.replace_clip_with_relu", _bool),
+    "CLEScaleAppendBias": _mapped("cle.scale_append_bias", _bool),
+    # pyquant's own (not the reference's): activation-aware CLE scales (0 = data-free CLE).
+    "CLEActivationWeight": _mapped("cle.activation_weight", _number),
+    "CLEActivationSamples": _mapped("cle.activation_samples", _integer),
+    # pyquant's own: QDQ pairs on model outputs and tensors read only by float ops.
+    "QuantizeRegionOutputs": _mapped("quantize_region_outputs", _bool),
+    # Fast finetune (FastFinetuneOptions), a dict with the keys of FAST_FINETUNE_OPTIONS.
+    "FastFinetune": lambda k, v: {"fast_finetune": fast_finetune_options(v)},
+    # Keys Quark's presets set, with what they mean here.
+    "ForceQuantizeNoInputCheck": notice(_DATA_MOVEMENT),
+    "Int32Bias": same_as_pyquant(True, refuse="a quantized layer's bias is int32 with scale = input scale x weight "
+                                 "scale; remove the key"),
+    "Int16Bias": same_as_pyquant(False, refuse="a quantized layer's bias is int32; remove the key"),
+    "QuantizeBias": same_as_pyquant(True, refuse="a quantized layer's bias is always int32; remove the key"),
+    "FoldRelu": same_as_pyquant(True, refuse="Relu/Clip after Conv/Gemm/MatMul/Add is always fused with it (no QDQ "
+                                "pair between them); remove the key"),
+    "AlignConcat": notice("Concat inputs and output share one scale exactly when enable_npu_cnn is on"),
+    "AlignSlice": same_as_pyquant(True, notice_why="Slice, a data-movement op, always keeps its input's scale"),
+    "AlignEltwiseQuantType": notice("8-bit only: a constant operand of an elementwise op, when quantized, already "
+                                    "uses the activation type"),
+    "CalibMovingAverage": same_as_pyquant(False, refuse="MinMax takes the extremes over all calibration data; for "
+                                          "ranges robust to outliers use CalibrationMethod.Percentile"),
+    "UseRandomData": same_as_pyquant(False, refuse="calibrating on random inputs gives meaningless ranges; pass a "
+                                     "data reader or calibration_data_path"),
+    "WeightsOnly": same_as_pyquant(False, refuse="pyquant quantizes activations and weights; for weight-only "
+                                   "quantization use onnxruntime.quantization"),
+    "QuantizeAllOpTypes": same_as_pyquant(False, refuse="ops without a quantized form in pyquant stay float (the "
+                                          "run report names them); remove the key"),
+    "ConvertSigmoidToHardSigmoid": same_as_pyquant(False, refuse="it changes the network's function; pyquant "
+                                                   "keeps Sigmoid"),
+    "UseMatMulNBits": same_as_pyquant(False, refuse="weight-only MatMulNBits is onnxruntime's "
+                                      "(onnxruntime.quantization.matmul_nbits_quantizer)"),
+    "ConvertBNToConv": notice("pyquant folds BatchNormalization into the neighbouring Conv/Gemm where exact; "
+                              "one it cannot fold stays float"),
+    "ConvertClipToRelu": notice("pyquant keeps Clip (fused with its layer); only ReplaceClip6Relu changes it, for CLE"),
+    "ConvertSplitToSlice": notice("Split is a data-movement op: its outputs keep its input's scale"),
+    "SplitLargeKernelPool": notice("pooling kernels are left as they are (an NPU compiler's concern)"),
+    "ConvertReduceMeanToGlobalAvgPool": notice("ReduceMean is left as it is (computed in float)"),
+    "RemoveQDQConvRelu": same_as_pyquant(True, notice_why="Relu after a layer is always fused with it"),
+    "RemoveQDQConvClip": same_as_pyquant(True, notice_why="Clip after a layer is always fused with it"),
+    "RemoveQDQConvLeakyRelu": notice("LeakyRelu is not fused: it stays float between quantized layers, or has its "
+                                     "own QDQ pair with enable_npu_cnn"),
+    "RemoveQDQConvPRelu": notice("PRelu is not fused: it stays float between quantized layers, or has its own QDQ "
+                                 "pair with enable_npu_cnn"),
+    "DedicatedQDQPair": same_as_pyquant(False, notice_why="one QDQ pair per tensor, shared by its readers (the "
+                                        "same values as dedicated pairs)"),
+    "DedicateDQNode": same_as_pyquant(False, notice_why="one DequantizeLinear per tensor, shared by its readers"),
+}
+REFUSED_EXTRA_OPTIONS: Dict[str, str] = {
+    "OpTypesToQuantize": _NODE_SELECTION,
+    "MixedPrecisionTensor": "per-tensor types need a per-tensor type in the core and 16-bit support, neither of "
+                            "which exists yet",
+    "CalibDataSize": "pyquant calibrates on every sample the data reader gives; limit the reader instead (e.g. the "
+                     "tutorial ImageDataReader's data_size)",
+    "AutoMixprecision": "automatic mixed precision is not available",
+    "BFPAttributes": "block floating point is not supported; use an 8-bit integer type",
+    "MXAttributes": "microscaling (MX) types are not supported; use an 8-bit integer type",
+    "MatMulNBitsParams": "weight-only MatMulNBits is onnxruntime's (onnxruntime.quantization.matmul_nbits_quantizer)",
+    "BF16QDQToCast": "BF16 is not supported: pyquant writes integer QDQ models",
+}
 
 
-def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"extra_options[{key!r}] must be a number, got {value!r}")
-    return float(value)
+def _extra_options(extra: Any) -> Dict[str, Any]:
+    if not isinstance(extra, dict):
+        raise ConfigError(f"extra_options must be a dict, got {type(extra).__name__}")
+    fields: Dict[str, Any] = {}
+    for key, value in extra.items():
+        if key in REFUSED_EXTRA_OPTIONS:
+            raise ConfigError(f"extra_options[{key!r}] is not supported: {REFUSED_EXTRA_OPTIONS[key]}")
+        if key not in EXTRA_OPTIONS:
+            raise ConfigError(f"unknown extra_options key {key!r}; valid keys: {', '.join(sorted(EXTRA_OPTIONS))}")
+        fields.update(EXTRA_OPTIONS[key](key, value))
+    return fields
 
 
-def _integer(key: str, value: Any) -> int:
-    """An integer, or a float with an integral value (12.0); 12.7 is an error, not 12."""
-    number = _number(key, value)
-    if number != int(number):
-        raise ConfigError(f"extra_options[{key!r}] must be a whole number, got {value!r}")
-    return int(number)
+# ---- QuantizationConfig fields ------------------------------------------------------------------
+
+SEVERITY_LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.CRITICAL}
 
 
-def _weight_symmetric(key: str, value: Any) -> Dict[str, Any]:
-    if not _bool(key, value):
-        raise ConfigError("extra_options['WeightSymmetric'] = False is not supported: weights are symmetric int8")
+@dataclasses.dataclass(frozen=True)
+class LayerOptions:
+    """What ModelQuantizer does around a run (QuantizationConfig fields that are not
+    quantization settings), with Quark's defaults.
+
+    Attributes:
+        use_external_data_format: write the initializers to ``<output>.data`` beside the model.
+        print_summary: log a summary of the quantized model (nodes per op type, quantized or
+            float, and why) at INFO when the run ends.
+        debug_mode: log pyquant's DEBUG messages too, and list each float node in the summary.
+        ignore_warnings: Python warnings raised during the run are not shown.
+        log_severity_level: pyquant's messages from this level on are shown (0 DEBUG, 1 INFO,
+            2 WARNING, 3 ERROR, 4 CRITICAL): the "pyquant" logger's level for the run, and, when
+            the application has not set up logging, a handler printing them on stderr.
+    """
+
+    use_external_data_format: bool = False
+    print_summary: bool = True
+    debug_mode: bool = False
+    ignore_warnings: bool = True
+    log_severity_level: int = 1
+
+
+_LAYER = LayerOptions()
+
+
+def _layer_bool(name: str) -> Handler:
+    return lambda k, v: {f"layer.{name}": _bool(k, v, "field")}
+
+
+def _log_level(key: str, value: Any) -> Dict[str, Any]:
+    if isinstance(value, bool) or value not in SEVERITY_LEVELS:
+        raise ConfigError(f"QuantizationConfig.{key} must be one of {sorted(SEVERITY_LEVELS)}, got {value!r}")
+    return {f"layer.{key}": int(value)}
+
+
+def _quant_format(key: str, value: Any) -> Dict[str, Any]:
+    if isinstance(value, enum.Enum) and value in _REFUSED_FORMATS:
+        raise ConfigError(f"quant_format={value!r} is not supported: {_REFUSED_FORMATS[value]}")
+    if not isinstance(value, enum.Enum) or value not in _FORMAT_NOTICES:
+        raise ConfigError(f"quant_format={value!r} is not a quantization format; use QuantFormat.QDQ")
+    if _FORMAT_NOTICES[value] is not None:
+        log.warning("QuantizationConfig.quant_format = %r: %s", value, _FORMAT_NOTICES[value])
     return {}
 
 
-# Quark extra_options key -> function(key, value) returning QuantConfig fields.
-EXTRA_OPTIONS: Dict[str, Callable[[str, Any], Dict[str, Any]]] = {
-    "ActivationSymmetric": lambda k, v: {"activation_symmetric": _bool(k, v)},
-    "WeightSymmetric": _weight_symmetric,
-    "Percentile": lambda k, v: {"percentile": _number(k, v)},
-    "NumBins": lambda k, v: {"num_bins": _integer(k, v)},
-    "CalibDataBatchSize": lambda k, v: {"calib_batch_size": _integer(k, v)},
-    # Cross-layer equalization (CLEOptions): sweeps, convergence tolerance on the scales,
-    # Clip -> Relu replacement (changes the network), bias included in the first layer's range.
-    "CLESteps": lambda k, v: {"cle.steps": _integer(k, v)},
-    "CLETotalLayerDiffThreshold": lambda k, v: {"cle.tolerance": _number(k, v)},
-    "ReplaceClip6Relu": lambda k, v: {"cle.replace_clip_with_relu": _bool(k, v)},
-    "CLEScaleAppendBias": lambda k, v: {"cle.scale_append_bias": _bool(k, v)},
-    # pyquant's own (not the reference's): activation-aware CLE scales (0 = data-free CLE).
-    "CLEActivationWeight": lambda k, v: {"cle.activation_weight": _number(k, v)},
-    "CLEActivationSamples": lambda k, v: {"cle.activation_samples": _integer(k, v)},
-    # pyquant's own: QDQ pairs on model outputs and tensors read only by float ops.
-    "QuantizeRegionOutputs": lambda k, v: {"quantize_region_outputs": _bool(k, v)},
-    # Fast finetune (FastFinetuneOptions), a dict with the keys of FAST_FINETUNE_OPTIONS.
-    "FastFinetune": lambda k, v: {"fast_finetune": fast_finetune_options(v)},
+def _empty(why: str) -> Handler:
+    """A list field that pyquant cannot honour yet: only empty (or None) is accepted."""
+
+    def accept(key: str, value: Any) -> Dict[str, Any]:
+        if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+            return {}
+        raise ConfigError(f"QuantizationConfig.{key} = {value!r} is not supported yet: {why}")
+    return accept
+
+
+def _execution_providers(key: str, value: Any) -> Dict[str, Any]:
+    if value is None or (isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value)):
+        if value and list(value) != ["CPUExecutionProvider"]:
+            log.warning("QuantizationConfig.%s = %r has no effect in pyquant: calibration runs on onnxruntime's "
+                        "CPUExecutionProvider", key, value)
+        return {}
+    raise ConfigError(f"QuantizationConfig.{key} must be a list of onnxruntime provider names, got {value!r}")
+
+
+def _field(name: str, check: Callable[..., Any] = _bool) -> Handler:
+    return lambda k, v: {name: check(k, v, "field")}
+
+
+# QuantizationConfig field -> function(name, value) returning QuantConfig fields ("layer.x":
+# LayerOptions fields). extra_options, include_cle and include_fast_ft are handled after.
+FIELDS: Dict[str, Handler] = {
+    "calibrate_method": lambda k, v: {"calibrate_method": calibrate_method(v)},
+    "quant_format": _quant_format,
+    "activation_type": lambda k, v: {"activation_type": quant_type(k, v)},
+    "weight_type": lambda k, v: {"weight_type": quant_type(k, v)},
+    "input_nodes": _empty(_NODE_SELECTION),
+    "output_nodes": _empty(_NODE_SELECTION),
+    "op_types_to_quantize": _empty(_NODE_SELECTION),
+    "nodes_to_quantize": _empty(_NODE_SELECTION),
+    "extra_op_types_to_quantize": _empty(_NODE_SELECTION),
+    "nodes_to_exclude": _empty(_NODE_SELECTION),
+    "subgraphs_to_exclude": _empty(_NODE_SELECTION),
+    "specific_tensor_precision": same_as_pyquant(False, place="field", refuse="per-tensor types need a per-tensor "
+                                                 "type in the core and 16-bit support, neither of which exists yet"),
+    "execution_providers": _execution_providers,
+    "per_channel": _field("per_channel"),
+    "reduce_range": same_as_pyquant(False, place="field", refuse="weights use the full int8 range; 7-bit weights "
+                                    "are for x86 CPUs without VNNI, remove it"),
+    "optimize_model": same_as_pyquant(True, place="field", notice_why="pyquant always prepares the graph (opset "
+                                      "upgrade, BatchNormalization and constant folding, each checked to keep the "
+                                      "outputs)"),
+    "use_dynamic_quant": same_as_pyquant(False, place="field", refuse="pyquant quantizes statically (calibrated "
+                                         "activations); use onnxruntime.quantization.quantize_dynamic"),
+    "use_external_data_format": _layer_bool("use_external_data_format"),
+    "convert_fp16_to_fp32": same_as_pyquant(False, place="field", refuse="pyquant takes float32 models; convert the "
+                                            "model to float32 first"),
+    "convert_nchw_to_nhwc": same_as_pyquant(False, place="field", refuse="pyquant keeps the model's layout"),
+    "include_sq": same_as_pyquant(False, place="field", refuse="SmoothQuant is not available; for CNNs use "
+                                  "include_cle"),
+    "include_rotation": same_as_pyquant(False, place="field", refuse="rotation (QuaRot) is not available"),
+    "include_cle": _field("cross_layer_equalization"),
+    "include_auto_mp": same_as_pyquant(False, place="field", refuse="automatic mixed precision is not available"),
+    "include_fast_ft": lambda k, v: {"include_fast_ft": _bool(k, v, "field")},
+    "enable_npu_cnn": _field("enable_npu_cnn"),
+    "enable_npu_transformer": same_as_pyquant(False, place="field", refuse="pyquant's NPU rules are for CNNs "
+                                              "(enable_npu_cnn)"),
+    "debug_mode": _layer_bool("debug_mode"),
+    "crypto_mode": same_as_pyquant(False, place="field", refuse="pyquant has no encrypted mode"),
+    "print_summary": _layer_bool("print_summary"),
+    "ignore_warnings": _layer_bool("ignore_warnings"),
+    "log_severity_level": _log_level,
 }
 
 
 @dataclasses.dataclass
 class QuantizationConfig:
-    """Quark's QuantizationConfig fields that pyquant understands (same names, same meaning,
-    same defaults: include_cle is True, as in Quark, so that a config ported from it keeps
-    its cross-layer equalization).
+    """Quark's QuantizationConfig: the same fields with Quark's defaults (include_cle is
+    True and activation_type QInt8 as in Quark; per_channel False, MinMax calibration), so
+    that a config ported from Quark means the same. ``to_quant_config()`` translates into
+    the typed QuantConfig; ModelQuantizer also carries out the LayerOptions fields."""
 
-    ``to_quant_config()`` translates into the typed QuantConfig and raises ConfigError for
-    anything pyquant cannot honour.
-    """
-
-    calibrate_method: CalibrateMethod = _DEFAULTS.calibrate_method
-    activation_type: QuantType = _DEFAULTS.activation_type
-    weight_type: QuantType = _DEFAULTS.weight_type
+    calibrate_method: Any = CalibrationMethod.MinMax
+    quant_format: Any = QuantFormat.QDQ
+    activation_type: Any = QuantType.QInt8  # Quark's default
+    weight_type: Any = QuantType.QInt8
+    input_nodes: List[str] = dataclasses.field(default_factory=list)
+    output_nodes: List[str] = dataclasses.field(default_factory=list)
+    op_types_to_quantize: List[str] = dataclasses.field(default_factory=list)
+    nodes_to_quantize: List[str] = dataclasses.field(default_factory=list)
+    extra_op_types_to_quantize: List[str] = dataclasses.field(default_factory=list)
+    nodes_to_exclude: List[str] = dataclasses.field(default_factory=list)
+    subgraphs_to_exclude: List[Any] = dataclasses.field(default_factory=list)
+    specific_tensor_precision: bool = False
+    execution_providers: List[str] = dataclasses.field(default_factory=lambda: ["CPUExecutionProvider"])
     per_channel: bool = _DEFAULTS.per_channel
-    enable_npu_cnn: bool = _DEFAULTS.enable_npu_cnn
+    reduce_range: bool = False
+    optimize_model: bool = True
+    use_dynamic_quant: bool = False
+    use_external_data_format: bool = _LAYER.use_external_data_format
+    convert_fp16_to_fp32: bool = False
+    convert_nchw_to_nhwc: bool = False
+    include_sq: bool = False
+    include_rotation: bool = False
     include_cle: bool = True  # Quark's default, not QuantConfig's
+    include_auto_mp: bool = False
     include_fast_ft: bool = False
+    enable_npu_cnn: bool = _DEFAULTS.enable_npu_cnn
+    enable_npu_transformer: bool = False
+    debug_mode: bool = _LAYER.debug_mode
+    crypto_mode: bool = False
+    print_summary: bool = _LAYER.print_summary
+    ignore_warnings: bool = _LAYER.ignore_warnings
+    log_severity_level: int = _LAYER.log_severity_level
     extra_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def to_quant_config(self) -> QuantConfig:
-        if not isinstance(self.extra_options, dict):
-            raise ConfigError(f"extra_options must be a dict, got {type(self.extra_options).__name__}")
+    def translate(self) -> Tuple[QuantConfig, LayerOptions]:
+        """The typed QuantConfig and what ModelQuantizer does around the run; ConfigError for
+        anything pyquant cannot honour, a one-line notice for what has no effect here."""
         fields: Dict[str, Any] = {}
-        for key, value in self.extra_options.items():
-            if key not in EXTRA_OPTIONS:
-                raise ConfigError(f"unknown extra_options key {key!r}; valid keys: {', '.join(sorted(EXTRA_OPTIONS))}")
-            fields.update(EXTRA_OPTIONS[key](key, value))
-        cle_fields = {k.split(".", 1)[1]: fields.pop(k) for k in list(fields) if k.startswith("cle.")}
-        if self.include_fast_ft:
+        for f in dataclasses.fields(self):
+            if f.name != "extra_options":
+                fields.update(FIELDS[f.name](f.name, getattr(self, f.name)))
+        fields.update(_extra_options(self.extra_options))
+        layer = {k.split(".", 1)[1]: fields.pop(k) for k in list(fields) if k.startswith("layer.")}
+        cle = {k.split(".", 1)[1]: fields.pop(k) for k in list(fields) if k.startswith("cle.")}
+        if fields.pop("include_fast_ft"):
             fields.setdefault("fast_finetune", FastFinetuneOptions())
         elif "fast_finetune" in fields:
             raise ConfigError("extra_options['FastFinetune'] is given but include_fast_ft is False")
-        return QuantConfig(activation_type=self.activation_type, weight_type=self.weight_type,
-                           calibrate_method=self.calibrate_method, per_channel=self.per_channel,
-                           enable_npu_cnn=self.enable_npu_cnn, cross_layer_equalization=self.include_cle,
-                           cle=CLEOptions(**cle_fields), **fields)
+        return QuantConfig(cle=CLEOptions(**cle), **fields), LayerOptions(**layer)
+
+    def to_quant_config(self) -> QuantConfig:
+        """The typed QuantConfig (what pyquant.quantize and the CLI take). The LayerOptions
+        fields are carried out by ModelQuantizer only: a non-default one is an error here."""
+        config, layer = self.translate()
+        moved = [f.name for f in dataclasses.fields(LayerOptions) if getattr(layer, f.name) != getattr(_LAYER, f.name)]
+        if moved:
+            raise ConfigError(f"{', '.join(moved)}: carried out by ModelQuantizer.quantize_model, not by "
+                              "pyquant.quantize; use ModelQuantizer(Config(global_quant_config=...))")
+        return config
 
     @classmethod
     def from_quant_config(cls, config: QuantConfig) -> "QuantizationConfig":
@@ -237,9 +633,178 @@ class Config:
 
 
 def get_default_config(name: str) -> QuantizationConfig:
-    """The preset ``name`` (XINT8, INT8_CLE, INT8_CNN_ACCURATE, A8W8, U8S8) as a Quark-style
-    QuantizationConfig."""
+    """pyquant's preset ``name`` (XINT8, INT8_CLE, INT8_CNN_ACCURATE, A8W8, U8S8) as a
+    Quark-style QuantizationConfig (pyquant.quark's get_default_config gives Quark's)."""
     return QuantizationConfig.from_quant_config(get_preset(name))
+
+
+# ---- Quark's presets by Quark's names ----------------------------------------------------------
+
+def _preset(method, activations: QuantType, extra: Dict[str, Any], finetune: Optional[Dict[str, Any]] = None,
+            **fields) -> Callable[[], QuantizationConfig]:
+    """A Quark preset as Quark defines it (include_cle left at Quark's default, True)."""
+    def make() -> QuantizationConfig:
+        options = dict(extra, **({"FastFinetune": dict(finetune)} if finetune is not None else {}))
+        return QuantizationConfig(calibrate_method=method, activation_type=activations, weight_type=QuantType.QInt8,
+                                  include_fast_ft=finetune is not None, extra_options=options, **fields)
+    return make
+
+
+def _with_finetune(name: str, make_args: tuple, fields: Dict[str, Any]) -> Dict[str, Callable[[], QuantizationConfig]]:
+    return {name: _preset(*make_args, **fields),
+            f"{name}_ADAROUND": _preset(*make_args, DEFAULT_ADAROUND_PARAMS, **fields),
+            f"{name}_ADAQUANT": _preset(*make_args, DEFAULT_ADAQUANT_PARAMS, **fields)}
+
+
+_SYMMETRIC = {"ActivationSymmetric": True}
+# Quark preset name -> its QuantizationConfig (a new one per call), with Quark's fields and
+# the keys that have an effect here; README "Quark drop-in" compares each with Quark's.
+QUARK_PRESETS: Dict[str, Callable[[], QuantizationConfig]] = {
+    **_with_finetune("XINT8", (PowerOfTwoMethod.MinMSE, QuantType.QUInt8, _SYMMETRIC), {"enable_npu_cnn": True}),
+    **_with_finetune("A8W8", (CalibrationMethod.MinMax, QuantType.QInt8, _SYMMETRIC), {}),
+    **_with_finetune("S8S8_AAWS", (CalibrationMethod.Percentile, QuantType.QInt8, {"Percentile": 99.9999}), {}),
+    **_with_finetune("U8S8_AAWS", (CalibrationMethod.Percentile, QuantType.QUInt8, {}), {}),
+    "INT8_CNN_DEFAULT": _preset(CalibrationMethod.MinMax, QuantType.QUInt8, {}),
+}
+_INT16 = "int16 activations are not supported yet: pyquant's core quantizes activations to 8 bits; use A8W8 or XINT8"
+_FLOAT = "pyquant writes integer QDQ models only (no float16/bfloat16/block-float conversion); use XINT8 or A8W8"
+QUARK_UNSUPPORTED_PRESETS: Dict[str, str] = {
+    **{f"{base}{tail}": _INT16 for base in ("A16W8", "S16S8_ASWS", "U16S8_AAWS")
+       for tail in ("", "_ADAROUND", "_ADAQUANT")},
+    **{name: _INT16 for name in ("INT16_CNN_DEFAULT", "INT16_CNN_ACCURATE", "INT16_TRANSFORMER_DEFAULT",
+                                 "INT16_TRANSFORMER_ACCURATE", "S16S16_MIXED_S8S8")},
+    **{name: _FLOAT for name in ("BF16", "BF16_ADAQUANT", "FP16", "FP16_ADAQUANT", "BFP16", "BFP16_ADAQUANT",
+                                 "MX4", "MX6", "MX9", "MXINT8", "BF16_MIXED_BFP16", "BF16_MIXED_MXINT8",
+                                 "BF16_BFP16", "BF16_MXINT8", "MX9_INT8")},
+    "U8U8_AAWA": "uint8 weights are not supported: pyquant's weights are symmetric int8; use U8S8_AAWS",
+    "UINT8_DYNAMIC_QUANT": "pyquant quantizes statically; use onnxruntime.quantization.quantize_dynamic",
+    "VINT8": "VINT8 calibrates on random data and writes int8 biases; use XINT8",
+    "XINT8_WEIGHTSONLY_ADAROUND": "pyquant quantizes activations and weights; use XINT8_ADAROUND",
+    "INT8_TRANSFORMER_DEFAULT": "pyquant's NPU rules are for CNNs (no enable_npu_transformer); use U8S8_AAWS",
+    "INT8_TRANSFORMER_ACCURATE": "pyquant's NPU rules are for CNNs (no enable_npu_transformer); use U8S8_AAWS_ADAROUND",
+    "MATMUL_NBITS": "weight-only MatMulNBits is onnxruntime's (onnxruntime.quantization.matmul_nbits_quantizer)",
+}
+
+
+def quark_default_config(name: str) -> QuantizationConfig:
+    """Quark's preset ``name`` (QUARK_PRESETS), or pyquant's own preset of that name when
+    Quark has none (INT8_CLE, INT8_CNN_ACCURATE, U8S8); ConfigError saying what is missing
+    for Quark's presets pyquant cannot express (A16W8, U8U8_AAWA, BF16, ...)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"a preset name is a string, got {name!r}")
+    if name in QUARK_PRESETS:
+        return QUARK_PRESETS[name]()
+    if name in QUARK_UNSUPPORTED_PRESETS:
+        raise ConfigError(f"preset {name!r} is not available: {QUARK_UNSUPPORTED_PRESETS[name]}")
+    try:
+        return get_default_config(name)
+    except ConfigError:
+        raise ConfigError(f"unknown preset {name!r}; Quark presets: {', '.join(QUARK_PRESETS)}; pyquant's own: "
+                          "INT8_CLE, INT8_CNN_ACCURATE, U8S8") from None
+
+
+# ---- readers -------------------------------------------------------------------------------------
+
+class ReplayReader:
+    """A reader without rewind() made rewindable for a technique that reads the data twice:
+    each batch read is also kept (a copy) while the copies total at most ``max_bytes``;
+    rewind() replays them. A second pass that needs a batch beyond the kept ones raises
+    DataError naming ``needed_by`` (only then: fast finetune limited by DataSize may read
+    less than calibration did)."""
+
+    def __init__(self, reader, needed_by: str, max_bytes: int = REPLAY_CACHE_BYTES) -> None:
+        self.reader, self.needed_by, self.max_bytes = reader, needed_by, max_bytes
+        self._kept: List[Dict[str, np.ndarray]] = []
+        self._bytes = self._pos = 0
+        self._dropped = self._exhausted = self._rewound = False
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def rewind(self) -> None:
+        self._pos, self._rewound = 0, True
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        if self._pos < len(self._kept):
+            self._pos += 1
+            return self._kept[self._pos - 1]
+        if self._dropped and self._rewound:
+            raise DataError(f"{self.needed_by} reads the calibration data twice and the data reader has no rewind(): "
+                            f"pyquant kept the first {len(self._kept)} batches ({self._bytes / 2**20:.0f} MB, the "
+                            f"limit is {self.max_bytes / 2**20:.0f} MB) and needs more; give the reader a rewind() "
+                            "method, or limit FastFinetune DataSize")
+        if self._exhausted:
+            return None
+        batch = self.reader.get_next()
+        if batch is None:
+            self._exhausted = True
+            return None
+        if not self._dropped:
+            copy = {k: np.array(v) for k, v in batch.items()} if isinstance(batch, dict) else batch
+            size = sum(v.nbytes for v in copy.values()) if isinstance(copy, dict) else 0
+            if self._bytes + size <= self.max_bytes:
+                self._kept.append(copy)
+                self._bytes += size
+                self._pos += 1
+                return copy
+            self._dropped = True
+        return batch
+
+
+def replayable(reader, config: QuantConfig):
+    """``reader``, or a ReplayReader over it when a technique of ``config`` reads the data
+    twice and the reader cannot rewind()."""
+    rereaders = [t.name for t in techniques_for(config) if t.rereads_data]
+    if not rereaders or not hasattr(reader, "get_next") or callable(getattr(reader, "rewind", None)):
+        return reader
+    log.info("the data reader has no rewind(): %s reads the data twice, its batches are kept (up to %d MB)",
+             " and ".join(rereaders), REPLAY_CACHE_BYTES >> 20)
+    return ReplayReader(reader, " and ".join(rereaders), REPLAY_CACHE_BYTES)
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _run_context(options: LayerOptions) -> Iterator[None]:
+    """pyquant's log level (and, if the application set up no logging, a stderr handler)
+    and Python's warning filter for the duration of a run."""
+    logger = logging.getLogger("pyquant")
+    level = logging.DEBUG if options.debug_mode else SEVERITY_LEVELS[options.log_severity_level]
+    saved = logger.level
+    handler = None
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("pyquant: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            if options.ignore_warnings:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(saved)
+        if handler is not None:
+            logger.removeHandler(handler)
+
+
+def summary_lines(result: "api.QuantizeResult", per_node: bool = False) -> List[str]:
+    """The summary of a run: nodes per op type of the quantized model, quantized or left in
+    float (with the reasons; ``per_node``: every float node and its reason)."""
+    float_nodes = result.report.float_nodes
+    counts: Dict[str, List[int]] = collections.defaultdict(lambda: [0, 0])
+    for node in result.model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            name = node.name or f"{node.op_type}({node.output[0]})"
+            counts[node.op_type][name in float_nodes] += 1
+    lines = [f"quantization summary: {result.report.activations} activations, {result.report.weights} weights, "
+             f"{result.report.biases} biases quantized; {len(float_nodes)} nodes left in float"]
+    lines += [f"  {op}: {q} quantized, {f} in float" for op, (q, f) in sorted(counts.items())]
+    if per_node:
+        lines += [f"  float node {name}: {reason}" for name, reason in float_nodes.items()]
+    else:
+        lines += [f"  {count} float node(s): {reason}" for reason, count in result.report.reasons.items()]
+    return lines
 
 
 def resolve(config: Any) -> QuantConfig:
@@ -248,14 +813,51 @@ def resolve(config: Any) -> QuantConfig:
     return api.resolve_config(config)
 
 
+def _translate(config: Any) -> Tuple[QuantConfig, LayerOptions]:
+    inner = getattr(config, "global_quant_config", config)
+    if isinstance(inner, QuantizationConfig):
+        return inner.translate()
+    return resolve(config), LayerOptions()
+
+
 class ModelQuantizer:
     """Quark's ModelQuantizer: ``quantize_model(input, output, data_reader)`` returns the
     quantized ModelProto and writes it when ``output`` is a path."""
 
     def __init__(self, config: Any, progress: Optional[Callable[[int, Optional[int]], None]] = None) -> None:
-        self.config = resolve(config)
+        self.config, self.options = _translate(config)
         self.progress = progress
 
-    def quantize_model(self, model_input, model_output, calibration_data_reader):
-        return api.quantize_detailed(model_input, calibration_data_reader, self.config, model_output,
-                                     progress=self.progress).model
+    def quantize_model(self, model_input, model_output=None, calibration_data_reader=None,
+                       calibration_data_path=None) -> ModelProto:
+        """Quantize ``model_input`` (path or ModelProto) with batches from
+        ``calibration_data_reader`` (get_next(); rewind() optional) or the data at
+        ``calibration_data_path`` (image folder, .npy/.npz file or folder); write it to
+        ``model_output`` if given; return the ModelProto."""
+        if (calibration_data_reader is None) == (calibration_data_path is None):
+            raise ConfigError("give calibration_data_reader or calibration_data_path (one of them): pyquant "
+                              "calibrates on real data")
+        data = calibration_data_path if calibration_data_reader is None else \
+            replayable(calibration_data_reader, self.config)
+        external = self.options.use_external_data_format
+        if model_output is not None:
+            check_output_path(model_output, model_input if not isinstance(model_input, ModelProto) else None)
+        elif external:
+            log.warning("use_external_data_format has no effect without model_output: the model is returned")
+        with _run_context(self.options):
+            result = api.quantize_detailed(model_input, data, self.config, None if external else model_output,
+                                           progress=self.progress)
+            if model_output is not None and external:
+                save_model(result.model, model_output, external_data=True)
+            if self.options.print_summary:
+                for line in summary_lines(result, per_node=self.options.debug_mode):
+                    log.info("%s", line)
+        return result.model
+
+
+def quantize_static(model_input, model_output=None, calibration_data_reader=None, calibration_data_path=None,
+                    **fields) -> ModelProto:
+    """Quark's quantize_static: the QuantizationConfig ``fields`` as keyword arguments."""
+    return ModelQuantizer(QuantizationConfig(**fields)).quantize_model(
+        model_input, model_output, calibration_data_reader, calibration_data_path)
+

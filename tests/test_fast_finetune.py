@@ -224,10 +224,10 @@ def test_cli_fast_finetune(tmp_path, tiny_model_path, tiny_data):
     ("RegParam", 0.1, "reg_param", 0.1),
     ("BetaRange", (10, 3), "beta_range", (10.0, 3.0)),
     ("WarmStart", 0.1, "warm_start", 0.1),
-    ("EarlyStop", False, "early_stop", False),
+    ("FallbackToNearest", False, "early_stop", False),
     ("UpdateBias", False, "update_bias", False),
     ("DataSize", 64, "data_size", 64),
-    ("NumBatches", 3, "data_batches", 3),
+    ("DataBatches", 3, "data_batches", 3),
     ("NumIterations", 12.0, "iterations", 12),
 ])
 def test_every_fast_finetune_key_maps_to_the_typed_options(key, value, field, expected):

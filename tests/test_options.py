@@ -183,6 +183,16 @@ KEY_VALUES = {
     "OptimAlgorithm": "adaquant", "NumIterations": 3, "LearningRate": 0.5, "RegParam": 0.5, "BetaRange": (4, 2),
     "WarmStart": 0.8, "EarlyStop": False, "UpdateBias": False, "DataSize": 16, "NumBatches": 1, "OptimDevice": "cpu",
     "InferDevice": "cpu", "BatchSize": 4, "FixedSeed": 7, "LogPeriod": 10,
+    "DataBatches": 1, "FallbackToNearest": False, "SelectiveUpdate": False, "OutputQDQ": False, "DropRatio": 1,
+    # Quark's preset keys: the value Quark's presets use (or, where that is pyquant's own
+    # behaviour, the other one, which logs a notice)
+    "ForceQuantizeNoInputCheck": True, "Int32Bias": True, "Int16Bias": False, "QuantizeBias": True, "FoldRelu": True,
+    "AlignConcat": True, "AlignSlice": False, "AlignEltwiseQuantType": True, "CalibMovingAverage": False,
+    "UseRandomData": False, "WeightsOnly": False, "QuantizeAllOpTypes": False, "ConvertSigmoidToHardSigmoid": False,
+    "UseMatMulNBits": False, "ConvertBNToConv": True, "ConvertClipToRelu": True, "ConvertSplitToSlice": True,
+    "SplitLargeKernelPool": True, "ConvertReduceMeanToGlobalAvgPool": True, "RemoveQDQConvRelu": False,
+    "RemoveQDQConvClip": False, "RemoveQDQConvLeakyRelu": True, "RemoveQDQConvPRelu": True, "DedicatedQDQPair": True,
+    "DedicateDQNode": True,
 }
 
 
