@@ -1,0 +1,4 @@
+"""Quark's ``quark.onnx.quantization.api``: ModelQuantizer."""
+from ...compat import ModelQuantizer
+
+__all__ = ["ModelQuantizer"]
