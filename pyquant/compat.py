@@ -117,7 +117,8 @@ _FORMAT_NOTICES = {
 }
 _REFUSED_FORMATS = {
     QuantFormat.QOperator: "pyquant writes QDQ models (QuantizeLinear/DequantizeLinear around float ops), not "
-                           "QOperator (QLinearConv ...); use QuantFormat.QDQ, onnxruntime fuses QDQ into integer kernels",
+                           "QOperator (QLinearConv ...); use QuantFormat.QDQ (onnxruntime fuses it into integer "
+                           "kernels)",
     VitisQuantFormat.FixNeuron: "FixNeuron is Quark's experimental, non-deployable op; use QuantFormat.QDQ",
     VitisQuantFormat.BFPFixNeuron: "block floating point is not supported; use QuantFormat.QDQ with an 8-bit type",
     VitisQuantFormat.MXFixNeuron: "microscaling (MX) is not supported; use QuantFormat.QDQ with an 8-bit type",
@@ -169,12 +170,8 @@ def _integer(key: str, value: Any, place: str = "extra_options") -> int:
     return int(number)
 
 
-def _anything(key: str, value: Any, place: str = "extra_options") -> Any:
-    return value
-
-
 def _check_like(expected: Any) -> Callable[..., Any]:
-    return _bool if isinstance(expected, bool) else _number if isinstance(expected, (int, float)) else _anything
+    return _bool if isinstance(expected, bool) else _number
 
 
 Handler = Callable[[str, Any], Dict[str, Any]]
@@ -285,7 +282,8 @@ def fast_finetune_options(params: Any) -> FastFinetuneOptions:
         if key in REFUSED_FAST_FINETUNE_OPTIONS:
             raise ConfigError(f"FastFinetune[{key!r}] is not supported: {REFUSED_FAST_FINETUNE_OPTIONS[key]}")
         if key not in FAST_FINETUNE_OPTIONS:
-            raise ConfigError(f"unknown FastFinetune key {key!r}; valid keys: {', '.join(sorted(FAST_FINETUNE_OPTIONS))}")
+            raise ConfigError(f"unknown FastFinetune key {key!r}; valid keys: "
+                              f"{', '.join(sorted(FAST_FINETUNE_OPTIONS))}")
         fields.update(FAST_FINETUNE_OPTIONS[key](key, value))
     return FastFinetuneOptions(**fields)
 

@@ -346,7 +346,8 @@ def test_replay_cache_is_bounded_and_says_which_option_needs_more(tiny_model, ti
     monkeypatch.setattr(compat, "REPLAY_CACHE_BYTES", 3 * batch_bytes)
     with pytest.raises(DataError, match="FastFinetune DataSize"):
         pyquant.ModelQuantizer(finetune_config()).quantize_model(tiny_model, None, OrtReader(tiny_data))
-    limited = pyquant.ModelQuantizer(finetune_config(DataSize=16)).quantize_model(tiny_model, None, OrtReader(tiny_data))
+    limited = pyquant.ModelQuantizer(finetune_config(DataSize=16)).quantize_model(
+        tiny_model, None, OrtReader(tiny_data))
     onnx.checker.check_model(limited)
 
 
