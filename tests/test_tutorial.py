@@ -5,8 +5,8 @@ Opt-in (marker ``tutorial``: skipped unless ``-m tutorial`` is given); the scrip
 torchvision and timm, which the ``tutorial`` extra installs:
 
     python -m venv /tmp/pyquant-tutorial && . /tmp/pyquant-tutorial/bin/activate
-    pip install -e '.[tutorial,test]'
-    pytest -m tutorial -s tests/test_tutorial.py
+    pip install -e '.[tutorial,test]'      # about 5 GB: PyPI's torch is its CUDA build (run on the CPU)
+    pytest -m tutorial -s tests/test_tutorial.py   # about 7 minutes on 2 cores
 
 What is adapted in the temporary copy, besides the import lines, and why (the test checks
 that nothing else changed):
