@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, FrozenSet, Optional, Tuple, Union
 
 import numpy as np
 from onnx import TensorProto
@@ -224,6 +224,10 @@ class QuantConfig:
         fast_finetune: fit each layer's integer weights (AdaRound/AdaQuant) to reproduce
             the float layer's output on the calibration data
             (pyquant.techniques.fast_finetune); None: nearest rounding.
+        nodes_to_exclude: names of nodes left in float (their inputs, outputs and weights
+            are not quantized for them); a name that matches no node is an error.
+        op_types_to_quantize: when given, only nodes of these op types are quantized;
+            every other node is left in float. An op type pyquant cannot quantize is an error.
     """
 
     activation_type: QuantType = QuantType.QUInt8
@@ -242,8 +246,17 @@ class QuantConfig:
     cross_layer_equalization: bool = False
     cle: CLEOptions = CLEOptions()
     fast_finetune: Optional[FastFinetuneOptions] = None
+    nodes_to_exclude: FrozenSet[str] = frozenset()
+    op_types_to_quantize: Optional[FrozenSet[str]] = None
 
     def __post_init__(self) -> None:
+        for name in ("nodes_to_exclude", "op_types_to_quantize"):
+            value = getattr(self, name)
+            if value is None and name == "op_types_to_quantize":
+                continue
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a collection of names, got {value!r}")
+            object.__setattr__(self, name, frozenset(value))
         if not isinstance(self.activation_type, QuantType) or not isinstance(self.weight_type, QuantType):
             raise ConfigError("activation_type and weight_type must be QuantType members")
         if self.weight_type is not QuantType.QInt8:

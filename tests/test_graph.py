@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pyquant.config import PRESETS, get_preset
 from pyquant.data import ArrayReader
-from pyquant.errors import ModelError
+from pyquant.errors import ConfigError, ModelError
 from pyquant.graph.rewrites.batchnorm import fold_batch_norm
 from pyquant.graph.plan import build_plan
 from pyquant.pipeline import prepare, quantize_model
@@ -233,3 +233,20 @@ def test_every_split_output_shares_the_input_scale(outputs, preset):
         np.testing.assert_array_equal(scale[part][0], scale["c0"][0])
         np.testing.assert_array_equal(scale[part][1], scale["c0"][1])
     assert rel_rms(run(q, data), run(model, data)) < MAX_RELATIVE_RMS_ERROR
+
+
+def test_excluded_nodes_compute_in_float_on_float_inputs(tiny_model, tiny_data):
+    config = dataclasses.replace(get_preset("U8S8"), nodes_to_exclude=frozenset({"Conv(c3)"}))
+    result = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16), config)
+    conv = next(n for n in result.model.graph.node if n.op_type == "Conv" and n.output[0] == "c3")
+    assert conv.input[0] == "r2" and conv.input[1] == "wp"  # float activation and float weight
+    assert "Conv(c3)" in result.plan.skipped and "Conv(c3)" in result.plan.excluded
+    only_conv = dataclasses.replace(get_preset("U8S8"), op_types_to_quantize=frozenset({"Conv"}))
+    plan = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16), only_conv).plan
+    assert {u.node.op_type for u in plan.weights} == {"Conv"} and "Gemm(y)" in plan.skipped
+    with pytest.raises(ConfigError, match="names no node of the model: Conv\\(nothing\\)"):
+        quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16),
+                       dataclasses.replace(config, nodes_to_exclude=frozenset({"Conv(nothing)"})))
+    with pytest.raises(ConfigError, match="does not quantize: Softmax"):
+        quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16),
+                       dataclasses.replace(config, op_types_to_quantize=frozenset({"Softmax"})))

@@ -90,6 +90,8 @@ EFFECTS: Dict[str, tuple] = {
     "bias_correction": (U8S8, False, "model"),
     "cross_layer_equalization": (U8S8, True, "model"),
     "fast_finetune": (U8S8, FastFinetuneOptions(iterations=60), "model"),
+    "nodes_to_exclude": (U8S8, frozenset({"Conv(c3)"}), "model"),
+    "op_types_to_quantize": (U8S8, frozenset({"Conv"}), "model"),
     "cle.steps": (_cle(), 1, "model"),
     "cle.tolerance": (_cle(), 0.9, "model"),
     "cle.activation_weight": (_cle(), 0.0, "model"),

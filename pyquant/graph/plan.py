@@ -31,13 +31,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from types import MappingProxyType
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from onnx import ModelProto, NodeProto
 
 from ..config import QuantConfig
+from ..errors import ConfigError
 from .view import GraphView, attribute
 
 
@@ -111,6 +112,7 @@ class QuantPlan:
     groups: List[List[str]]  # tensors that share one scale (each activation in exactly one group)
     skipped: Dict[str, str]  # node name -> reason it stays float
     float_tensors: Dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> reason it is not quantized
+    excluded: FrozenSet[str] = frozenset()  # nodes the configuration excludes: they read float inputs
 
     def group_of(self) -> Dict[str, int]:
         return {t: gi for gi, members in enumerate(self.groups) for t in members}
@@ -160,12 +162,15 @@ def _activation_inputs(view: GraphView, node: NodeProto, rule: OpRule) -> List[s
 
 
 def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs: bool = True,
-               keep_float: Mapping[str, str] = MappingProxyType({})) -> QuantPlan:
+               keep_float: Mapping[str, str] = MappingProxyType({}), nodes_to_exclude: FrozenSet[str] = frozenset(),
+               op_types_to_quantize: Optional[FrozenSet[str]] = None) -> QuantPlan:
     """The QDQ plan of ``model``: enable_npu_cnn applies the NPU CNN scale rules;
     quantize_region_outputs also quantizes tensors no quantized op reads (see above);
     ``keep_float`` ({tensor: reason}) are never quantized (e.g. found near-infinite in
-    calibration), nor are constants with non-finite or near-infinite values."""
+    calibration), nor are constants with non-finite or near-infinite values.
+    ``nodes_to_exclude`` / ``op_types_to_quantize``: the user's selection of nodes."""
     view = GraphView(model)
+    excluded = _selection(view, model, nodes_to_exclude, op_types_to_quantize)
     float_tensors: Dict[str, str] = dict(keep_float)
     for node in model.graph.node:  # a rounded divisor can become 0, and 1/0 is inf
         for index in _DIVISOR_INPUTS.get(node.op_type, ()):
@@ -213,7 +218,7 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
             fused_outputs.add(current.output[0])
             current, allowed = nxt, FUSED_BOUNDS
 
-    float_region = _float_region(view, model, fused_outputs, enable_npu_cnn)
+    float_region = _float_region(view, model, fused_outputs, enable_npu_cnn, excluded)
     read_by_quantized = set()
     for node in model.graph.node:
         rule = OP_RULES.get(node.op_type)
@@ -228,7 +233,7 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
         if reason is not None:
             if node.op_type != "Constant":
                 skipped[view.node_name(node)] = reason
-            for index in WEIGHT_ONLY.get(node.op_type, ()):
+            for index in WEIGHT_ONLY.get(node.op_type, ()) if id(node) not in excluded else ():
                 if index < len(node.input) and view.is_constant(node.input[index]) and view.is_float(node.input[index]):
                     weights.append(WeightUse(node, index, 1, always_per_channel=True))
             continue
@@ -256,7 +261,8 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
         groups.setdefault(uf.find(name), []).append(name)
     for name, reason in skipped.items():
         log.debug("leaving %s in float: %s", name, reason)
-    return QuantPlan(order, constants, weights, biases, list(groups.values()), skipped, float_tensors)
+    return QuantPlan(order, constants, weights, biases, list(groups.values()), skipped, float_tensors,
+                     frozenset(view.node_name(n) for n in model.graph.node if id(n) in excluded))
 
 
 # Recurrent layers: onnxruntime computes them in float, so they stay float, but their
@@ -299,7 +305,8 @@ def _fused_end(view: GraphView, name: str, fused_outputs: set) -> str:
     return name
 
 
-def _float_region(view: GraphView, model: ModelProto, fused_outputs: set, npu: bool) -> Dict[int, str]:
+def _float_region(view: GraphView, model: ModelProto, fused_outputs: set, npu: bool,
+                  excluded: Mapping[int, str]) -> Dict[int, str]:
     """{id(node): reason} of the nodes that stay float under the placement rule.
 
     Without NPU rules: elementwise ops (activations fused into their layer excepted).
@@ -308,11 +315,12 @@ def _float_region(view: GraphView, model: ModelProto, fused_outputs: set, npu: b
     output; with NPU rules a data-movement op also when a quantized op produces its input
     (an NPU passes integers through it). So an Identity between a float op and a model
     output, or a residual Add whose sum only a LayerNormalization reads, adds no pair."""
-    region: Dict[int, str] = {}
+    region: Dict[int, str] = dict(excluded)
     nodes = list(model.graph.node)
     for node in nodes:
         rule = OP_RULES.get(node.op_type)
-        if npu or rule is None or not rule.elementwise or (node.input and node.input[0] in fused_outputs):
+        if npu or rule is None or not rule.elementwise or (node.input and node.input[0] in fused_outputs) \
+                or id(node) in region:
             continue
         activations = [i for i in node.input if i and not view.is_constant(i)]
         if node.op_type == "Add" and len(activations) == 2:
@@ -342,10 +350,33 @@ def _float_region(view: GraphView, model: ModelProto, fused_outputs: set, npu: b
     return region
 
 
+def _selection(view: GraphView, model: ModelProto, nodes_to_exclude: FrozenSet[str],
+               op_types: Optional[FrozenSet[str]]) -> Dict[int, str]:
+    """{id(node): reason} of the nodes the user's selection leaves in float."""
+    names = {view.node_name(n): n for n in model.graph.node}
+    unknown = sorted(nodes_to_exclude - set(names) - {n.name for n in model.graph.node})
+    if unknown:
+        raise ConfigError(f"nodes_to_exclude names no node of the model: {', '.join(unknown[:5])}"
+                          + (" ..." if len(unknown) > 5 else ""))
+    if op_types is not None:
+        unsupported = sorted(op_types - set(OP_RULES) - set(WEIGHT_ONLY))
+        if unsupported:
+            raise ConfigError(f"op_types_to_quantize has op types pyquant does not quantize: {', '.join(unsupported)}; "
+                              f"it quantizes {', '.join(sorted(OP_RULES))}")
+    excluded = {}
+    for node in model.graph.node:
+        if node.name in nodes_to_exclude or view.node_name(node) in nodes_to_exclude:
+            excluded[id(node)] = "excluded by the configuration (nodes_to_exclude)"
+        elif op_types is not None and node.op_type not in op_types and node.op_type != "Constant":
+            excluded[id(node)] = "op type not in the configuration's op_types_to_quantize"
+    return excluded
+
+
 def plan_for(model: ModelProto, config: QuantConfig,
              keep_float: Mapping[str, str] = MappingProxyType({})) -> QuantPlan:
     """build_plan with the graph options of ``config``."""
-    return build_plan(model, config.enable_npu_cnn, config.quantize_region_outputs, keep_float)
+    return build_plan(model, config.enable_npu_cnn, config.quantize_region_outputs, keep_float,
+                      config.nodes_to_exclude, config.op_types_to_quantize)
 
 
 def _has_constant_weight(view: GraphView, node: NodeProto, rule: OpRule) -> bool:

@@ -119,9 +119,10 @@ def write_qdq(model: ModelProto, plan: QuantPlan, table: QuantTable, config: Qua
 
     new_nodes: List[NodeProto] = list(head)
     for node in out_model.graph.node:
-        for i, inp in enumerate(node.input):
-            if inp in rename:
-                node.input[i] = rename[inp]
+        if view.node_name(node) not in plan.excluded:  # an excluded node reads the float tensors
+            for i, inp in enumerate(node.input):
+                if inp in rename:
+                    node.input[i] = rename[inp]
         new_nodes.append(node)
         for o in node.output:
             new_nodes.extend(after.get(o, []))
