@@ -99,7 +99,7 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
         # the GRAPH techniques ask for more; the batches are replayed to calibration
         samples = max([1] + [t.samples_needed() for t in graph_stage])
         peeked = PeekedReader(_calibration_reader(reader, config), samples)
-        prepared, preparation = prepare_graph(model, peeked.peeked[:1])
+        prepared, preparation = prepare_graph(model, peeked.peeked[:1], config.min_opset)
         state = QuantState(prepared, config, peeked, callbacks, samples=peeked.peeked)
         state.reports["preparation"] = preparation
         _run_graph_stage(state, graph_stage)

@@ -114,22 +114,23 @@ def _check(name: str, model: ModelProto, reference: Dict[str, np.ndarray], feed:
     return worst
 
 
-def prepare_graph(model: ModelProto, feeds: Sequence[Feed] = ()) -> Tuple[ModelProto, PreparationReport]:
-    """A prepared copy of ``model``; with ``feeds`` (one batch is used) every rewrite is
-    checked against the original model's outputs."""
+def prepare_graph(model: ModelProto, feeds: Sequence[Feed] = (), min_opset: int = MIN_OPSET
+                  ) -> Tuple[ModelProto, PreparationReport]:
+    """A prepared copy of ``model``, at ``min_opset`` or above; with ``feeds`` (one batch
+    is used) every rewrite is checked against the original model's outputs."""
     feed = feeds[0] if feeds else None
     check_not_quantized(model)
-    upgraded, opset = upgrade_opset(model, MIN_OPSET)
+    upgraded, opset = upgrade_opset(model, min_opset)
     reference = _outputs(model, feed) if feed is not None else None
     prepared = ModelProto()
     prepared.CopyFrom(upgraded)
     worst = 0.0
-    if opset < MIN_OPSET:
-        log.info("upgraded the model from opset %d to %d", opset, MIN_OPSET)
+    if opset < min_opset:
+        log.info("upgraded the model from opset %d to %d", opset, min_opset)
         if reference is not None:
             outputs = _outputs(prepared, feed, list(reference))
             if any(relative_change(reference[o], outputs[o]) > PREPARATION_RTOL for o in reference):
-                raise ModelError(f"the opset {opset} -> {MIN_OPSET} upgrade changed the model's outputs; first "
+                raise ModelError(f"the opset {opset} -> {min_opset} upgrade changed the model's outputs; first "
                                  f"node that differs: {_first_changed_node(model, prepared, feed)}")
     changes: Dict[str, int] = {}
     for name, rewrite in REWRITES:
@@ -141,6 +142,6 @@ def prepare_graph(model: ModelProto, feeds: Sequence[Feed] = ()) -> Tuple[ModelP
         prepared = onnx.shape_inference.infer_shapes(prepared)
     except Exception as e:
         raise ModelError(f"shape inference failed: {e}") from None
-    report = PreparationReport(opset, max(opset, MIN_OPSET), changes, worst)
+    report = PreparationReport(opset, max(opset, min_opset), changes, worst)
     log.info(report.summary())
     return prepared, report

@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pyquant.config import PRESETS, get_preset
+from pyquant.config import QuantType as pyquant_types
 from pyquant.data import ArrayReader
 from pyquant.errors import ConfigError, ModelError
 from pyquant.graph.rewrites.batchnorm import fold_batch_norm
@@ -250,3 +251,33 @@ def test_excluded_nodes_compute_in_float_on_float_inputs(tiny_model, tiny_data):
     with pytest.raises(ConfigError, match="does not quantize: Softmax"):
         quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16),
                        dataclasses.replace(config, op_types_to_quantize=frozenset({"Softmax"})))
+
+
+def output_error(model, quantized, x):
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    reference = run(model)
+    return float(np.sqrt(np.mean((run(quantized) - reference) ** 2)) / np.sqrt(np.mean(reference ** 2)))
+
+
+def test_a16w8_writes_int16_activations_at_opset_21(tiny_model, tiny_data):
+    q = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16), get_preset("A16W8")).model
+    onnx.checker.check_model(q)
+    assert next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) == 21
+    zero_points = [t for t in q.graph.initializer if t.name.endswith("_QuantizeLinear_Output_zero_point")]
+    assert zero_points and all(t.data_type == TensorProto.INT16 for t in zero_points)
+    u8s8 = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16), get_preset("U8S8")).model
+    same_but_8_bit = dataclasses.replace(get_preset("A16W8"), activation_type=pyquant_types.QInt8)
+    a8w8 = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16), same_but_8_bit).model
+    assert output_error(tiny_model, q, tiny_data) < 0.8 * output_error(tiny_model, a8w8, tiny_data)
+    assert output_error(tiny_model, q, tiny_data) < output_error(tiny_model, u8s8, tiny_data)
+
+
+def test_tensor_types_give_chosen_tensors_16_bits(tiny_model, tiny_data):
+    config = dataclasses.replace(get_preset("U8S8"), tensor_types={"r1": pyquant_types.QInt16})
+    q = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16), config).model
+    types = {t.name: t.data_type for t in q.graph.initializer if t.name.endswith("_QuantizeLinear_Output_zero_point")}
+    assert types.pop("r1_QuantizeLinear_Output_zero_point") == TensorProto.INT16
+    assert set(types.values()) == {TensorProto.UINT8}
+    with pytest.raises(ConfigError, match="not quantized activations: nowhere"):
+        quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16),
+                       dataclasses.replace(config, tensor_types={"nowhere": pyquant_types.QInt16}))

@@ -44,9 +44,11 @@ class _Grid:
 
 
 def _symmetric_grid(qtype: QuantType, non_negative: bool) -> _Grid:
-    if qtype is QuantType.QUInt8:
-        return _Grid(0, 0, 255) if non_negative else _Grid(128, 0, 255)
-    return _Grid(0, -128, 127)
+    """Unsigned types put the zero point at 0 for a non-negative tensor, mid-range (128 for
+    uint8) otherwise; signed types at 0."""
+    if not qtype.signed:
+        return _Grid(0 if non_negative else (qtype.qmax + 1) // 2, qtype.qmin, qtype.qmax)
+    return _Grid(0, qtype.qmin, qtype.qmax)
 
 
 def _make(scale: float, zero_point: int, qtype: QuantType) -> QParams:
@@ -63,7 +65,7 @@ def qparams_from_range(rmin: float, rmax: float, qtype: QuantType, symmetric: bo
         return _make(max(-rmin, rmax) / grid.levels, grid.zero_point, qtype)
     scale = (rmax - rmin) / (qtype.qmax - qtype.qmin)
     if scale <= 0:
-        return _make(ZERO_TENSOR_SCALE, qtype.qmin if qtype is QuantType.QUInt8 else 0, qtype)
+        return _make(ZERO_TENSOR_SCALE, 0 if qtype.signed else qtype.qmin, qtype)
     zero_point = int(np.clip(round(qtype.qmin - rmin / scale), qtype.qmin, qtype.qmax))
     return _make(scale, zero_point, qtype)
 

@@ -3,11 +3,13 @@ calibration: activations from their statistics (one QParams per scale-sharing gr
 weights from the model's weights with nearest rounding."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Mapping
 
 from onnx import ModelProto
 
 from ..config import QuantConfig
+from ..errors import ConfigError
 from ..graph.plan import QuantPlan
 from ..graph.view import GraphView
 from ..qparams import QParams, QuantizedWeight, QuantTable, WeightKey, quantize_array, weight_key
@@ -18,12 +20,17 @@ from .methods import activation_qparams, weight_qparams
 def group_qparams(plan: QuantPlan, collectors: Mapping[str, TensorCollector],
                   config: QuantConfig) -> Dict[str, QParams]:
     """One QParams per scale-sharing group, computed from the group's merged statistics."""
+    unknown = sorted(set(config.tensor_types) - set(plan.activations))
+    if unknown:
+        raise ConfigError(f"tensor_types names tensors that are not quantized activations: {', '.join(unknown[:5])}")
     result: Dict[str, QParams] = {}
     for members in plan.groups:
         merged = collectors[members[0]]
         for name in members[1:]:
             merged = merged.merged(collectors[name])
-        qp = activation_qparams(merged, config)
+        qtype = max((config.tensor_types.get(m, config.activation_type) for m in members), key=lambda t: t.bits)
+        group_config = config if qtype is config.activation_type else dataclasses.replace(config, activation_type=qtype)
+        qp = activation_qparams(merged, group_config)
         for name in members:
             result[name] = qp
     return result

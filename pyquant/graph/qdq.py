@@ -7,7 +7,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
-from ..config import QuantConfig
+from ..config import QuantConfig, QuantType
 from ..qparams import QParams, QuantTable, quantize_array, weight_key
 from .plan import QuantPlan
 from .view import GraphView, drop_unused_initializers
@@ -98,7 +98,7 @@ def write_qdq(model: ModelProto, plan: QuantPlan, table: QuantTable, config: Qua
         qp = act_qparams[name]
         if name in constants:
             value = view.constant_value(name)
-            q_name = b.const(f"{name}_quantized", quantize_array(value, qp, config.activation_type))
+            q_name = b.const(f"{name}_quantized", quantize_array(value, qp, QuantType.of(qp.zero_point.dtype)))
             head.append(b.dq(q_name, qp, f"{name}_DequantizeLinear_Output"))
             rename[name] = head[-1].output[0]
             continue
