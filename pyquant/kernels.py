@@ -1,7 +1,11 @@
 """Validating wrappers around the C++ kernels: convert to the exact dtype and layout
 (explicitly, here, so the bindings never copy behind one's back, and only where no value
 changes: see "dtypes" below), allocate outputs, return named results. pyquant.reference
-holds the numpy version of each."""
+holds the numpy version of each.
+
+Process-wide controls: set_num_threads (the kernels' share of the thread budget; small
+inputs run on one thread anyway) and set_isa (which x86-64 level's copies of the hot
+kernels run; every level gives the same bits)."""
 from __future__ import annotations
 
 import os
@@ -21,10 +25,11 @@ from . import _kernels  # noqa: E402  (after the environment above)
 from ._kernels import RangeStats
 
 __all__ = [
-    "RangeStats", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range", "channel_sums", "channel_abs_max", "equalization_scales", "scale_channels", "histogram_rebin", "histogram_quant_errors",
-    "tensor_quant_errors", "histogram_quantiles", "histogram_entropy_threshold",
-    "RoundingAlgorithm", "RoundingOptions", "FitRounding", "CheckedAccumulate", "fit_rounding", "gram_product", "window_gram", "set_num_threads", "get_num_threads",
-    "isa", "set_isa", "supported_isas",
+    "RangeStats", "CheckedAccumulate", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range",
+    "channel_sums", "channel_abs_max", "equalization_scales", "scale_channels", "histogram_rebin",
+    "histogram_quant_errors", "tensor_quant_errors", "histogram_quantiles", "histogram_entropy_threshold",
+    "RoundingAlgorithm", "RoundingOptions", "FitRounding", "fit_rounding", "gram_product", "window_gram",
+    "set_num_threads", "get_num_threads", "isa", "set_isa", "supported_isas", "MAX_BINS",
 ]
 
 # Upper bound of set_num_threads: far above any machine's cores, low enough to catch a typo.
