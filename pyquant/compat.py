@@ -19,8 +19,10 @@ they mean what pyquant does.
 
 ModelQuantizer itself carries out the fields that act around a run rather than on the
 quantization (print_summary, debug_mode, log_severity_level, ignore_warnings,
-use_external_data_format: LayerOptions), and makes a reader without rewind() usable by a
-technique that reads the data twice (ReplayReader).
+use_external_data_format: LayerOptions), resolves the nodes chosen by name against the model
+(nodes_to_exclude, nodes_to_quantize, subgraphs_to_exclude, input_nodes, output_nodes:
+NodeSelection) into QuantConfig.nodes_to_exclude, and makes a reader without rewind() usable
+by a technique that reads the data twice (ReplayReader).
 """
 from __future__ import annotations
 
@@ -29,12 +31,13 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import re
 import sys
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
-from onnx import ModelProto
+from onnx import ModelProto, NodeProto
 from onnxruntime.quantization.calibrate import CalibrationMethod as OrtCalibrationMethod
 from onnxruntime.quantization.quant_utils import QuantFormat
 from onnxruntime.quantization.quant_utils import QuantType as OrtQuantType
@@ -43,7 +46,11 @@ from . import api
 from .config import (CalibrationMethod, CLEOptions, FastFinetuneOptions, FinetuneAlgorithm, PowerOfTwoMethod,
                      QuantConfig, QuantType, get_preset)
 from .errors import ConfigError, DataError
-from .graph.model_io import check_output_path, save_model
+from .graph.model_io import check_output_path, load_model, save_model
+from .graph.plan import OP_RULES, WEIGHT_ONLY
+from .graph.rewrites.opset import MIN_OPSET
+from .graph.view import GraphView
+from .preparation import prepare_graph
 from .techniques import techniques_for
 
 log = logging.getLogger(__name__)
@@ -168,6 +175,22 @@ def _integer(key: str, value: Any, place: str = "extra_options") -> int:
     if number != int(number):
         raise ConfigError(f"{_where(place, key)} must be a whole number, got {value!r}")
     return int(number)
+
+
+def _names(key: str, value: Any, place: str = "field") -> Tuple[str, ...]:
+    """A list of node names or op types (None or empty: none); a bare string is an error,
+    not a list of its letters."""
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)) or \
+            not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{_where(place, key)} must be a list of names, got {value!r}")
+    return tuple(value)
+
+
+def _op_types(key: str, value: Any, place: str = "field") -> Optional[FrozenSet[str]]:
+    """Op types to quantize; None or empty: every op type pyquant has a rule for."""
+    return frozenset(_names(key, value, place)) or None
 
 
 def _check_like(expected: Any) -> Callable[..., Any]:
@@ -312,9 +335,6 @@ DEFAULT_ADAQUANT_PARAMS: Dict[str, Any] = fast_finetune_params(
 
 # ---- extra_options keys --------------------------------------------------------------------------
 
-_NODE_SELECTION = ("the core cannot leave chosen nodes or op types in float yet (no plan hook; README, Quark "
-                   "drop-in); remove it to quantize every node pyquant has a rule for (the others stay float, "
-                   "named in the run report)")
 _DATA_MOVEMENT = ("pyquant quantizes a data-movement op (MaxPool, Reshape, Slice, ...) when a quantized op reads its "
                   "output, with enable_npu_cnn also when one produces its input")
 
@@ -336,6 +356,8 @@ EXTRA_OPTIONS: Dict[str, Handler] = {
     "CLEActivationSamples": _mapped("cle.activation_samples", _integer),
     # pyquant's own: QDQ pairs on model outputs and tensors read only by float ops.
     "QuantizeRegionOutputs": _mapped("quantize_region_outputs", _bool),
+    # Quark's extra_options form of QuantizationConfig.op_types_to_quantize (both given: they must agree).
+    "OpTypesToQuantize": lambda k, v: {"select.op_types_option": _op_types(k, v, "extra_options")},
     # Fast finetune (FastFinetuneOptions), a dict with the keys of FAST_FINETUNE_OPTIONS.
     "FastFinetune": lambda k, v: {"fast_finetune": fast_finetune_options(v)},
     # Keys Quark's presets set, with what they mean here.
@@ -379,7 +401,6 @@ EXTRA_OPTIONS: Dict[str, Handler] = {
     "DedicateDQNode": same_as_pyquant(False, notice_why="one DequantizeLinear per tensor, shared by its readers"),
 }
 REFUSED_EXTRA_OPTIONS: Dict[str, str] = {
-    "OpTypesToQuantize": _NODE_SELECTION,
     "MixedPrecisionTensor": "per-tensor types need a per-tensor type in the core and 16-bit support, neither of "
                             "which exists yet",
     "CalibDataSize": "pyquant calibrates on every sample the data reader gives; limit the reader instead (e.g. the "
@@ -405,6 +426,200 @@ def _extra_options(extra: Any) -> Dict[str, Any]:
     return fields
 
 
+# ---- node selection ----------------------------------------------------------------------------------
+
+# An entry of nodes_to_exclude that names no node and contains this is a regular expression
+# (as in Quark: "^/layer0/.*"), matched against whole node names.
+_PATTERN_MARK = ".*"
+
+
+def nodes_between(view: GraphView, starts: Optional[Sequence[NodeProto]],
+                  ends: Optional[Sequence[NodeProto]]) -> List[NodeProto]:
+    """The nodes on a path from a node of ``starts`` to a node of ``ends``, both included,
+    in graph order; ``starts`` None: from anywhere, ``ends`` None: to anywhere."""
+    every = {id(n) for n in view.graph.node}
+    downstream = every if starts is None else _reachable(view, starts, forward=True)
+    upstream = every if ends is None else _reachable(view, ends, forward=False)
+    return [n for n in view.graph.node if id(n) in downstream and id(n) in upstream]
+
+
+def _reachable(view: GraphView, nodes: Sequence[NodeProto], forward: bool) -> Set[int]:
+    """ids of ``nodes`` and of every node after them (forward) or before them."""
+    seen = {id(n) for n in nodes}
+    pending = list(nodes)
+    while pending:
+        node = pending.pop()
+        if forward:
+            nxt = [reader for out in node.output for reader in view.consumers.get(out, [])]
+        else:
+            nxt = [view.producer[name] for name in node.input if name in view.producer]
+        for other in nxt:
+            if id(other) not in seen:
+                seen.add(id(other))
+                pending.append(other)
+    return seen
+
+
+class ModelNodes:
+    """The node names of a user's model, resolved to the nodes of the graph pyquant
+    quantizes: the model after graph preparation (pyquant.preparation), whose rewrites
+    merge some nodes into others. A name may be one of the prepared graph or of the model
+    as given; a node preparation merged into another (a BatchNormalization into its Conv, a
+    constant Mul into its layer, the parts of a written-out hard-swish) stands for the node
+    that now computes its output. Unnamed nodes are named OpType(first output)."""
+
+    def __init__(self, model: ModelProto, min_opset: int = MIN_OPSET) -> None:
+        self.original = GraphView(model)
+        with _quiet():  # the run prepares the model again (the same way), and reports it then
+            self.prepared = GraphView(prepare_graph(model, (), min_opset)[0])
+        self._prepared = _by_name(self.prepared)
+        self._given = _by_name(self.original)
+
+    def find(self, field: str, name: str) -> Optional[NodeProto]:
+        """The prepared node ``name`` stands for (None for a Constant, which preparation
+        turns into an initializer); ConfigError if no node has that name."""
+        if name in self._prepared:
+            return self._prepared[name]
+        if name not in self._given:
+            raise ConfigError(f"QuantizationConfig.{field}: {name!r} names no node of the model")
+        return self._counterpart(self._given[name])
+
+    def endpoint(self, field: str, name: str) -> NodeProto:
+        node = self.find(field, name)
+        if node is None:
+            raise ConfigError(f"QuantizationConfig.{field}: {name!r} is a Constant node (graph preparation makes it "
+                              "an initializer); name a node that computes")
+        return node
+
+    def select(self, field: str, entry: str) -> List[NodeProto]:
+        """The prepared nodes an entry of ``field`` stands for: a name, or a regular
+        expression (an entry with '.*' that names no node)."""
+        if _PATTERN_MARK in entry and entry not in self._prepared and entry not in self._given:
+            return self._matching(field, entry)
+        node = self.find(field, entry)
+        return [] if node is None else [node]
+
+    def _matching(self, field: str, pattern: str) -> List[NodeProto]:
+        """The prepared nodes whose name, or whose original node's name, matches ``pattern``."""
+        regex = re.compile(pattern)
+        found = {id(n): n for name, n in self._prepared.items() if regex.fullmatch(name)}
+        for name, node in self._given.items():
+            counterpart = self._counterpart(node) if regex.fullmatch(name) else None
+            if counterpart is not None:
+                found[id(counterpart)] = counterpart
+        if not found:
+            raise ConfigError(f"QuantizationConfig.{field}: the regular expression {pattern!r} matches no node name "
+                              "of the model")
+        return list(found.values())
+
+    def _counterpart(self, node: NodeProto) -> Optional[NodeProto]:
+        """The prepared node that computes the first of ``node``'s outputs, or of its
+        readers' outputs, still produced by a node."""
+        if node.op_type == "Constant":
+            return None
+        pending, seen = list(node.output), set()
+        while pending:
+            tensor = pending.pop(0)
+            if tensor in self.prepared.producer:
+                return self.prepared.producer[tensor]
+            seen.add(tensor)
+            pending += [out for reader in self.original.consumers.get(tensor, []) for out in reader.output
+                        if out and out not in seen]
+        return None
+
+
+def _by_name(view: GraphView) -> Dict[str, NodeProto]:
+    names = {view.node_name(n): n for n in view.graph.node}
+    names.update({n.name: n for n in view.graph.node if n.name})
+    return names
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """pyquant's INFO and DEBUG messages off (warnings stay)."""
+    logger = logging.getLogger("pyquant")
+    saved = logger.level
+    logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSelection:
+    """Quark's choice of nodes by name, which needs the model: ModelQuantizer resolves it
+    (ModelNodes) into QuantConfig.nodes_to_exclude.
+
+    Attributes:
+        nodes_to_exclude: names, or regular expressions (entries with '.*', matched against
+            whole names), of nodes left in float.
+        nodes_to_quantize: when given, only these nodes are quantized.
+        subgraphs_to_exclude: (start names, end names) pairs: the nodes on a path from a start
+            to an end node, both included, are left in float.
+        input_nodes / output_nodes: when given, only the nodes on a path from an input node
+            (from anywhere, if none) to an output node (to anywhere, if none) are quantized.
+    Exclusions win over nodes_to_quantize and the input/output region.
+    """
+
+    nodes_to_exclude: Tuple[str, ...] = ()
+    nodes_to_quantize: Tuple[str, ...] = ()
+    subgraphs_to_exclude: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...] = ()
+    input_nodes: Tuple[str, ...] = ()
+    output_nodes: Tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    @property
+    def names(self) -> FrozenSet[str]:
+        """The entries of nodes_to_exclude that are plain names (all the core takes)."""
+        return frozenset(n for n in self.nodes_to_exclude if _PATTERN_MARK not in n)
+
+    @property
+    def fields_needing_model(self) -> List[str]:
+        """The fields that only resolve against a model."""
+        fields = [f.name for f in dataclasses.fields(self) if f.name != "nodes_to_exclude" and getattr(self, f.name)]
+        if self.names != frozenset(self.nodes_to_exclude):
+            fields.insert(0, "nodes_to_exclude (regular expressions)")
+        return fields
+
+    def resolve(self, model: ModelProto, min_opset: int = MIN_OPSET) -> FrozenSet[str]:
+        """The names, in the graph prepared at ``min_opset`` (QuantConfig.min_opset, as the
+        run prepares it), of the nodes this selection leaves in float; ConfigError for a name
+        that matches no node, or a region without a path."""
+        nodes = ModelNodes(model, min_opset)
+        view = nodes.prepared
+        excluded = [n for entry in self.nodes_to_exclude for n in nodes.select("nodes_to_exclude", entry)]
+        for i, (starts, ends) in enumerate(self.subgraphs_to_exclude):
+            field = f"subgraphs_to_exclude[{i}]"
+            excluded += _region(view, [nodes.endpoint(field, n) for n in starts],
+                                [nodes.endpoint(field, n) for n in ends], f"QuantizationConfig.{field}")
+        kept: List[Set[int]] = []
+        if self.nodes_to_quantize:
+            kept.append({id(nodes.find("nodes_to_quantize", n)) for n in self.nodes_to_quantize})
+        if self.input_nodes or self.output_nodes:
+            starts = [nodes.endpoint("input_nodes", n) for n in self.input_nodes] or None
+            ends = [nodes.endpoint("output_nodes", n) for n in self.output_nodes] or None
+            kept.append({id(n) for n in _region(view, starts, ends, "QuantizationConfig.input_nodes/output_nodes")})
+        excluded += [n for n in view.graph.node if any(id(n) not in region for region in kept)]
+        return frozenset(view.node_name(n) for n in excluded)
+
+
+def _region(view: GraphView, starts: Optional[List[NodeProto]], ends: Optional[List[NodeProto]],
+            where: str) -> List[NodeProto]:
+    """nodes_between, where every start and end node must be on a path from a start to an end."""
+    region = nodes_between(view, starts, ends)
+    inside = {id(n) for n in region}
+    stray = [view.node_name(n) for n in (starts or []) + (ends or []) if id(n) not in inside]
+    if stray:
+        raise ConfigError(f"{where}: {', '.join(map(repr, stray))} {'is' if len(stray) == 1 else 'are'} on no path "
+                          "from the start nodes "
+                          f"{[view.node_name(n) for n in starts or []]} to the end nodes "
+                          f"{[view.node_name(n) for n in ends or []]} (are starts and ends swapped?)")
+    return region
+
+
 # ---- QuantizationConfig fields ------------------------------------------------------------------
 
 SEVERITY_LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.CRITICAL}
@@ -424,6 +639,8 @@ class LayerOptions:
         log_severity_level: pyquant's messages from this level on are shown (0 DEBUG, 1 INFO,
             2 WARNING, 3 ERROR, 4 CRITICAL): the "pyquant" logger's level for the run, and, when
             the application has not set up logging, a handler printing them on stderr.
+        selection: the nodes chosen by name, resolved against the model into
+            QuantConfig.nodes_to_exclude (NodeSelection).
     """
 
     use_external_data_format: bool = False
@@ -431,6 +648,7 @@ class LayerOptions:
     debug_mode: bool = False
     ignore_warnings: bool = True
     log_severity_level: int = 1
+    selection: NodeSelection = NodeSelection()
 
 
 _LAYER = LayerOptions()
@@ -456,14 +674,36 @@ def _quant_format(key: str, value: Any) -> Dict[str, Any]:
     return {}
 
 
-def _empty(why: str) -> Handler:
-    """A list field that pyquant cannot honour yet: only empty (or None) is accepted."""
+def _subgraphs(key: str, value: Any) -> Dict[str, Any]:
+    """[(start node names, end node names), ...]; a name alone stands for a list of one."""
+    if value is not None and not isinstance(value, (list, tuple)):
+        raise ConfigError(f"QuantizationConfig.{key} must be a list of (start nodes, end nodes) pairs, got {value!r}")
+    pairs = []
+    for pair in value or ():
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ConfigError(f"QuantizationConfig.{key} must be a list of (start nodes, end nodes) pairs, got "
+                              f"{pair!r} in it")
+        sides = tuple(_names(key, [side] if isinstance(side, str) else side) for side in pair)
+        if not all(sides):
+            raise ConfigError(f"QuantizationConfig.{key}: {pair!r} needs at least one start and one end node")
+        pairs.append(sides)
+    return {f"select.{key}": tuple(pairs)}
 
-    def accept(key: str, value: Any) -> Dict[str, Any]:
-        if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
-            return {}
-        raise ConfigError(f"QuantizationConfig.{key} = {value!r} is not supported yet: {why}")
-    return accept
+
+def _node_names(key: str, value: Any) -> Dict[str, Any]:
+    return {f"select.{key}": _names(key, value)}
+
+
+def _names_to_exclude(key: str, value: Any) -> Dict[str, Any]:
+    """Node names, or regular expressions (entries with '.*')."""
+    names = _names(key, value)
+    for name in names:
+        if _PATTERN_MARK in name:
+            try:
+                re.compile(name)
+            except re.error as e:
+                raise ConfigError(f"QuantizationConfig.{key}: {name!r} is not a regular expression ({e})") from None
+    return {f"select.{key}": names}
 
 
 def _execution_providers(key: str, value: Any) -> Dict[str, Any]:
@@ -486,13 +726,14 @@ FIELDS: Dict[str, Handler] = {
     "quant_format": _quant_format,
     "activation_type": lambda k, v: {"activation_type": quant_type(k, v)},
     "weight_type": lambda k, v: {"weight_type": quant_type(k, v)},
-    "input_nodes": _empty(_NODE_SELECTION),
-    "output_nodes": _empty(_NODE_SELECTION),
-    "op_types_to_quantize": _empty(_NODE_SELECTION),
-    "nodes_to_quantize": _empty(_NODE_SELECTION),
-    "extra_op_types_to_quantize": _empty(_NODE_SELECTION),
-    "nodes_to_exclude": _empty(_NODE_SELECTION),
-    "subgraphs_to_exclude": _empty(_NODE_SELECTION),
+    # Node selection (NodeSelection): names are resolved against the model by ModelQuantizer.
+    "input_nodes": _node_names,
+    "output_nodes": _node_names,
+    "op_types_to_quantize": lambda k, v: {"select.op_types": _op_types(k, v)},
+    "nodes_to_quantize": _node_names,
+    "extra_op_types_to_quantize": lambda k, v: {"select.extra_op_types": frozenset(_names(k, v))},
+    "nodes_to_exclude": _names_to_exclude,
+    "subgraphs_to_exclude": _subgraphs,
     "specific_tensor_precision": same_as_pyquant(False, place="field", refuse="per-tensor types need a per-tensor "
                                                  "type in the core and 16-bit support, neither of which exists yet"),
     "execution_providers": _execution_providers,
@@ -523,6 +764,24 @@ FIELDS: Dict[str, Handler] = {
     "ignore_warnings": _layer_bool("ignore_warnings"),
     "log_severity_level": _log_level,
 }
+
+
+def _selected_op_types(field: Optional[FrozenSet[str]], option: Optional[FrozenSet[str]],
+                       extra: FrozenSet[str]) -> Optional[FrozenSet[str]]:
+    """QuantConfig.op_types_to_quantize from the field, extra_options['OpTypesToQuantize']
+    (the same, if both are given) and extra_op_types_to_quantize (added to them)."""
+    if field is not None and option is not None and field != option:
+        raise ConfigError(f"QuantizationConfig.op_types_to_quantize {sorted(field)} and "
+                          f"extra_options['OpTypesToQuantize'] {sorted(option)} differ; give one of them")
+    chosen = field if field is not None else option
+    if chosen is not None:
+        return chosen | extra
+    if extra:
+        no_rule = sorted(extra - set(OP_RULES) - set(WEIGHT_ONLY))
+        log.warning("QuantizationConfig.extra_op_types_to_quantize = %s has no effect in pyquant: every op type "
+                    "pyquant has a rule for is quantized already%s", sorted(extra),
+                    f" ({', '.join(no_rule)}: no rule, left in float)" if no_rule else "")
+    return None
 
 
 @dataclasses.dataclass
@@ -576,17 +835,30 @@ class QuantizationConfig:
         fields.update(_extra_options(self.extra_options))
         layer = {k.split(".", 1)[1]: fields.pop(k) for k in list(fields) if k.startswith("layer.")}
         cle = {k.split(".", 1)[1]: fields.pop(k) for k in list(fields) if k.startswith("cle.")}
+        select = {k.split(".", 1)[1]: fields.pop(k) for k in list(fields) if k.startswith("select.")}
         if fields.pop("include_fast_ft"):
             fields.setdefault("fast_finetune", FastFinetuneOptions())
         elif "fast_finetune" in fields:
             raise ConfigError("extra_options['FastFinetune'] is given but include_fast_ft is False")
-        return QuantConfig(cle=CLEOptions(**cle), **fields), LayerOptions(**layer)
+        op_types = _selected_op_types(select.pop("op_types"), select.pop("op_types_option", None),
+                                      select.pop("extra_op_types"))
+        selection = NodeSelection(**select)
+        config = QuantConfig(cle=CLEOptions(**cle), nodes_to_exclude=selection.names, op_types_to_quantize=op_types,
+                             **fields)
+        return config, LayerOptions(selection=selection, **layer)
 
     def to_quant_config(self) -> QuantConfig:
         """The typed QuantConfig (what pyquant.quantize and the CLI take). The LayerOptions
         fields are carried out by ModelQuantizer only: a non-default one is an error here."""
         config, layer = self.translate()
-        moved = [f.name for f in dataclasses.fields(LayerOptions) if getattr(layer, f.name) != getattr(_LAYER, f.name)]
+        need_model = layer.selection.fields_needing_model
+        if need_model:
+            raise ConfigError(f"QuantizationConfig.{', '.join(need_model)}: node names are resolved against the model "
+                              "by ModelQuantizer.quantize_model, not by pyquant.quantize; use "
+                              "ModelQuantizer(Config(global_quant_config=...)), or nodes_to_exclude with the exact "
+                              "names of the nodes to leave in float")
+        moved = [f.name for f in dataclasses.fields(LayerOptions)
+                 if f.name != "selection" and getattr(layer, f.name) != getattr(_LAYER, f.name)]
         if moved:
             raise ConfigError(f"{', '.join(moved)}: carried out by ModelQuantizer.quantize_model, not by "
                               "pyquant.quantize; use ModelQuantizer(Config(global_quant_config=...))")
@@ -614,7 +886,9 @@ class QuantizationConfig:
         result = cls(calibrate_method=config.calibrate_method, activation_type=config.activation_type,
                      weight_type=config.weight_type, per_channel=config.per_channel,
                      enable_npu_cnn=config.enable_npu_cnn, include_cle=config.cross_layer_equalization,
-                     include_fast_ft=config.fast_finetune is not None, extra_options=extra)
+                     include_fast_ft=config.fast_finetune is not None, extra_options=extra,
+                     nodes_to_exclude=sorted(config.nodes_to_exclude),
+                     op_types_to_quantize=sorted(config.op_types_to_quantize or ()))
         back = result.to_quant_config()
         lost = [f.name for f in dataclasses.fields(QuantConfig) if getattr(back, f.name) != getattr(config, f.name)]
         if lost:
@@ -820,7 +1094,8 @@ def _translate(config: Any) -> Tuple[QuantConfig, LayerOptions]:
 
 class ModelQuantizer:
     """Quark's ModelQuantizer: ``quantize_model(input, output, data_reader)`` returns the
-    quantized ModelProto and writes it when ``output`` is a path."""
+    quantized ModelProto and writes it when ``output`` is a path. The nodes a
+    QuantizationConfig chooses by name (NodeSelection) are resolved against that model."""
 
     def __init__(self, config: Any, progress: Optional[Callable[[int, Optional[int]], None]] = None) -> None:
         self.config, self.options = _translate(config)
@@ -843,7 +1118,13 @@ class ModelQuantizer:
         elif external:
             log.warning("use_external_data_format has no effect without model_output: the model is returned")
         with _run_context(self.options):
-            result = api.quantize_detailed(model_input, data, self.config, None if external else model_output,
+            config = self.config
+            if self.options.selection:
+                model_input = model_input if isinstance(model_input, ModelProto) else load_model(model_input)
+                excluded = self.options.selection.resolve(model_input, config.min_opset)
+                config = dataclasses.replace(config, nodes_to_exclude=excluded)
+                log.debug("nodes left in float by the node selection: %s", ", ".join(sorted(config.nodes_to_exclude)))
+            result = api.quantize_detailed(model_input, data, config, None if external else model_output,
                                            progress=self.progress)
             if model_output is not None and external:
                 save_model(result.model, model_output, external_data=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import pyquant
 from pyquant import compat
 from pyquant.config import CalibrationMethod, FastFinetuneOptions, PowerOfTwoMethod, QuantType, get_preset
 from pyquant.errors import ConfigError, DataError
+from pyquant.graph.view import GraphView
+from pyquant.preparation import prepare_graph
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -165,13 +166,11 @@ def test_quark_defaults():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("nodes_to_exclude", ["Conv_0"], "cannot leave chosen nodes"),
-    ("nodes_to_quantize", ["Conv_0"], "cannot leave chosen nodes"),
-    ("op_types_to_quantize", ["Conv"], "cannot leave chosen nodes"),
-    ("extra_op_types_to_quantize", ["Gemm"], "cannot leave chosen nodes"),
-    ("subgraphs_to_exclude", [(["a"], ["b"])], "cannot leave chosen nodes"),
-    ("input_nodes", ["Conv_0"], "cannot leave chosen nodes"),
-    ("output_nodes", ["Gemm_0"], "cannot leave chosen nodes"),
+    ("nodes_to_exclude", "Conv_0", "must be a list of names"),  # not a list of letters
+    ("op_types_to_quantize", "Conv", "must be a list of names"),
+    ("nodes_to_exclude", ["(.*"], "not a regular expression"),
+    ("subgraphs_to_exclude", [(["a"],)], "list of \\(start nodes, end nodes\\) pairs"),
+    ("subgraphs_to_exclude", [([], ["b"])], "at least one start and one end node"),
     ("specific_tensor_precision", True, "per-tensor types"),
     ("reduce_range", True, "full int8 range"),
     ("use_dynamic_quant", True, "quantize_dynamic"),
@@ -204,7 +203,6 @@ def test_fields_without_effect_here_are_accepted_with_a_notice(field, value, not
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("OpTypesToQuantize", ["Conv"], "cannot leave chosen nodes"),
     ("MixedPrecisionTensor", {}, "per-tensor types"),
     ("CalibDataSize", 10, "limit the reader"),
     ("BF16QDQToCast", True, "BF16"),
@@ -460,7 +458,128 @@ def test_layer_options_outside_model_quantizer_are_an_error(tiny_model, tiny_dat
         pyquant.quantize(tiny_model, tiny_data, config)
 
 
-def test_readme_names_every_hook_the_refusals_point_to():
-    text = README.read_text()
-    section = text.split("### Quark drop-in", 1)[1]
-    assert re.search(r"node-exclusion hook", section) and "nodes_to_exclude" in section
+NODE_CHOICES = ["nodes_to_exclude", "op_types_to_quantize", "extra_op_types_to_quantize", "nodes_to_quantize",
+                "subgraphs_to_exclude", "input_nodes", "output_nodes"]
+
+
+def test_readme_says_node_choices_are_honoured():
+    rows = readme_rows("Quark-compatible keys", 4)
+    assert all(rows[(key, "QuantizationConfig")][1].startswith("honoured") for key in NODE_CHOICES)
+    assert rows[("OpTypesToQuantize", "extra_options")][1].startswith("honoured")
+    drop_in = README.read_text().split("### Quark drop-in", 1)[1].split("\n#", 1)[0]
+    assert "hook" not in drop_in and all(f"`{key}`" in drop_in for key in NODE_CHOICES)
+
+
+# ---- choosing nodes -----------------------------------------------------------------------------------
+
+def quantize_tiny(model, data, **fields) -> onnx.ModelProto:
+    return pyquant.ModelQuantizer(u8s8(**fields)).quantize_model(model, None, OrtReader(data))
+
+
+def layers(model: onnx.ModelProto):
+    """{output of each Conv/Gemm: (its activation input is quantized, its weight is)}; a
+    model output quantized after its layer is written <name>_float by the layer."""
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.output[0].removesuffix("_float"): (n.input[0] in dequantized, n.input[1] in dequantized)
+            for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+
+
+def float_layers(model: onnx.ModelProto):
+    return {name for name, (activation, weight) in layers(model).items() if not activation and not weight}
+
+
+def left_in_float(model: onnx.ModelProto, **fields):
+    """The node names a QuantizationConfig's node selection resolves to on ``model``."""
+    return compat.QuantizationConfig(**fields).translate()[1].selection.resolve(model)
+
+
+def test_nodes_to_exclude_leaves_those_nodes_in_float(tiny_model, tiny_data):
+    # tiny_cnn's nodes are unnamed: OpType(first output); its Conv(c1) -> BatchNormalization(bn1)
+    # become one Conv(bn1) in graph preparation, which either name stands for
+    assert float_layers(quantize_tiny(tiny_model, tiny_data)) == set()
+    excluded = quantize_tiny(tiny_model, tiny_data, nodes_to_exclude=["Conv(c3)", "BatchNormalization(bn1)"])
+    assert float_layers(excluded) == {"c3", "bn1"} and layers(excluded)["c2"] == (True, True)
+    assert float_layers(quantize_tiny(tiny_model, tiny_data, nodes_to_exclude=["Conv(c1)"])) == {"bn1"}
+    by_pattern = quantize_tiny(tiny_model, tiny_data, nodes_to_exclude=["Conv\\(c.*"])  # Quark's regular expressions
+    assert float_layers(by_pattern) == {"bn1", "c2", "c3"}
+    # without a model (pyquant.quantize, the CLI) exact names go to QuantConfig.nodes_to_exclude
+    assert pyquant.QuantizationConfig(nodes_to_exclude=["Conv(c3)"]).to_quant_config().nodes_to_exclude == {"Conv(c3)"}
+
+
+def test_op_types_to_quantize_field_extra_option_and_extra_types(tiny_model, tiny_data, caplog):
+    only_conv = quantize_tiny(tiny_model, tiny_data, op_types_to_quantize=["Conv"])
+    assert float_layers(only_conv) == {"y"} and layers(only_conv)["c3"] == (True, True)
+    option = quantize_tiny(tiny_model, tiny_data, extra_options={"OpTypesToQuantize": ["Conv"]})
+    assert option.SerializeToString() == only_conv.SerializeToString()
+    both = quantize_tiny(tiny_model, tiny_data, op_types_to_quantize=["Conv"],
+                         extra_options={"OpTypesToQuantize": ["Conv"]})
+    assert both.SerializeToString() == only_conv.SerializeToString()
+    with pytest.raises(ConfigError, match="op_types_to_quantize \\['Conv'\\] and .*\\['Gemm'\\] differ"):
+        pyquant.QuantizationConfig(op_types_to_quantize=["Conv"], extra_options={"OpTypesToQuantize": ["Gemm"]}) \
+            .to_quant_config()
+    with_gemm = quantize_tiny(tiny_model, tiny_data, op_types_to_quantize=["Conv"], extra_op_types_to_quantize=["Gemm"])
+    assert float_layers(with_gemm) == set() and with_gemm.SerializeToString() != only_conv.SerializeToString()
+    assert pyquant.QuantizationConfig(op_types_to_quantize=["Conv"], extra_op_types_to_quantize=["Gemm"]) \
+        .to_quant_config().op_types_to_quantize == {"Conv", "Gemm"}
+    with caplog.at_level(logging.WARNING, logger="pyquant"):  # alone, a check only: everything is quantized anyway
+        config = pyquant.QuantizationConfig(extra_op_types_to_quantize=["Gemm", "Einsum"]).to_quant_config()
+    assert config == pyquant.QuantizationConfig().to_quant_config()
+    assert "extra_op_types_to_quantize" in caplog.text and "Einsum: no rule, left in float" in caplog.text
+
+
+def test_subgraphs_to_exclude_leave_the_nodes_between_in_float(tiny_model, tiny_model_path, tiny_data):
+    between = {"Conv(c2)", "Clip(r2)", "Conv(c3)", "Add(a1)"}  # Relu(r1) also feeds Add(a1), from before Conv(c2)
+    assert left_in_float(tiny_model, subgraphs_to_exclude=[(["Conv(c2)"], ["Add(a1)"])]) == between
+    assert left_in_float(tiny_model, subgraphs_to_exclude=[("Conv(c2)", "Add(a1)")]) == between
+    assert left_in_float(tiny_model, subgraphs_to_exclude=[(["Conv(c2)"], ["Clip(r2)"]), (["Gemm(y)"], ["Gemm(y)"])]) \
+        == {"Conv(c2)", "Clip(r2)", "Gemm(y)"}
+    model = quantize_tiny(tiny_model, tiny_data, subgraphs_to_exclude=[(["Conv(c2)"], ["Add(a1)"])])
+    assert float_layers(model) == {"c2", "c3"} and layers(model)["bn1"] == layers(model)["y"] == (True, True)
+    from_path = quantize_tiny(str(tiny_model_path), tiny_data, subgraphs_to_exclude=[(["Conv(c2)"], ["Add(a1)"])])
+    assert from_path.SerializeToString() == model.SerializeToString()
+    with pytest.raises(ConfigError, match="subgraphs_to_exclude\\[0\\]: 'Add\\(a1\\)', 'Conv\\(c2\\)' are on no path "
+                                          ".*swapped"):
+        left_in_float(tiny_model, subgraphs_to_exclude=[(["Add(a1)"], ["Conv(c2)"])])
+
+
+def test_input_and_output_nodes_bound_the_quantized_part(tiny_model, tiny_data):
+    after = {"MaxPool(p1)", "AveragePool(p2)", "Concat(cat)", "GlobalAveragePool(gap)", "Flatten(flat)", "Gemm(y)"}
+    assert left_in_float(tiny_model, input_nodes=["Conv(c2)"]) == {"Conv(bn1)", "Relu(r1)"}
+    assert left_in_float(tiny_model, output_nodes=["Add(a1)"]) == after
+    model = quantize_tiny(tiny_model, tiny_data, input_nodes=["Conv(c2)"], output_nodes=["Add(a1)"])
+    assert float_layers(model) == {"bn1", "y"} and layers(model)["c3"] == (True, True)
+    with pytest.raises(ConfigError, match="'Gemm\\(y\\)', 'Conv\\(c2\\)' are on no path"):
+        left_in_float(tiny_model, input_nodes=["Gemm(y)"], output_nodes=["Conv(c2)"])
+
+
+def test_nodes_to_quantize_leaves_every_other_node_in_float(tiny_model, tiny_data):
+    prepared = prepare_graph(tiny_model)[0]
+    every = {GraphView(prepared).node_name(n) for n in prepared.graph.node}
+    chosen = {"Conv(c2)", "Gemm(y)"}
+    assert left_in_float(tiny_model, nodes_to_quantize=sorted(chosen)) == every - chosen
+    assert left_in_float(tiny_model, nodes_to_quantize=sorted(chosen), nodes_to_exclude=["Gemm(y)"]) \
+        == every - {"Conv(c2)"}  # exclusions win
+    model = quantize_tiny(tiny_model, tiny_data, nodes_to_quantize=sorted(chosen))
+    assert {name for name, (_, weight) in layers(model).items() if weight} == {"c2", "y"}
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"nodes_to_exclude": ["Conv_0"]}, "nodes_to_exclude: 'Conv_0' names no node of the model"),
+    ({"nodes_to_exclude": ["^/layer0/.*"]}, "regular expression '\\^/layer0/\\.\\*' matches no node name"),
+    ({"nodes_to_quantize": ["Conv(c2)", "Conv_0"]}, "nodes_to_quantize: 'Conv_0' names no node"),
+    ({"subgraphs_to_exclude": [(["Conv(c2)"], ["Add_9"])]}, "subgraphs_to_exclude\\[0\\]: 'Add_9' names no node"),
+    ({"input_nodes": ["Conv_0"]}, "input_nodes: 'Conv_0' names no node"),
+    ({"output_nodes": ["Gemm_0"]}, "output_nodes: 'Gemm_0' names no node"),
+])
+def test_names_that_match_no_node_are_errors(fields, message, tiny_model, tiny_data):
+    with pytest.raises(ConfigError, match=message):
+        quantize_tiny(tiny_model, tiny_data, **fields)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("nodes_to_quantize", ["Conv(c2)"]), ("subgraphs_to_exclude", [(["Conv(c2)"], ["Add(a1)"])]),
+    ("input_nodes", ["Conv(c2)"]), ("output_nodes", ["Add(a1)"]), ("nodes_to_exclude", ["Conv.*"]),
+])
+def test_choices_that_need_the_model_are_errors_without_it(field, value, tiny_model, tiny_data):
+    with pytest.raises(ConfigError, match=f"{field}.*use ModelQuantizer.*or nodes_to_exclude with the exact names"):
+        pyquant.quantize(tiny_model, tiny_data, u8s8(**{field: value}))
