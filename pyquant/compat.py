@@ -290,8 +290,8 @@ FAST_FINETUNE_OPTIONS: Dict[str, Handler] = {
 }
 REFUSED_FAST_FINETUNE_OPTIONS: Dict[str, str] = {
     "LRAdjust": "no per-layer learning rate; set LearningRate for all layers",
-    "TargetOpType": "pyquant fine-tunes every quantized Conv, Gemm and MatMul; choosing op types needs node "
-                    "selection, which the core does not have yet",
+    "TargetOpType": "pyquant fine-tunes every quantized Conv, Gemm and MatMul; choosing which ones is not available "
+                    "(a layer left in float by nodes_to_exclude or op_types_to_quantize is not fine-tuned)",
 }
 
 

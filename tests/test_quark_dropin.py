@@ -221,7 +221,7 @@ def test_extra_options_pyquant_cannot_honour_are_refused(key, value, message):
 @pytest.mark.parametrize("params,message", [
     ({"EarlyStop": True}, "runs all NumIterations"),  # Quark's EarlyStop ends iterations early
     ({"LRAdjust": (1.0, 0.2)}, "learning rate"),
-    ({"TargetOpType": ["Conv"]}, "Conv, Gemm and MatMul"),
+    ({"TargetOpType": ["Conv"]}, "Conv, Gemm and MatMul; choosing which ones is not available"),
     ({"SelectiveUpdate": True}, "FallbackToNearest"),
     ({"DropRatio": 0.5}, "quantized network"),
 ])
