@@ -64,7 +64,8 @@ REPLAY_CACHE_BYTES = 1 << 30
 
 class VitisQuantType(enum.Enum):
     """Quark's extended quantization types (quark.onnx.quant_utils). pyquant writes the
-    8-bit ones (QInt8, QUInt8); the others are refused with the reason."""
+    8- and 16-bit integer ones (QInt8, QUInt8; QInt16, QUInt16 for activations); the others
+    are refused with the reason."""
 
     QInt8 = "int8"
     QUInt8 = "uint8"
@@ -80,7 +81,8 @@ class VitisQuantType(enum.Enum):
 
 class VitisQuantFormat(enum.Enum):
     """Quark's extended formats. QDQ (Quark's own QuantizeLinear ops) is accepted: pyquant
-    writes onnx's standard QuantizeLinear/DequantizeLinear, the same 8-bit arithmetic."""
+    writes onnx's standard QuantizeLinear/DequantizeLinear, the same integer arithmetic
+    (16-bit types at opset 21)."""
 
     QDQ = "qdq"
     FixNeuron = "fixneuron"
@@ -93,24 +95,21 @@ ExtendedQuantFormat = VitisQuantFormat
 
 # ---- values of Quark's enums -> pyquant's ---------------------------------------------------
 
-_QUANT_TYPES: Dict[Any, QuantType] = {
-    QuantType.QInt8: QuantType.QInt8, QuantType.QUInt8: QuantType.QUInt8,
-    OrtQuantType.QInt8: QuantType.QInt8, OrtQuantType.QUInt8: QuantType.QUInt8,
-    VitisQuantType.QInt8: QuantType.QInt8, VitisQuantType.QUInt8: QuantType.QUInt8,
+_QUANT_TYPES: Dict[Any, QuantType] = {  # by member name, for pyquant's, onnxruntime's and Quark's enums
+    member: pyquant for enum_class in (QuantType, OrtQuantType, VitisQuantType)
+    for member in enum_class for pyquant in QuantType if member.name == pyquant.name
 }
-_SIXTEEN_BITS = ("16-bit tensors are not supported yet: pyquant's core quantizes to 8 bits (activations int8/uint8, "
-                 "weights int8); use QuantType.QInt8 or QUInt8 (presets A8W8, XINT8, U8S8_AAWS)")
+_INTEGER_TYPES = "use QuantType.QInt8 or QUInt8 (QInt16 or QUInt16 for activations)"
 _UNSUPPORTED_TYPES = {  # by member name, for onnxruntime's and Quark's enums alike
-    "QInt16": _SIXTEEN_BITS, "QUInt16": _SIXTEEN_BITS,
-    "QInt32": "32-bit tensors are not supported (only biases are int32); use QuantType.QInt8 or QUInt8",
-    "QUInt32": "32-bit tensors are not supported (only biases are int32); use QuantType.QInt8 or QUInt8",
-    "QInt4": "4-bit types are not supported; use QuantType.QInt8 or QUInt8",
-    "QUInt4": "4-bit types are not supported; use QuantType.QInt8 or QUInt8",
+    "QInt32": f"32-bit tensors are not supported (only biases are int32); {_INTEGER_TYPES}",
+    "QUInt32": f"32-bit tensors are not supported (only biases are int32); {_INTEGER_TYPES}",
+    "QInt4": f"4-bit types are not supported; {_INTEGER_TYPES}",
+    "QUInt4": f"4-bit types are not supported; {_INTEGER_TYPES}",
     "QFloat16": "pyquant writes integer QDQ models only; keep the float model for float16",
-    "QBFloat16": "bfloat16 is not supported: pyquant writes integer QDQ models only; use an 8-bit type",
-    "QFLOAT8E4M3FN": "float8 is not supported: pyquant writes integer QDQ models only; use an 8-bit type",
-    "QBFP": "block floating point is not supported; use an 8-bit integer type",
-    "QMX": "microscaling (MX) types are not supported; use an 8-bit integer type",
+    "QBFloat16": f"bfloat16 is not supported: pyquant writes integer QDQ models only; {_INTEGER_TYPES}",
+    "QFLOAT8E4M3FN": f"float8 is not supported: pyquant writes integer QDQ models only; {_INTEGER_TYPES}",
+    "QBFP": f"block floating point is not supported; {_INTEGER_TYPES}",
+    "QMX": f"microscaling (MX) types are not supported; {_INTEGER_TYPES}",
 }
 _CALIBRATION_METHODS: Dict[Any, Any] = {
     **{m: m for m in CalibrationMethod}, **{m: m for m in PowerOfTwoMethod},
@@ -119,26 +118,35 @@ _CALIBRATION_METHODS: Dict[Any, Any] = {
 }
 _FORMAT_NOTICES = {
     QuantFormat.QDQ: None,
-    VitisQuantFormat.QDQ: "pyquant writes onnx's standard QuantizeLinear/DequantizeLinear (the same 8-bit "
-                          "arithmetic), not Quark's custom QDQ ops",
+    VitisQuantFormat.QDQ: "pyquant writes onnx's standard QuantizeLinear/DequantizeLinear (the same integer "
+                          "arithmetic; 16-bit types at opset 21), not Quark's custom QDQ ops",
 }
 _REFUSED_FORMATS = {
     QuantFormat.QOperator: "pyquant writes QDQ models (QuantizeLinear/DequantizeLinear around float ops), not "
                            "QOperator (QLinearConv ...); use QuantFormat.QDQ (onnxruntime fuses it into integer "
                            "kernels)",
     VitisQuantFormat.FixNeuron: "FixNeuron is Quark's experimental, non-deployable op; use QuantFormat.QDQ",
-    VitisQuantFormat.BFPFixNeuron: "block floating point is not supported; use QuantFormat.QDQ with an 8-bit type",
-    VitisQuantFormat.MXFixNeuron: "microscaling (MX) is not supported; use QuantFormat.QDQ with an 8-bit type",
+    VitisQuantFormat.BFPFixNeuron: "block floating point is not supported; use QuantFormat.QDQ with an integer type",
+    VitisQuantFormat.MXFixNeuron: "microscaling (MX) is not supported; use QuantFormat.QDQ with an integer type",
 }
 
 
 def quant_type(field: str, value: Any) -> QuantType:
-    """pyquant's QuantType for a QuantType of pyquant, onnxruntime or Quark (ConfigError
-    saying what is missing for the others)."""
+    """pyquant's QuantType for a QuantType of pyquant, onnxruntime or Quark: QInt8, QUInt8,
+    QInt16, QUInt16 (ConfigError saying what is missing for the others)."""
     if isinstance(value, enum.Enum) and value in _QUANT_TYPES:
         return _QUANT_TYPES[value]
     why = _UNSUPPORTED_TYPES.get(getattr(value, "name", None), "not a quantization type")
     raise ConfigError(f"{field}={value!r}: {why}")
+
+
+def weight_type(field: str, value: Any) -> QuantType:
+    """QuantType.QInt8, of pyquant, onnxruntime or Quark: the weights are symmetric int8."""
+    qtype = quant_type(field, value)
+    if qtype is not QuantType.QInt8:
+        raise ConfigError(f"{field}={value!r}: pyquant's weights are symmetric int8 (16-bit types are for "
+                          "activations: activation_type QInt16 or QUInt16); use QuantType.QInt8")
+    return qtype
 
 
 def calibrate_method(value: Any):
@@ -370,8 +378,8 @@ EXTRA_OPTIONS: Dict[str, Handler] = {
                                 "pair between them); remove the key"),
     "AlignConcat": notice("Concat inputs and output share one scale exactly when enable_npu_cnn is on"),
     "AlignSlice": same_as_pyquant(True, notice_why="Slice, a data-movement op, always keeps its input's scale"),
-    "AlignEltwiseQuantType": notice("8-bit only: a constant operand of an elementwise op, when quantized, already "
-                                    "uses the activation type"),
+    "AlignEltwiseQuantType": notice("a constant operand of an elementwise op, when quantized, already takes the "
+                                    "activation type (16-bit ones too)"),
     "CalibMovingAverage": same_as_pyquant(False, refuse="MinMax takes the extremes over all calibration data; for "
                                           "ranges robust to outliers use CalibrationMethod.Percentile"),
     "UseRandomData": same_as_pyquant(False, refuse="calibrating on random inputs gives meaningless ranges; pass a "
@@ -406,8 +414,8 @@ REFUSED_EXTRA_OPTIONS: Dict[str, str] = {
     "CalibDataSize": "pyquant calibrates on every sample the data reader gives; limit the reader instead (e.g. the "
                      "tutorial ImageDataReader's data_size)",
     "AutoMixprecision": "automatic mixed precision is not available",
-    "BFPAttributes": "block floating point is not supported; use an 8-bit integer type",
-    "MXAttributes": "microscaling (MX) types are not supported; use an 8-bit integer type",
+    "BFPAttributes": "block floating point is not supported; use an integer type (8 or 16 bits)",
+    "MXAttributes": "microscaling (MX) types are not supported; use an integer type (8 or 16 bits)",
     "MatMulNBitsParams": "weight-only MatMulNBits is onnxruntime's (onnxruntime.quantization.matmul_nbits_quantizer)",
     "BF16QDQToCast": "BF16 is not supported: pyquant writes integer QDQ models",
 }
@@ -725,7 +733,7 @@ FIELDS: Dict[str, Handler] = {
     "calibrate_method": lambda k, v: {"calibrate_method": calibrate_method(v)},
     "quant_format": _quant_format,
     "activation_type": lambda k, v: {"activation_type": quant_type(k, v)},
-    "weight_type": lambda k, v: {"weight_type": quant_type(k, v)},
+    "weight_type": lambda k, v: {"weight_type": weight_type(k, v)},
     # Node selection (NodeSelection): names are resolved against the model by ModelQuantizer.
     "input_nodes": _node_names,
     "output_nodes": _node_names,

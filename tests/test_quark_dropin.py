@@ -57,10 +57,34 @@ def test_quark_import_lines_work_with_only_the_package_name_changed():
 @pytest.mark.parametrize("given,expected", [
     (OrtQuantType.QInt8, QuantType.QInt8), (OrtQuantType.QUInt8, QuantType.QUInt8),
     (compat.VitisQuantType.QUInt8, QuantType.QUInt8), (QuantType.QInt8, QuantType.QInt8),
+    (OrtQuantType.QInt16, QuantType.QInt16), (OrtQuantType.QUInt16, QuantType.QUInt16),
+    (compat.VitisQuantType.QInt16, QuantType.QInt16), (compat.ExtendedQuantType.QUInt16, QuantType.QUInt16),
+    (QuantType.QInt16, QuantType.QInt16), (QuantType.QUInt16, QuantType.QUInt16),
 ])
 def test_quant_types_of_onnxruntime_and_quark_are_accepted(given, expected):
     config = pyquant.QuantizationConfig(activation_type=given, weight_type=OrtQuantType.QInt8).to_quant_config()
     assert config.activation_type is expected and config.weight_type is QuantType.QInt8
+
+
+def activation_zero_points(model: onnx.ModelProto):
+    """{activation tensor: onnx dtype of its zero point} of a quantized model."""
+    suffix = "_QuantizeLinear_Output_zero_point"
+    return {t.name[:-len(suffix)]: t.data_type for t in model.graph.initializer if t.name.endswith(suffix)}
+
+
+def opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+@pytest.mark.parametrize("given,dtype", [(OrtQuantType.QUInt16, TensorProto.UINT16),
+                                         (compat.VitisQuantType.QInt16, TensorProto.INT16)])
+def test_16_bit_activations_write_standard_16_bit_qdq(given, dtype, tiny_model, tiny_data):
+    model = pyquant.ModelQuantizer(pyquant.Config(global_quant_config=pyquant.QuantizationConfig(
+        activation_type=given, include_cle=False))).quantize_model(tiny_model, None, OrtReader(tiny_data))
+    onnx.checker.check_model(model)
+    assert opset(model) == 21 and set(activation_zero_points(model).values()) == {dtype}
+    weights = [t for t in model.graph.initializer if t.name.endswith("_quantized") and len(t.dims) == 4]
+    assert weights and all(t.data_type == TensorProto.INT8 for t in weights)
 
 
 @pytest.mark.parametrize("given,expected", [
@@ -74,8 +98,11 @@ def test_calibration_methods_of_onnxruntime_are_accepted(given, expected):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"calibrate_method": OrtCalibrationMethod.Distribution}, "calibrate_method.*not supported; use"),
-    ({"activation_type": OrtQuantType.QInt16}, "16-bit tensors are not supported yet.*QInt8"),
-    ({"activation_type": compat.VitisQuantType.QUInt16}, "16-bit"),
+    ({"weight_type": OrtQuantType.QInt16}, "weight_type.*weights are symmetric int8 \\(16-bit types are for "
+                                           "activations"),
+    ({"weight_type": compat.VitisQuantType.QUInt16}, "weights are symmetric int8"),
+    ({"activation_type": compat.VitisQuantType.QInt32}, "32-bit tensors are not supported.*QInt16 or QUInt16 for "
+                                                        "activations"),
     ({"activation_type": compat.VitisQuantType.QBFloat16}, "bfloat16 is not supported"),
     ({"activation_type": OrtQuantType.QFLOAT8E4M3FN}, "float8"),
     ({"weight_type": OrtQuantType.QUInt8}, "weight_type"),
