@@ -944,15 +944,28 @@ QUARK_PRESETS: Dict[str, Callable[[], QuantizationConfig]] = {
     **_with_finetune("A8W8", (CalibrationMethod.MinMax, QuantType.QInt8, _SYMMETRIC), {}),
     **_with_finetune("S8S8_AAWS", (CalibrationMethod.Percentile, QuantType.QInt8, {"Percentile": 99.9999}), {}),
     **_with_finetune("U8S8_AAWS", (CalibrationMethod.Percentile, QuantType.QUInt8, {}), {}),
+    # 16-bit activations, int8 weights (standard int16/uint16 QDQ, at opset 21)
+    **_with_finetune("A16W8", (CalibrationMethod.MinMax, QuantType.QInt16, _SYMMETRIC), {}),
+    **_with_finetune("S16S8_ASWS", (CalibrationMethod.Percentile, QuantType.QInt16, _SYMMETRIC), {}),
+    **_with_finetune("U16S8_AAWS", (CalibrationMethod.Percentile, QuantType.QUInt16, {}), {}),
     "INT8_CNN_DEFAULT": _preset(CalibrationMethod.MinMax, QuantType.QUInt8, {}),
 }
-_INT16 = "int16 activations are not supported yet: pyquant's core quantizes activations to 8 bits; use A8W8 or XINT8"
+
+
+def _int16_weights(instead: str, also: str = "") -> str:
+    return (f"its weights are int16 and pyquant's weights are int8 (QuantConfig.weight_type QInt8 only){also}; for "
+            f"16-bit activations with int8 weights use {instead}")
+
+
 _FLOAT = "pyquant writes integer QDQ models only (no float16/bfloat16/block-float conversion); use XINT8 or A8W8"
+_NPU_TRANSFORMER = ", and it needs NPU transformer rules (enable_npu_transformer), which pyquant does not have"
 QUARK_UNSUPPORTED_PRESETS: Dict[str, str] = {
-    **{f"{base}{tail}": _INT16 for base in ("A16W8", "S16S8_ASWS", "U16S8_AAWS")
-       for tail in ("", "_ADAROUND", "_ADAQUANT")},
-    **{name: _INT16 for name in ("INT16_CNN_DEFAULT", "INT16_CNN_ACCURATE", "INT16_TRANSFORMER_DEFAULT",
-                                 "INT16_TRANSFORMER_ACCURATE", "S16S16_MIXED_S8S8")},
+    "INT16_CNN_DEFAULT": _int16_weights("U16S8_AAWS (Percentile) or A16W8 (MinMax)"),
+    "INT16_CNN_ACCURATE": _int16_weights("U16S8_AAWS_ADAROUND"),
+    "INT16_TRANSFORMER_DEFAULT": _int16_weights("U16S8_AAWS", _NPU_TRANSFORMER),
+    "INT16_TRANSFORMER_ACCURATE": _int16_weights("U16S8_AAWS_ADAROUND", _NPU_TRANSFORMER),
+    "S16S16_MIXED_S8S8": _int16_weights("S16S8_ASWS", ", and it needs automatic mixed precision (include_auto_mp), "
+                                        "which pyquant does not have"),
     **{name: _FLOAT for name in ("BF16", "BF16_ADAQUANT", "FP16", "FP16_ADAQUANT", "BFP16", "BFP16_ADAQUANT",
                                  "MX4", "MX6", "MX9", "MXINT8", "BF16_MIXED_BFP16", "BF16_MIXED_MXINT8",
                                  "BF16_BFP16", "BF16_MXINT8", "MX9_INT8")},
@@ -969,7 +982,7 @@ QUARK_UNSUPPORTED_PRESETS: Dict[str, str] = {
 def quark_default_config(name: str) -> QuantizationConfig:
     """Quark's preset ``name`` (QUARK_PRESETS), or pyquant's own preset of that name when
     Quark has none (INT8_CLE, INT8_CNN_ACCURATE, U8S8); ConfigError saying what is missing
-    for Quark's presets pyquant cannot express (A16W8, U8U8_AAWA, BF16, ...)."""
+    for Quark's presets pyquant cannot express (INT16_*, U8U8_AAWA, BF16, ...)."""
     if not isinstance(name, str):
         raise ConfigError(f"a preset name is a string, got {name!r}")
     if name in QUARK_PRESETS:

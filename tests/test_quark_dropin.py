@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.calibrate import CalibrationDataReader
@@ -279,15 +280,19 @@ def test_every_quark_preset_translates(name):
     assert (typed.fast_finetune is not None) == name.endswith(("_ADAROUND", "_ADAQUANT"))
     if name.endswith("_ADAQUANT"):
         assert typed.fast_finetune.algorithm.value == "adaquant"
-    assert typed.activation_type is (QuantType.QUInt8 if name.startswith(("XINT8", "U8", "INT8")) else QuantType.QInt8)
+    expected = {"XINT8": QuantType.QUInt8, "U8": QuantType.QUInt8, "INT8": QuantType.QUInt8, "A8": QuantType.QInt8,
+                "S8": QuantType.QInt8, "A16": QuantType.QInt16, "S16": QuantType.QInt16, "U16": QuantType.QUInt16}
+    assert typed.activation_type is next(t for prefix, t in expected.items() if name.startswith(prefix))
+    assert typed.activation_symmetric is ("AAWS" not in name and not name.startswith("INT8"))
     config.extra_options["Percentile"] = 50.5  # a new object each call: the tutorial edits extra_options
     assert compat.quark_default_config(name).extra_options.get("Percentile") != 50.5
 
 
 @pytest.mark.parametrize("name,message", [
-    ("A16W8", "int16 activations are not supported yet.*use A8W8"),
-    ("A16W8_ADAROUND", "int16"),
-    ("S16S8_ASWS", "int16"),
+    ("INT16_CNN_DEFAULT", "weights are int16 and pyquant's weights are int8.*use U16S8_AAWS"),
+    ("INT16_CNN_ACCURATE", "weights are int16.*use U16S8_AAWS_ADAROUND"),
+    ("INT16_TRANSFORMER_DEFAULT", "weights are int16.*NPU transformer rules"),
+    ("S16S16_MIXED_S8S8", "weights are int16.*automatic mixed precision.*use S16S8_ASWS"),
     ("U8U8_AAWA", "uint8 weights.*use U8S8_AAWS"),
     ("BF16", "integer QDQ models only"),
     ("VINT8", "random data"),
@@ -296,6 +301,35 @@ def test_every_quark_preset_translates(name):
 def test_quark_presets_out_of_reach_are_clear_errors(name, message):
     with pytest.raises(ConfigError, match=message):
         compat.quark_default_config(name)
+
+
+@pytest.mark.parametrize("name,calibration,dtype,symmetric", [
+    ("A16W8", CalibrationMethod.MinMax, TensorProto.INT16, True),
+    ("S16S8_ASWS", CalibrationMethod.Percentile, TensorProto.INT16, True),
+    ("U16S8_AAWS", CalibrationMethod.Percentile, TensorProto.UINT16, False),
+])
+def test_quark_16_bit_presets_write_16_bit_activations(name, calibration, dtype, symmetric, tiny_model, tiny_data):
+    config = compat.quark_default_config(name)
+    assert config.to_quant_config().calibrate_method is calibration
+    model = pyquant.ModelQuantizer(pyquant.Config(global_quant_config=config)).quantize_model(
+        tiny_model, None, OrtReader(tiny_data))
+    onnx.checker.check_model(model)
+    assert opset(model) == 21 and set(activation_zero_points(model).values()) == {dtype}
+    zero_points = {int(numpy_helper.to_array(t)) for t in model.graph.initializer
+                   if t.name.endswith("_QuantizeLinear_Output_zero_point")}
+    assert (zero_points == {0}) is symmetric
+    # 16 bits lose less than 8: the same preset with 8-bit activations is further from float
+    eight_bit = dataclasses.replace(config, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8)
+    model_8 = pyquant.ModelQuantizer(pyquant.Config(global_quant_config=eight_bit)).quantize_model(
+        tiny_model, None, OrtReader(tiny_data))
+    assert output_error(tiny_model, model, tiny_data) < 0.8 * output_error(tiny_model, model_8, tiny_data)
+
+
+def output_error(model, quantized, x) -> float:
+    """RMS error of the quantized model's output relative to the float model's RMS."""
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    reference = run(model)
+    return float(np.sqrt(np.mean((run(quantized) - reference) ** 2)) / np.sqrt(np.mean(reference ** 2)))
 
 
 def test_pyquant_presets_remain_reachable_by_their_names():
