@@ -343,6 +343,24 @@ DEFAULT_ADAQUANT_PARAMS: Dict[str, Any] = fast_finetune_params(
 
 # ---- extra_options keys --------------------------------------------------------------------------
 
+_MIXED = "extra_options['MixedPrecisionTensor']"
+
+
+def _mixed_precision(key: str, value: Any) -> Dict[str, Any]:
+    """Quark's {QuantType: [tensor names]} -> QuantConfig.tensor_types {name: QuantType}
+    (activation tensors; the run checks that each name is a quantized activation)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{_MIXED} must be a dict {{QuantType: [tensor names]}}, got {value!r}")
+    types: Dict[str, QuantType] = {}
+    for given, names in value.items():
+        qtype = quant_type(f"{_MIXED} key", given)
+        for name in _names(getattr(given, "name", str(given)), names, _MIXED):
+            if types.setdefault(name, qtype) is not qtype:
+                raise ConfigError(f"{_MIXED}: tensor {name!r} is given two types, {types[name].name} and "
+                                  f"{qtype.name}; list it under one")
+    return {"tensor_types": types}
+
+
 _DATA_MOVEMENT = ("pyquant quantizes a data-movement op (MaxPool, Reshape, Slice, ...) when a quantized op reads its "
                   "output, with enable_npu_cnn also when one produces its input")
 
@@ -364,6 +382,8 @@ EXTRA_OPTIONS: Dict[str, Handler] = {
     "CLEActivationSamples": _mapped("cle.activation_samples", _integer),
     # pyquant's own: QDQ pairs on model outputs and tensors read only by float ops.
     "QuantizeRegionOutputs": _mapped("quantize_region_outputs", _bool),
+    # Per-tensor activation types ({QuantType: [tensor names]}), with specific_tensor_precision=True.
+    "MixedPrecisionTensor": _mixed_precision,
     # Quark's extra_options form of QuantizationConfig.op_types_to_quantize (both given: they must agree).
     "OpTypesToQuantize": lambda k, v: {"select.op_types_option": _op_types(k, v, "extra_options")},
     # Fast finetune (FastFinetuneOptions), a dict with the keys of FAST_FINETUNE_OPTIONS.
@@ -409,8 +429,6 @@ EXTRA_OPTIONS: Dict[str, Handler] = {
     "DedicateDQNode": same_as_pyquant(False, notice_why="one DequantizeLinear per tensor, shared by its readers"),
 }
 REFUSED_EXTRA_OPTIONS: Dict[str, str] = {
-    "MixedPrecisionTensor": "per-tensor types need a per-tensor type in the core and 16-bit support, neither of "
-                            "which exists yet",
     "CalibDataSize": "pyquant calibrates on every sample the data reader gives; limit the reader instead (e.g. the "
                      "tutorial ImageDataReader's data_size)",
     "AutoMixprecision": "automatic mixed precision is not available",
@@ -742,8 +760,8 @@ FIELDS: Dict[str, Handler] = {
     "extra_op_types_to_quantize": lambda k, v: {"select.extra_op_types": frozenset(_names(k, v))},
     "nodes_to_exclude": _names_to_exclude,
     "subgraphs_to_exclude": _subgraphs,
-    "specific_tensor_precision": same_as_pyquant(False, place="field", refuse="per-tensor types need a per-tensor "
-                                                 "type in the core and 16-bit support, neither of which exists yet"),
+    # Turns on extra_options['MixedPrecisionTensor'] (checked with it in QuantizationConfig.translate).
+    "specific_tensor_precision": lambda k, v: {"specific_tensor_precision": _bool(k, v, "field")},
     "execution_providers": _execution_providers,
     "per_channel": _field("per_channel"),
     "reduce_range": same_as_pyquant(False, place="field", refuse="weights use the full int8 range; 7-bit weights "
@@ -792,12 +810,27 @@ def _selected_op_types(field: Optional[FrozenSet[str]], option: Optional[FrozenS
     return None
 
 
+def _check_mixed_precision(flag: bool, types: Optional[Dict[str, QuantType]]) -> None:
+    """specific_tensor_precision=True needs tensors in MixedPrecisionTensor; tensors given
+    without the flag are applied, with a notice (Quark's QuantizationConfig needs the flag)."""
+    if flag and not types:
+        raise ConfigError("QuantizationConfig.specific_tensor_precision=True lists no tensors: give "
+                          f"{_MIXED} = {{QuantType.QInt16: ['tensor name', ...]}} (activation tensors quantized to "
+                          "that type instead of activation_type), or set specific_tensor_precision=False")
+    if types and not flag:
+        log.warning("%s is applied without QuantizationConfig.specific_tensor_precision=True; Quark applies it only "
+                    "with the flag: set specific_tensor_precision=True so that the script means the same on both",
+                    _MIXED)
+
+
 @dataclasses.dataclass
 class QuantizationConfig:
     """Quark's QuantizationConfig: the same fields with Quark's defaults (include_cle is
     True and activation_type QInt8 as in Quark; per_channel False, MinMax calibration), so
     that a config ported from Quark means the same. ``to_quant_config()`` translates into
-    the typed QuantConfig; ModelQuantizer also carries out the LayerOptions fields."""
+    the typed QuantConfig; ModelQuantizer also carries out the LayerOptions fields.
+    specific_tensor_precision=True with extra_options['MixedPrecisionTensor'] ({QuantType:
+    [activation tensor names]}) gives those tensors their own types (QuantConfig.tensor_types)."""
 
     calibrate_method: Any = CalibrationMethod.MinMax
     quant_format: Any = QuantFormat.QDQ
@@ -848,6 +881,7 @@ class QuantizationConfig:
             fields.setdefault("fast_finetune", FastFinetuneOptions())
         elif "fast_finetune" in fields:
             raise ConfigError("extra_options['FastFinetune'] is given but include_fast_ft is False")
+        _check_mixed_precision(fields.pop("specific_tensor_precision"), fields.get("tensor_types"))
         op_types = _selected_op_types(select.pop("op_types"), select.pop("op_types_option", None),
                                       select.pop("extra_op_types"))
         selection = NodeSelection(**select)
@@ -891,8 +925,14 @@ class QuantizationConfig:
             extra["QuantizeRegionOutputs"] = False
         if config.fast_finetune is not None:
             extra["FastFinetune"] = fast_finetune_params(config.fast_finetune)
+        if config.tensor_types:
+            by_type: Dict[QuantType, List[str]] = collections.defaultdict(list)
+            for name, qtype in sorted(config.tensor_types.items()):
+                by_type[qtype].append(name)
+            extra["MixedPrecisionTensor"] = dict(by_type)
         result = cls(calibrate_method=config.calibrate_method, activation_type=config.activation_type,
                      weight_type=config.weight_type, per_channel=config.per_channel,
+                     specific_tensor_precision=bool(config.tensor_types),
                      enable_npu_cnn=config.enable_npu_cnn, include_cle=config.cross_layer_equalization,
                      include_fast_ft=config.fast_finetune is not None, extra_options=extra,
                      nodes_to_exclude=sorted(config.nodes_to_exclude),
@@ -964,8 +1004,10 @@ QUARK_UNSUPPORTED_PRESETS: Dict[str, str] = {
     "INT16_CNN_ACCURATE": _int16_weights("U16S8_AAWS_ADAROUND"),
     "INT16_TRANSFORMER_DEFAULT": _int16_weights("U16S8_AAWS", _NPU_TRANSFORMER),
     "INT16_TRANSFORMER_ACCURATE": _int16_weights("U16S8_AAWS_ADAROUND", _NPU_TRANSFORMER),
-    "S16S16_MIXED_S8S8": _int16_weights("S16S8_ASWS", ", and it needs automatic mixed precision (include_auto_mp), "
-                                        "which pyquant does not have"),
+    "S16S16_MIXED_S8S8": _int16_weights("S16S8_ASWS, or an 8-bit preset with specific_tensor_precision=True and "
+                                        f"{_MIXED} raising chosen tensors to QInt16",
+                                        ", and it needs automatic mixed precision (include_auto_mp), which pyquant "
+                                        "does not have"),
     **{name: _FLOAT for name in ("BF16", "BF16_ADAQUANT", "FP16", "FP16_ADAQUANT", "BFP16", "BFP16_ADAQUANT",
                                  "MX4", "MX6", "MX9", "MXINT8", "BF16_MIXED_BFP16", "BF16_MIXED_MXINT8",
                                  "BF16_BFP16", "BF16_MXINT8", "MX9_INT8")},

@@ -183,6 +183,7 @@ KEY_VALUES = {
     "CLESteps": 1, "CLETotalLayerDiffThreshold": 0.9, "ReplaceClip6Relu": True, "CLEScaleAppendBias": True,
     "CLEActivationWeight": 0.0, "CLEActivationSamples": 8, "QuantizeRegionOutputs": False,
     "FastFinetune": {"NumIterations": 3}, "OpTypesToQuantize": ["Conv"],
+    "MixedPrecisionTensor": {QuantType.QInt16: ["r1"]},
     "OptimAlgorithm": "adaquant", "NumIterations": 3, "LearningRate": 0.5, "RegParam": 0.5, "BetaRange": (4, 2),
     "WarmStart": 0.8, "EarlyStop": False, "UpdateBias": False, "DataSize": 16, "NumBatches": 1, "OptimDevice": "cpu",
     "InferDevice": "cpu", "BatchSize": 4, "FixedSeed": 7, "LogPeriod": 10,

@@ -199,7 +199,7 @@ def test_quark_defaults():
     ("nodes_to_exclude", ["(.*"], "not a regular expression"),
     ("subgraphs_to_exclude", [(["a"],)], "list of \\(start nodes, end nodes\\) pairs"),
     ("subgraphs_to_exclude", [([], ["b"])], "at least one start and one end node"),
-    ("specific_tensor_precision", True, "per-tensor types"),
+    ("specific_tensor_precision", True, "=True lists no tensors: give extra_options\\['MixedPrecisionTensor'\\]"),
     ("reduce_range", True, "full int8 range"),
     ("use_dynamic_quant", True, "quantize_dynamic"),
     ("convert_fp16_to_fp32", True, "float32 first"),
@@ -231,7 +231,6 @@ def test_fields_without_effect_here_are_accepted_with_a_notice(field, value, not
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("MixedPrecisionTensor", {}, "per-tensor types"),
     ("CalibDataSize", 10, "limit the reader"),
     ("BF16QDQToCast", True, "BF16"),
     ("Int32Bias", False, "int32"),
@@ -327,7 +326,8 @@ def test_quark_16_bit_presets_write_16_bit_activations(name, calibration, dtype,
 
 def output_error(model, quantized, x) -> float:
     """RMS error of the quantized model's output relative to the float model's RMS."""
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     reference = run(model)
     return float(np.sqrt(np.mean((run(quantized) - reference) ** 2)) / np.sqrt(np.mean(reference ** 2)))
 
@@ -529,6 +529,56 @@ def test_readme_says_node_choices_are_honoured():
     assert rows[("OpTypesToQuantize", "extra_options")][1].startswith("honoured")
     drop_in = README.read_text().split("### Quark drop-in", 1)[1].split("\n#", 1)[0]
     assert "hook" not in drop_in and all(f"`{key}`" in drop_in for key in NODE_CHOICES)
+
+
+# ---- mixed precision ----------------------------------------------------------------------------------
+
+MIXED = {"MixedPrecisionTensor": {OrtQuantType.QInt16: ["r1"]}}
+
+
+def test_mixed_precision_tensor_gives_the_listed_tensors_their_type(tiny_model, tiny_data, caplog):
+    before = activation_zero_points(quantize_tiny(tiny_model, tiny_data))
+    assert set(before.values()) == {TensorProto.UINT8} and "r1" in before
+    model = quantize_tiny(tiny_model, tiny_data, specific_tensor_precision=True, extra_options=MIXED)
+    onnx.checker.check_model(model)
+    after = activation_zero_points(model)
+    assert after.pop("r1") == TensorProto.INT16 and set(after.values()) == {TensorProto.UINT8}
+    assert opset(model) == 21 and set(after) == set(before) - {"r1"}
+    with caplog.at_level(logging.WARNING, logger="pyquant"):  # without the flag: applied, with a notice
+        alone = quantize_tiny(tiny_model, tiny_data, extra_options=MIXED)
+    assert alone.SerializeToString() == model.SerializeToString()
+    assert "MixedPrecisionTensor'] is applied without QuantizationConfig.specific_tensor_precision=True" in caplog.text
+    with pytest.raises(ConfigError, match="tensor_types names tensors that are not quantized activations: w1"):
+        quantize_tiny(tiny_model, tiny_data, specific_tensor_precision=True,
+                      extra_options={"MixedPrecisionTensor": {QuantType.QInt16: ["w1"]}})  # a weight
+
+
+def test_mixed_precision_translates_and_round_trips():
+    config = pyquant.QuantizationConfig(specific_tensor_precision=True, extra_options={"MixedPrecisionTensor": {
+        OrtQuantType.QInt16: ["r1", "a1"], compat.VitisQuantType.QUInt16: ["cat"], QuantType.QInt8: ["y"]}})
+    typed = config.to_quant_config()
+    assert dict(typed.tensor_types) == {"r1": QuantType.QInt16, "a1": QuantType.QInt16, "cat": QuantType.QUInt16,
+                                        "y": QuantType.QInt8}
+    back = pyquant.QuantizationConfig.from_quant_config(typed)
+    assert back.specific_tensor_precision and back.to_quant_config() == typed
+    assert back.extra_options["MixedPrecisionTensor"] == {QuantType.QInt16: ["a1", "r1"], QuantType.QUInt16: ["cat"],
+                                                          QuantType.QInt8: ["y"]}
+    rows = readme_rows("Quark-compatible keys", 4)
+    assert rows[("specific_tensor_precision", "QuantizationConfig")][1].startswith("honoured")
+    assert rows[("MixedPrecisionTensor", "extra_options")][1].startswith("honoured")
+
+
+@pytest.mark.parametrize("value,message", [
+    ({OrtQuantType.QInt16: "r1"}, "\\['QInt16'\\] must be a list of names, got 'r1'"),
+    ({"int16": ["r1"]}, "key='int16': not a quantization type"),
+    ({compat.VitisQuantType.QBFloat16: ["r1"]}, "bfloat16 is not supported"),
+    ({OrtQuantType.QInt16: ["r1"], OrtQuantType.QUInt8: ["r1"]}, "'r1' is given two types, QInt16 and QUInt8"),
+    (["r1"], "must be a dict \\{QuantType: \\[tensor names\\]\\}"),
+])
+def test_mixed_precision_tensor_values_are_checked(value, message):
+    with pytest.raises(ConfigError, match=f"extra_options\\['MixedPrecisionTensor'\\].*{message}"):
+        pyquant.QuantizationConfig(specific_tensor_precision=True,
+                                   extra_options={"MixedPrecisionTensor": value}).to_quant_config()
 
 
 # ---- choosing nodes -----------------------------------------------------------------------------------
