@@ -234,3 +234,10 @@ def test_every_fast_finetune_key_maps_to_the_typed_options(key, value, field, ex
     options = QuantizationConfig(include_fast_ft=True, extra_options={"FastFinetune": {key: value}}) \
         .to_quant_config().fast_finetune
     assert getattr(options, field) == expected
+
+
+def test_the_model_does_not_depend_on_the_thread_budget(tiny_model, tiny_data):
+    config = dataclasses.replace(get_preset("XINT8"), fast_finetune=FastFinetuneOptions(iterations=100))
+    one = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 8), dataclasses.replace(config, threads=1))
+    two = quantize_model(tiny_model, ArrayReader(tiny_data, "x", 8), dataclasses.replace(config, threads=2))
+    assert one.model.SerializeToString() == two.model.SerializeToString()
