@@ -179,8 +179,8 @@ def test_elementwise_ops_between_layers_stay_float_without_npu_rules():
     u8s8 = plan_for(model, get_preset("U8S8"))
     assert set(u8s8.activations) == {"x", "a1", "a2"}  # the inputs of the three convolutions
     assert sum(reason == FLOAT_REGION_REASON for reason in u8s8.skipped.values()) == 3  # Sigmoid, Mul, HardSwish
-    xint8 = plan_for(model, get_preset("XINT8"))  # an NPU computes them in integers
-    assert {"c1", "s1", "a1", "c2", "a2"} <= set(xint8.activations)
+    xint8 = plan_for(model, get_preset("XINT8"))  # an NPU computes each activation as one op
+    assert {"c1", "a1", "c2", "a2"} <= set(xint8.activations) and "s1" not in xint8.activations
 
 
 def test_every_stage_leaves_single_definitions(tiny_data):
@@ -225,8 +225,8 @@ def test_written_out_hard_swish_becomes_one_op(opset, ops):
     assert [n.op_type for n in prepared.graph.node] == ops
     assert report.changes["written-out hard-swish / hard-sigmoid fused into one op"] == 1
     assert_same_function(model, prepared, X)
-    xint8 = plan_for(prepared, get_preset("XINT8"))  # one quantization point for the activation (two at opset 13)
-    assert set(xint8.activations) == {"x", "c", "a", "y"} | ({"a_gate"} if opset == 13 else set())
+    xint8 = plan_for(prepared, get_preset("XINT8"))  # one quantization point for the activation
+    assert set(xint8.activations) == {"x", "c", "a", "y"}
 
 
 def test_paddle_hard_sigmoid_becomes_one_op():
@@ -249,3 +249,22 @@ def test_divisors_are_never_quantized():
     plan = plan_for(prepare(model), get_preset("XINT8"))
     assert "d" not in plan.activations and plan.float_tensors["d"].startswith("divisor of Div")
     assert "c" in plan.activations
+
+
+def test_written_out_activations_are_one_quantization_point_under_npu_rules():
+    """SiLU and GELU (erf form) written out between convolutions: with NPU rules only their
+    input and output are quantized; the steps inside are not."""
+    inits = {"w1": rand(6, 4, 1, 1), "w2": rand(6, 6, 1, 1), "w3": rand(5, 6, 1, 1), "half": 0.5, "one": 1.0,
+             "root2": 1.4142135}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"]),
+             helper.make_node("Sigmoid", ["c1"], ["s"]), helper.make_node("Mul", ["c1", "s"], ["a1"]),
+             helper.make_node("Conv", ["a1", "w2"], ["c2"]),
+             helper.make_node("Div", ["c2", "root2"], ["g1"]), helper.make_node("Erf", ["g1"], ["g2"]),
+             helper.make_node("Add", ["g2", "one"], ["g3"]), helper.make_node("Mul", ["c2", "g3"], ["g4"]),
+             helper.make_node("Mul", ["g4", "half"], ["a2"]),
+             helper.make_node("Conv", ["a2", "w3"], ["y"])]
+    model = prepare(make(nodes, inits))  # the * 0.5 is folded into the last Conv: g4 is its input
+    xint8 = plan_for(model, get_preset("XINT8"))
+    assert {"x", "c1", "a1", "c2", "g4", "y"} <= set(xint8.activations)
+    assert not {"s", "g1", "g2", "g3"} & set(xint8.activations)
+    assert xint8.float_tensors["s"].startswith("inside a written-out activation")

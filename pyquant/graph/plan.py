@@ -177,6 +177,9 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
             if index < len(node.input) and node.input[index] and not view.is_constant(node.input[index]):
                 float_tensors.setdefault(node.input[index], f"divisor of {node.op_type} {view.node_name(node)}: a value "
                                                             "rounded to zero would make it infinite")
+    if enable_npu_cnn:
+        for name in _activation_interiors(view, model):
+            float_tensors.setdefault(name, ACTIVATION_INTERIOR_REASON)
     order: List[str] = []
     seen = set()
     constants: List[str] = []
@@ -370,6 +373,46 @@ def _selection(view: GraphView, model: ModelProto, nodes_to_exclude: FrozenSet[s
         elif op_types is not None and node.op_type not in op_types and node.op_type != "Constant":
             excluded[id(node)] = "op type not in the configuration's op_types_to_quantize"
     return excluded
+
+
+ACTIVATION_INTERIOR_REASON = ("inside a written-out activation (SiLU, GELU, Mish, ...): the activation is "
+                              "quantized at its input and output only")
+# Elementwise ops a written-out activation is made of (besides those in OP_RULES).
+_ACTIVATION_PARTS = {"Sigmoid", "Tanh", "Erf", "Softplus", "Exp", "Div", "Mul", "Add", "Sub", "Pow", "Sqrt", "Neg",
+                     "Relu", "Clip", "Min", "Max", "HardSigmoid", "Abs", "Reciprocal"}
+
+
+def _activation_interiors(view: GraphView, model: ModelProto) -> List[str]:
+    """The inner tensors of written-out activations: a group of two or more elementwise
+    nodes that compute a function of one tensor x alone (constants aside) and hand one
+    tensor to the rest of the graph (x * sigmoid(x), x * 0.5 * (1 + erf(x / sqrt 2)),
+    x * tanh(softplus(x)), ...). Under NPU rules the activation is one quantization point,
+    as an NPU computes it as one op: its inside is not quantized."""
+    interiors: List[str] = []
+    taken = set()
+    for x in [i.name for i in model.graph.input] + [o for n in model.graph.node for o in n.output]:
+        region, available = [], {x}
+        grew = True
+        while grew:
+            grew = False
+            for node in [c for name in list(available) for c in view.consumers.get(name, [])]:
+                if id(node) in taken or node in region or node.op_type not in _ACTIVATION_PARTS:
+                    continue
+                inputs = [i for i in node.input if i and not view.is_constant(i)]
+                if inputs and all(i in available for i in inputs):
+                    region.append(node)
+                    available.update(o for o in node.output if o)
+                    grew = True
+        if len(region) < 2:
+            continue
+        inside = {id(n) for n in region}
+        exposed = [o for n in region for o in n.output if o and (
+            o in view.graph_outputs or any(id(c) not in inside for c in view.consumers.get(o, [])))]
+        if len(exposed) != 1:
+            continue
+        taken.update(inside)
+        interiors.extend(o for n in region for o in n.output if o and o != exposed[0])
+    return interiors
 
 
 def plan_for(model: ModelProto, config: QuantConfig,
