@@ -35,13 +35,27 @@ Progress = Union[None, ProgressCallback, Callbacks]
 
 
 class _IterableReader:
-    """get_next() over an iterable of feed dicts."""
+    """get_next() over an iterable of feed dicts (a one-shot iterator, e.g. a generator)."""
 
     def __init__(self, feeds: Iterable[Dict[str, np.ndarray]]) -> None:
         self._iter: Iterator = iter(feeds)
 
     def get_next(self) -> Optional[Dict[str, np.ndarray]]:
         return next(self._iter, None)
+
+
+class _SequenceReader(_IterableReader):
+    """A list or tuple of feed dicts: it can be read again (fast finetune rereads it)."""
+
+    def __init__(self, feeds) -> None:
+        self.feeds = feeds
+        super().__init__(feeds)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def rewind(self) -> None:
+        self._iter = iter(self.feeds)
 
 
 class _DictReader:
@@ -129,6 +143,8 @@ def as_reader(data: Any, model: ModelProto, batch_size: int = DEFAULT_CALIB_BATC
         return ArrayReader(data, names[0], batch_size, limit)
     if isinstance(data, dict):
         return _DictReader({k: np.asarray(v)[:limit] for k, v in data.items()}, batch_size)
+    if isinstance(data, (list, tuple)):
+        return _SequenceReader(data)
     if isinstance(data, Iterable):
         return _IterableReader(data)
     raise DataError(f"unsupported calibration data of type {type(data).__name__}")

@@ -1,4 +1,5 @@
 """The library surface: pyquant.quantize / evaluate and the Quark-compatible layer."""
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -171,3 +172,11 @@ def test_ctrl_c_during_calibration_exits_promptly_and_leaves_no_file(tmp_path, t
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.onnx")]
+
+
+def test_a_list_of_feeds_can_be_read_twice_for_fast_finetune(tiny_model, tiny_data):
+    feeds = [{"x": tiny_data[i:i + 16]} for i in range(0, 64, 16)]
+    config = dataclasses.replace(get_preset("XINT8"), fast_finetune=pyquant.config.FastFinetuneOptions(iterations=5))
+    onnx.checker.check_model(pyquant.quantize(tiny_model, feeds, config))
+    with pytest.raises(DataError, match="rewind"):
+        pyquant.quantize(tiny_model, iter(feeds), config)
