@@ -204,6 +204,9 @@ DEFAULT_NUM_BINS = 2048
 ENTROPY_QUANT_BINS = 128
 MIN_NUM_BINS = ENTROPY_QUANT_BINS
 MAX_NUM_BINS = 2 ** 20
+# Cross-layer equalization scales are clamped to [1 / CLE_MAX_SCALE, CLE_MAX_SCALE], so
+# that a dead channel (range ~0 in one layer) cannot blow up the other.
+CLE_MAX_SCALE = 1e4
 # Batch size for calibration data given as arrays or folders, when calib_batch_size is None.
 DEFAULT_CALIB_BATCH_SIZE = 8
 

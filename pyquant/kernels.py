@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import _kernels  # noqa: E402  (after the environment above)
 from ._kernels import RangeStats
+from .config import CLE_MAX_SCALE, ENTROPY_QUANT_BINS  # noqa: E402
 
 __all__ = [
     "RangeStats", "CheckedAccumulate", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range",
@@ -189,7 +190,7 @@ def channel_abs_max(w4: npt.ArrayLike) -> np.ndarray:
     return out
 
 
-def equalization_scales(r1: npt.ArrayLike, r2: npt.ArrayLike, max_scale: float = 1e4,
+def equalization_scales(r1: npt.ArrayLike, r2: npt.ArrayLike, max_scale: float = CLE_MAX_SCALE,
                         act: Optional[npt.ArrayLike] = None, act_weight: float = 0.0) -> np.ndarray:
     """Cross-layer equalization scales sqrt(e / r2), 1 where a range is zero: e = r1, or
     with the activation's channel ranges ``act`` e = r1^(1-b) (rho act)^b, b = ``act_weight``
@@ -257,7 +258,7 @@ def histogram_quantiles(hist: npt.ArrayLike, lo: float, hi: float, qs: npt.Array
     return out
 
 
-def histogram_entropy_threshold(abs_hist: npt.ArrayLike, hi: float, num_quant_bins: int = 128) -> float:
+def histogram_entropy_threshold(abs_hist: npt.ArrayLike, hi: float, num_quant_bins: int = ENTROPY_QUANT_BINS) -> float:
     """KL-divergence clipping threshold of a histogram of |x| over [0, hi]
     (1 <= num_quant_bins <= len(abs_hist))."""
     num_quant_bins = _bins(num_quant_bins, "histogram_entropy_threshold", "num_quant_bins")

@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .config import CLE_MAX_SCALE, ENTROPY_QUANT_BINS
+
 
 class RangeStatsRef(NamedTuple):
     finite: int
@@ -65,7 +67,7 @@ def channel_abs_max(w4: np.ndarray) -> np.ndarray:
     return np.fmax.reduce(w4, axis=(1, 3), initial=np.float32(0)).reshape(-1)
 
 
-def equalization_scales(r1, r2, max_scale: float = 1e4, act=None, act_weight: float = 0.0) -> np.ndarray:
+def equalization_scales(r1, r2, max_scale: float = CLE_MAX_SCALE, act=None, act_weight: float = 0.0) -> np.ndarray:
     r1, r2 = np.asarray(r1, np.float64), np.asarray(r2, np.float64)
     usable = lambda r: (r > 0) & np.isfinite(r)  # noqa: E731
     ok = usable(r1) & usable(r2)
@@ -149,7 +151,7 @@ def histogram_quantiles(hist, lo, hi, qs) -> np.ndarray:
     return np.array(out)
 
 
-def histogram_entropy_threshold(abs_hist, hi, num_quant_bins: int = 128) -> float:
+def histogram_entropy_threshold(abs_hist, hi, num_quant_bins: int = ENTROPY_QUANT_BINS) -> float:
     p_all = np.asarray(abs_hist, dtype=np.float64)
     nbins = p_all.shape[0]
     best_kl, best_i = np.inf, num_quant_bins

@@ -38,7 +38,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, helper
 
 from .. import kernels
-from ..config import CLEOptions
+from ..config import CLE_MAX_SCALE, CLEOptions
 from ..errors import ModelError
 from ..graph.view import GraphView, attribute
 from ..runtime import make_session, tensors_over
@@ -47,8 +47,7 @@ from .base import QuantState, Stage, Technique
 log = logging.getLogger(__name__)
 
 HOMOGENEOUS = ("Relu", "LeakyRelu", "Identity")
-# Scales are clamped so that a dead channel (range ~0 in one layer) cannot blow up the other.
-MAX_SCALE = 1e4
+MAX_SCALE = CLE_MAX_SCALE  # scales are clamped so that a dead channel cannot blow up the other layer
 # The equalized float model must reproduce the original's outputs within this relative
 # error on a calibration batch: CLE is exact in real arithmetic, so anything above float32
 # rounding is a bug (or a pattern CLE must not have touched), never a tuning matter.
