@@ -468,11 +468,31 @@ class Task:
         return ""
 
 
+class FeedTask(Task):
+    """A task whose inputs are fixed batches: ``_feeds(split)`` gives them; calibration and
+    the held-out run follow."""
+
+    def _feeds(self, split: str) -> List[Feed]:
+        raise NotImplementedError
+
+    def calibration(self) -> List[Feed]:
+        return self._feeds(CALIB)
+
+    def run(self, session) -> Outputs:
+        return run_feeds(session, self._feeds(HELD_OUT))
+
+
+def class_agreement(ref: Outputs, test: Outputs) -> Metric:
+    """Fraction of samples whose top class (first output) is the float model's."""
+    r, t = (np.concatenate([c[0].argmax(1) for c in o]) for o in (ref, test))
+    return Metric(float(np.mean(r == t)), f"classes {np.mean(r == t):.3f}")
+
+
 def _batches(items: Sequence, size: int) -> List[Sequence]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-class SentenceEmbedding(Task):
+class SentenceEmbedding(FeedTask):
     """Sentence embeddings (mean-pooled output) of real sentences; metric: cosine to float."""
     BATCH = 8
 
@@ -498,12 +518,6 @@ class SentenceEmbedding(Task):
                           self.mask_name: np.array([e.attention_mask for e in encoded], np.int64)})
         return feeds
 
-    def calibration(self) -> List[Feed]:
-        return self._feeds(CALIB)
-
-    def run(self, session) -> Outputs:
-        return run_feeds(session, self._feeds(HELD_OUT))
-
     @staticmethod
     def _embeddings(outputs: Outputs) -> np.ndarray:
         return np.concatenate([next(o for o in call if o.ndim == 2 and o.dtype == np.float32) for call in outputs])
@@ -520,7 +534,7 @@ class SentenceEmbedding(Task):
         return f"mean cosine between different sentences {sim[~np.eye(len(e), dtype=bool)].mean():.2f}"
 
 
-class Yolo(Task):
+class Yolo(FeedTask):
     """YOLOv8 boxes on letterboxed photos; metric: detection overlap after decoding
     (confidence >= CONF, NMS per class) against the float model's boxes."""
     SIZE, CONF, NMS_IOU = 320, 0.25, 0.45
@@ -540,12 +554,6 @@ class Yolo(Task):
             x = np.asarray(square.resize((self.SIZE, self.SIZE), Image.BILINEAR), np.float32) / 255
             feeds.append({self.name: np.ascontiguousarray(x.transpose(2, 0, 1)[None])})
         return feeds
-
-    def calibration(self) -> List[Feed]:
-        return self._feeds(CALIB)
-
-    def run(self, session) -> Outputs:
-        return run_feeds(session, self._feeds(HELD_OUT))
 
     def decode(self, output: np.ndarray) -> Detections:
         pred = output[0].T  # [anchors, 4 + classes]
@@ -757,7 +765,7 @@ class MtcnnPnet(Task):
         return detection_overlap(self._per_image(ref), self._per_image(test))
 
 
-class MtcnnWindows(Task):
+class MtcnnWindows(FeedTask):
     """The refinement (24x24) or output (48x48) net on the face windows that the float
     proposal net finds in the photos (the cascade's real inputs, up to PER_IMAGE per photo);
     metric: face decisions at 0.7 that agree with float, and the IoU of the regressed boxes."""
@@ -788,12 +796,6 @@ class MtcnnWindows(Task):
     def _feeds(self, split: str) -> List[Feed]:
         crops, _ = self.windows(split)
         return [{self.name: mtcnn_input(batch)} for batch in _batches(crops, self.BATCH)]
-
-    def calibration(self) -> List[Feed]:
-        return self._feeds(CALIB)
-
-    def run(self, session) -> Outputs:
-        return run_feeds(session, self._feeds(HELD_OUT))
 
     def _decode(self, outputs: Outputs) -> Tuple[np.ndarray, np.ndarray]:
         prob = np.concatenate([next(o for o in c if o.shape[-1] == 2)[:, 1] for c in outputs])
@@ -888,7 +890,7 @@ def _pad_batch(bgr_lines: Sequence[np.ndarray], width: int) -> np.ndarray:
     return x
 
 
-class TextRecognizer(Task):
+class TextRecognizer(FeedTask):
     """CRNN/SVTR recognizer on rendered English text lines (height 48, batch width from the
     widest line, at least 320); metric: decoded strings (CTC greedy decode with the
     dictionary shipped in the model's metadata) equal to the float model's."""
@@ -908,12 +910,6 @@ class TextRecognizer(Task):
             feeds.append({self.name: _pad_batch([_fit_height(im, self.HEIGHT, width) for _, im in batch], width)})
         return feeds
 
-    def calibration(self) -> List[Feed]:
-        return self._feeds(CALIB)
-
-    def run(self, session) -> Outputs:
-        return run_feeds(session, self._feeds(HELD_OUT))
-
     def decode(self, outputs: Outputs) -> List[str]:
         texts = []
         for call in outputs:
@@ -932,7 +928,7 @@ class TextRecognizer(Task):
         return f"float reads {exact:.0%} of the lines exactly"
 
 
-class TextDirection(Task):
+class TextDirection(FeedTask):
     """0/180 degree text-line classifier (48x192) on rendered lines, every other one turned
     upside down; metric: class agreement with the float model."""
     HEIGHT, WIDTH, BATCH = 48, 192, 8
@@ -949,22 +945,15 @@ class TextDirection(Task):
         return [{self.name: _pad_batch([_fit_height(im, self.HEIGHT, self.WIDTH) for _, im in batch], self.WIDTH)}
                 for batch in _batches(self._lines[split], self.BATCH)]
 
-    def calibration(self) -> List[Feed]:
-        return self._feeds(CALIB)
-
-    def run(self, session) -> Outputs:
-        return run_feeds(session, self._feeds(HELD_OUT))
-
     def score(self, ref: Outputs, test: Outputs) -> Metric:
-        r, t = (np.concatenate([c[0].argmax(1) for c in o]) for o in (ref, test))
-        return Metric(float(np.mean(r == t)), f"classes {np.mean(r == t):.3f}")
+        return class_agreement(ref, test)
 
     def float_check(self, ref: Outputs) -> str:
         pred = np.concatenate([c[0].argmax(1) for c in ref])
         return f"float direction accuracy {np.mean(pred == np.array([k for k, _ in self._lines[HELD_OUT]])):.0%}"
 
 
-class FileType(Task):
+class FileType(FeedTask):
     """magika on files of this system: the first and last 1024 bytes after stripping
     whitespace, padded with token 256 (its features v2); metric: class agreement."""
     BEG, END, BLOCK, PAD, BATCH = 1024, 1024, 4096, 256, 32
@@ -991,15 +980,8 @@ class FileType(Task):
     def _feeds(self, split: str) -> List[Feed]:
         return [{self.name: np.stack([self.features(p) for p in batch])} for batch in _batches(self.files[split], self.BATCH)]
 
-    def calibration(self) -> List[Feed]:
-        return self._feeds(CALIB)
-
-    def run(self, session) -> Outputs:
-        return run_feeds(session, self._feeds(HELD_OUT))
-
     def score(self, ref: Outputs, test: Outputs) -> Metric:
-        r, t = (np.concatenate([c[0].argmax(1) for c in o]) for o in (ref, test))
-        return Metric(float(np.mean(r == t)), f"classes {np.mean(r == t):.3f}")
+        return class_agreement(ref, test)
 
     def float_check(self, ref: Outputs) -> str:
         return f"{len(np.unique(np.concatenate([c[0].argmax(1) for c in ref])))} distinct float labels"

@@ -20,7 +20,7 @@ import functools
 import logging
 import operator
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Sequence
 
 import onnx
 from onnx import ModelProto
@@ -36,7 +36,7 @@ from .qparams import QuantTable
 from .report import RunReport, run_report
 from .preparation import prepare_graph
 from .runtime import Feed, PeekedReader, RebatchedReader, require_rewind
-from .techniques import Callbacks, QuantState, Stage, Technique, techniques_for
+from .techniques import Callbacks, QuantState, Stage, techniques_for
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,6 @@ def _calibration_reader(reader, config: QuantConfig):
     if size is None or getattr(reader, "batch_size", None) == size:
         return reader
     return RebatchedReader(reader, size)
-
-
-def _run_graph_stage(state: QuantState, techniques: List[Technique]) -> None:
-    for technique in techniques:
-        technique.apply(state)
 
 
 def _keep_near_infinite_in_float(state: QuantState) -> None:
@@ -102,7 +97,8 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
         prepared, preparation = prepare_graph(model, peeked.peeked[:1], config.min_opset)
         state = QuantState(prepared, config, peeked, callbacks, samples=peeked.peeked)
         state.reports["preparation"] = preparation
-        _run_graph_stage(state, graph_stage)
+        for technique in graph_stage:
+            technique.apply(state)
         state.samples = []
         peeked.peeked.clear()  # the batches stay queued for calibration only
         state.replan()

@@ -64,6 +64,18 @@ def _per_channel(c: np.ndarray, channels: int, axis_from_end: int, max_rank: int
     return c.reshape(channels)
 
 
+def _channel_affine(op_type: str, c: np.ndarray, channels: int, axis_from_end: int, max_rank: int
+                    ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """The op as (scale, shift) vectors over ``channels``, or None when it does not fold
+    (a division by zero, or a constant that varies along another axis)."""
+    scale, shift = _as_scale_and_shift(op_type, c)
+    if scale is None:
+        return None
+    scale = _per_channel(scale, channels, axis_from_end, max_rank)
+    shift = _per_channel(shift, channels, axis_from_end, max_rank)
+    return None if scale is None or shift is None else (scale, shift)
+
+
 def _layer_geometry(view: GraphView, layer: NodeProto) -> Optional[dict]:
     """Weight, bias and axes of a foldable layer (constant weight, plain attributes)."""
     if layer.op_type not in _LAYERS or len(layer.input) < 2 or not view.is_constant(layer.input[1]):
@@ -124,13 +136,10 @@ def _fold_after(view: GraphView, layer: NodeProto, op: NodeProto, c: np.ndarray)
     if geo is None:
         return False
     channels = _out_channels(geo)
-    parts = _as_scale_and_shift(op.op_type, c)
-    if parts[0] is None:
+    affine = _channel_affine(op.op_type, c, channels, geo["out_from_end"], geo["max_rank"])
+    if affine is None:
         return False
-    scale = _per_channel(parts[0], channels, geo["out_from_end"], geo["max_rank"])
-    shift = _per_channel(parts[1], channels, geo["out_from_end"], geo["max_rank"])
-    if scale is None or shift is None:
-        return False
+    scale, shift = affine
     if np.any(shift != 0) and not geo["bias_ok"]:
         return False
     w = geo["w"].astype(np.float64)
@@ -155,13 +164,10 @@ def _fold_before(view: GraphView, op: NodeProto, layer: NodeProto, c: np.ndarray
         in_channels = per_group * group
     else:
         in_channels = w.shape[geo["in_axis"]]
-    parts = _as_scale_and_shift(op.op_type, c)
-    if parts[0] is None:
+    affine = _channel_affine(op.op_type, c, in_channels, geo["in_from_end"], geo["max_rank"])
+    if affine is None:
         return False
-    scale = _per_channel(parts[0], in_channels, geo["in_from_end"], geo["max_rank"])
-    shift = _per_channel(parts[1], in_channels, geo["in_from_end"], geo["max_rank"])
-    if scale is None or shift is None:
-        return False
+    scale, shift = affine
     has_shift = bool(np.any(shift != 0))
     if has_shift and (not geo["bias_ok"] or geo["pads"]):
         return False

@@ -3,10 +3,10 @@
 A Conv with g groups maps each im2col patch of group gi (K = C_in/g * kh * kw values) to
 the C_out/g outputs of that group; a Gemm/MatMul maps each input row (K features) to its
 outputs. So every supported layer is a weight [groups, rows, K] applied to patches
-[groups, M, K], and the squared error of its outputs over M patches depends on the data
-only through E[x_q x_q^T], E[x_q x_f^T], E[x_f x_f^T] and the means (see
-csrc/kernels/rounding.h). GramAccumulator sums those over batches: its memory is
-O(groups * K^2) whatever the number of calibration samples.
+[groups, M, K], and the squared error of its outputs over M patches (float weights against
+integer weights, on the same quantized inputs x_q) depends on the data only through
+E[x_q x_q^T] and the mean E[x_q] (see csrc/kernels/rounding.h). GramAccumulator sums those
+over batches: its memory is O(groups * K^2) whatever the number of calibration samples.
 """
 from __future__ import annotations
 
