@@ -9,11 +9,11 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Dict, List
 
 from onnx import ModelProto
 
+from .graph.model_io import write_text_atomic
 from .graph.plan import QuantPlan
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,7 @@ class RunReport:
 
     def write_json(self, path: "os.PathLike[str] | str") -> None:
         """Written under a temporary name and renamed: never a half-written report."""
-        text = json.dumps(self.as_dict(), indent=2) + "\n"
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".pyquant-report-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_text_atomic(path, json.dumps(self.as_dict(), indent=2) + "\n")
 
 
 def run_report(model: ModelProto, plan: QuantPlan, reports: Dict[str, Any]) -> RunReport:

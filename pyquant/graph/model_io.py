@@ -84,6 +84,19 @@ def check_output_path(output: PathLike, input_path: PathLike = None) -> Path:
     return out
 
 
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write ``text`` under a temporary name beside ``path`` and rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".pyquant-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def save_model(model: ModelProto, path: PathLike, external_data: bool = False) -> None:
     """Write ``model`` to ``path`` so that a reader never sees a half-written model and a
     failed or interrupted run leaves nothing behind: everything is written in a temporary
