@@ -175,9 +175,11 @@ def _callbacks(progress: Progress) -> Callbacks:
 
 def quantize_detailed(model: ModelLike, data: Any, config: Any = "XINT8", output: Optional[ModelLike] = None,
                       *, batch_size: Optional[int] = None, threads: Optional[int] = None,
-                      preprocess: Optional[Preprocess] = None, progress: Progress = None) -> QuantizeResult:
+                      preprocess: Optional[Preprocess] = None, progress: Progress = None,
+                      keep_float_model: bool = False) -> QuantizeResult:
     """The one entry point of quantization (``quantize``, ``ModelQuantizer`` and the CLI
-    call it): the full result (model, plan, parameter table, technique reports, times).
+    call it): the full result (model, plan, parameter table, technique reports, times;
+    with ``keep_float_model`` the float model the QDQ model was written from).
 
     ``batch_size`` and ``threads`` override the config's calib_batch_size and threads.
     With ``output`` the model is also written there, atomically; the path is checked
@@ -190,7 +192,7 @@ def quantize_detailed(model: ModelLike, data: Any, config: Any = "XINT8", output
         check_output_path(output, model if not isinstance(model, ModelProto) else None)
     proto = model if isinstance(model, ModelProto) else load_model(model)
     reader = as_reader(data, proto, quant_config.calib_batch_size or DEFAULT_CALIB_BATCH_SIZE, preprocess)
-    result = quantize_model(proto, reader, quant_config, _callbacks(progress))
+    result = quantize_model(proto, reader, quant_config, _callbacks(progress), keep_float_model)
     if output is not None:
         save_model(result.model, output)
     return result

@@ -1,4 +1,4 @@
-"""Command line: ``pyquant quantize`` and ``pyquant eval``. The CLI owns the terminal:
+"""Command line: ``pyquant quantize``, ``eval``, ``analyze`` and ``mixed_precision``. The CLI owns the terminal:
 progress bars on stderr, one-line errors, exit status 2 for usage and 1 for failures."""
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from .config import DEFAULT_CALIB_BATCH_SIZE, PRESETS, FastFinetuneOptions, get_
 from .data import ImageFolderReader, Preprocess, is_npy_source, is_npz_source
 from .errors import ConfigError, ModelError, PyquantError
 from .evaluation import evaluate
-from .graph.model_io import check_output_path, load_model
+from .analysis import PrecisionTarget, analyze_sensitivity, auto_mixed_precision
+from .analysis.outputs import DEFAULT_HELD_OUT_SAMPLES
+from .graph.model_io import check_output_path, load_model, save_model
 from .graph.view import image_input
 from .techniques import Callbacks
 
@@ -126,7 +128,49 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
     d.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     d.set_defaults(run=_run_demo)
+    _add_analysis_commands(sub)
     return parser
+
+
+def _add_analysis_options(p: argparse.ArgumentParser) -> None:
+    """The model, data and preset options of ``analyze`` and ``mixed_precision``."""
+    p.add_argument("--model_input", required=True, help="float ONNX model")
+    p.add_argument("--calib_data", required=True, help="calibration data, as for quantize")
+    p.add_argument("--held_out", default=None,
+                   help="held-out data the output error is measured on, in the same forms (default: the "
+                        "calibration data, which is then not held out)")
+    p.add_argument("--held_out_samples", type=_positive_int, default=DEFAULT_HELD_OUT_SAMPLES,
+                   help="run every variant on this many held-out samples")
+    p.add_argument("--num_calib", type=_positive_int, default=None, help="use at most this many calibration samples")
+    p.add_argument("--config", default="XINT8", help=f"preset: {', '.join(PRESETS)}")
+    p.add_argument("--per_channel", action="store_true", help="per-channel weight scales (not with XINT8)")
+    p.add_argument("--cross_layer_equalization", action="store_true", help="add cross-layer equalization")
+    p.add_argument("--fast_finetune", action="store_true", help="add fast finetune (AdaRound)")
+    p.add_argument("--quantize_region_outputs", action=argparse.BooleanOptionalAction, default=None,
+                   help="QDQ pairs on model outputs (default: the preset's choice)")
+    _add_common(p)
+
+
+def _add_analysis_commands(sub) -> None:
+    a = sub.add_parser("analyze", help="per-layer sensitivity of a quantized model: ranked on the terminal, "
+                                       "HTML report with plots", formatter_class=_HelpFormatter)
+    _add_analysis_options(a)
+    a.add_argument("--output", default=None, metavar="REPORT.html",
+                   help="write the self-contained HTML report (plots need pip install 'pyquant[report]')")
+    a.add_argument("--json", default=None, metavar="FILE.json", help="write every number as JSON")
+    a.add_argument("--top", type=_positive_int, default=20, help="print this many of the most sensitive layers")
+    a.set_defaults(run=_run_analyze)
+    m = sub.add_parser("mixed_precision", help="quantize, then promote the most sensitive layers to 16-bit "
+                                               "activations (or float) until a target holds",
+                       formatter_class=_HelpFormatter)
+    _add_analysis_options(m)
+    m.add_argument("--model_output", required=True, help="where to write the mixed-precision QDQ model")
+    m.add_argument("--target", required=True, metavar="sqnr:DB[,cosine:C]",
+                   help="output SQNR (dB) and/or cosine to the float model on the held-out data")
+    m.add_argument("--allow_float", action="store_true",
+                   help="promote layers to float (a CPU target) instead of to 16-bit activations")
+    m.add_argument("--max_promotions", type=int, default=None, help="promote at most this many layers")
+    m.set_defaults(run=_run_mixed_precision)
 
 
 def _run_demo(args) -> int:
@@ -266,6 +310,53 @@ def _run_eval(args) -> int:
     else:
         print(f"top-1 {100 * result.top1:.2f} %  top-5 {100 * result.top5:.2f} %  "
               f"n {result.n}  size {result.size_mb:.2f} MB  ({result.provider})")
+    return 0
+
+
+def _analysis_inputs(args):
+    """(model, config, preprocessing of image folders or None) of analyze / mixed_precision."""
+    config = quant_config_from_args(args)
+    model = load_model(args.model_input)
+    sources = [d for d in (args.calib_data, args.held_out) if d is not None]
+    images = [d for d in sources if not (is_npy_source(d) or is_npz_source(d) or is_python_source(d))]
+    preprocess = None
+    if images:
+        _, _, layout, size = _model_input_spec(args.model_input, model)
+        preprocess = _preprocess(args, layout, size)
+    return model, config, preprocess
+
+
+def _run_analyze(args) -> int:
+    for path in (args.output, args.json):
+        if path is not None:
+            check_output_path(path, args.model_input)
+    model, config, preprocess = _analysis_inputs(args)
+    result = analyze_sensitivity(model, args.calib_data, config, args.held_out,
+                                 held_out_samples=args.held_out_samples, num_calib=args.num_calib,
+                                 batch_size=args.batch_size, threads=args.threads, preprocess=preprocess)
+    print(result.to_text(limit=args.top))
+    if args.output is not None:
+        result.write_html(args.output)
+    if args.json is not None:
+        result.write_json(args.json)
+    return 0
+
+
+def _run_mixed_precision(args) -> int:
+    target = PrecisionTarget.parse(args.target, allow_float=args.allow_float)
+    if args.max_promotions is not None and args.max_promotions < 0:
+        raise ConfigError(f"--max_promotions must be >= 0, got {args.max_promotions}")
+    check_output_path(args.model_output, args.model_input)
+    model, config, preprocess = _analysis_inputs(args)
+    result = auto_mixed_precision(model, args.calib_data, config, target, args.held_out, args.max_promotions,
+                                  held_out_samples=args.held_out_samples, num_calib=args.num_calib,
+                                  batch_size=args.batch_size, threads=args.threads, preprocess=preprocess)
+    save_model(result.model, args.model_output)
+    print(result.to_text())  # the result itself, as analyze's table: printed under --quiet too
+    if not args.quiet:
+        print(f"wrote {args.model_output}")
+    if not result.met:
+        log.warning("the target was not met: the model written is the closest reached")
     return 0
 
 

@@ -181,8 +181,9 @@ class LayerReport:
         write_text_atomic(path, json.dumps(self.as_dict(), indent=2) + "\n")
 
     def write_html(self, path: "os.PathLike[str] | str", figures: Sequence[Figure] = (),
-                   sort_by: Optional[str] = None) -> None:
-        """One self-contained file: the summary, the figures as embedded PNGs, the table."""
+                   sort_by: Optional[str] = None, appendix: Sequence["LayerReport"] = ()) -> None:
+        """One self-contained file: the summary, the figures as embedded PNGs, the table;
+        then each report of ``appendix`` (its title, summary and table)."""
         parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
                  "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
                  "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td.l{text-align:left}"
@@ -194,11 +195,20 @@ class LayerReport:
             parts.append(f"<figure><h3>{html.escape(fig.title)}</h3><img alt='{html.escape(fig.title)}' "
                          f"src='data:image/png;base64,{data}'><figcaption>{html.escape(fig.caption)}"
                          "</figcaption></figure>")
+        parts.append(self._html_table(sort_by))
+        for report in appendix:
+            parts.append(f"<h2>{html.escape(report.title)}</h2>")
+            parts += [f"<p>{html.escape(line)}</p>" for line in report.summary]
+            parts.append(report._html_table(None))
+        parts.append("</body></html>\n")
+        write_text_atomic(path, "".join(parts))
+
+    def _html_table(self, sort_by: Optional[str]) -> str:
         rows = self.ranked(sort_by) if sort_by else sorted(self.rows, key=lambda r: r.position)
         extra = sorted({k for r in self.rows for k in r.values})
         head = ["#", "tensor", "node", "op"] + [f"{s} SQNR dB" for s in self.series] + \
             [f"{s} cosine" for s in self.series] + extra + ["notes"]
-        parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>")
+        parts = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
         for r in rows:
             cells = [str(r.position)] + [f"<td class='l'>{html.escape(x)}</td>" for x in (r.tensor, r.node, r.op_type)]
             cells = [f"<td>{cells[0]}</td>"] + cells[1:]
@@ -207,8 +217,8 @@ class LayerReport:
             cells += [f"<td>{_fmt(r.values.get(k, math.nan))}</td>" for k in extra]
             cells.append(f"<td class='l'>{html.escape('; '.join(r.notes))}</td>")
             parts.append("<tr>" + "".join(cells) + "</tr>")
-        parts.append("</table></body></html>\n")
-        write_text_atomic(path, "".join(parts))
+        parts.append("</table>")
+        return "".join(parts)
 
 
 # ---- running networks for a comparison ------------------------------------------------------

@@ -20,7 +20,7 @@ import functools
 import logging
 import operator
 import time
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import onnx
 from onnx import ModelProto
@@ -50,6 +50,9 @@ class QuantizeResult:
     report: RunReport  # what stayed float and why, what preparation changed
     seconds_calibration: float
     seconds_total: float
+    # with keep_float_model: the prepared float model after the GRAPH techniques (CLE), before
+    # the PARAMETERS ones changed its biases; the QDQ model is written from it plus the table
+    float_model: Optional[ModelProto] = None
 
 
 def prepare(model: ModelProto, feeds: Sequence[Feed] = ()) -> ModelProto:
@@ -78,10 +81,12 @@ def _keep_near_infinite_in_float(state: QuantState) -> None:
         state.replan()
 
 
-def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Callbacks = Callbacks()
-                   ) -> QuantizeResult:
+def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Callbacks = Callbacks(),
+                   keep_float_model: bool = False) -> QuantizeResult:
     """Quantize an in-memory float model with calibration data from ``reader`` (an object
-    with get_next(); rewind() too when a technique reads the data twice)."""
+    with get_next(); rewind() too when a technique reads the data twice).
+    ``keep_float_model``: the result holds the float model the QDQ model corresponds to
+    (one more copy of the model in memory; the sensitivity analysis needs it)."""
     start = time.perf_counter()
     techniques = techniques_for(config)
     graph_stage = [t for t in techniques if t.stage is Stage.GRAPH]
@@ -104,7 +109,7 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
         state.replan()
         request = functools.reduce(operator.or_, (t.statistics_needed(state) for t in parameter_stage),
                                    StatisticsRequest())
-        if any(t.needs_float_model for t in parameter_stage):
+        if keep_float_model or any(t.needs_float_model for t in parameter_stage):
             state.float_model = ModelProto()
             state.float_model.CopyFrom(state.model)
         t0 = time.perf_counter()
@@ -114,6 +119,7 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
         state.table = build_table(state.model, state.plan, state.statistics.ranges, config)
         for technique in parameter_stage:
             technique.apply(state)
+        float_model = state.float_model if keep_float_model else None
         state.float_model = None
         quantized = write_qdq(state.model, state.plan, state.table, config)
     try:
@@ -123,4 +129,4 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
     report = run_report(state.model, state.plan, state.reports)
     report.log()
     return QuantizeResult(quantized, state.plan, state.table, state.reports, report, seconds_calibration,
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, float_model)
