@@ -170,6 +170,8 @@ def _add_analysis_commands(sub) -> None:
     m.add_argument("--allow_float", action="store_true",
                    help="promote layers to float (a CPU target) instead of to 16-bit activations")
     m.add_argument("--max_promotions", type=int, default=None, help="promote at most this many layers")
+    m.add_argument("--max_trials", type=int, default=None,
+                   help="try at most this many promotions (each one quantization)")
     m.set_defaults(run=_run_mixed_precision)
 
 
@@ -333,7 +335,8 @@ def _run_analyze(args) -> int:
     model, config, preprocess = _analysis_inputs(args)
     result = analyze_sensitivity(model, args.calib_data, config, args.held_out,
                                  held_out_samples=args.held_out_samples, num_calib=args.num_calib,
-                                 batch_size=args.batch_size, threads=args.threads, preprocess=preprocess)
+                                 batch_size=args.batch_size, threads=args.threads, preprocess=preprocess,
+                                 title=f"Layer sensitivity of {Path(args.model_input).name} ({args.config.upper()})")
     print(result.to_text(limit=args.top))
     if args.output is not None:
         result.write_html(args.output)
@@ -344,12 +347,11 @@ def _run_analyze(args) -> int:
 
 def _run_mixed_precision(args) -> int:
     target = PrecisionTarget.parse(args.target, allow_float=args.allow_float)
-    if args.max_promotions is not None and args.max_promotions < 0:
-        raise ConfigError(f"--max_promotions must be >= 0, got {args.max_promotions}")
     check_output_path(args.model_output, args.model_input)
     model, config, preprocess = _analysis_inputs(args)
     result = auto_mixed_precision(model, args.calib_data, config, target, args.held_out, args.max_promotions,
-                                  held_out_samples=args.held_out_samples, num_calib=args.num_calib,
+                                  max_trials=args.max_trials, held_out_samples=args.held_out_samples,
+                                  num_calib=args.num_calib,
                                   batch_size=args.batch_size, threads=args.threads, preprocess=preprocess)
     save_model(result.model, args.model_output)
     print(result.to_text())  # the result itself, as analyze's table: printed under --quiet too

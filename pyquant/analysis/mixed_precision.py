@@ -169,13 +169,17 @@ def auto_mixed_precision(model: ModelLike, calib_data: Any, config: Any = "XINT8
                          max_promotions: Optional[int] = None, *,
                          held_out_samples: int = DEFAULT_HELD_OUT_SAMPLES, num_calib: Optional[int] = None,
                          batch_size: Optional[int] = None, threads: Optional[int] = None,
-                         preprocess: Optional[Preprocess] = None, minimise: bool = True) -> MixedPrecisionResult:
+                         preprocess: Optional[Preprocess] = None, minimise: bool = True,
+                         max_trials: Optional[int] = None) -> MixedPrecisionResult:
     """Quantize ``model`` under ``config`` and promote its most sensitive layers, one at a
     time, until ``target`` holds on ``held_out`` (at most ``held_out_samples`` samples;
-    None: the calibration data, with a warning) or ``max_promotions`` are kept."""
+    None: the calibration data, with a warning), ``max_promotions`` are kept or
+    ``max_trials`` promotions were tried (each tried promotion is one quantization; the
+    minimising pass costs one more per kept promotion). ``minimise=False`` skips that pass."""
     start_time = time.perf_counter()
-    if max_promotions is not None and max_promotions < 0:
-        raise ConfigError(f"max_promotions must be >= 0, got {max_promotions}")
+    for name, value in (("max_promotions", max_promotions), ("max_trials", max_trials)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
     proto = model if isinstance(model, ModelProto) else load_model(model)
     base = resolve_config(config)
     calibration = _Calibration(calib_data, proto, batch_size or base.calib_batch_size or DEFAULT_CALIB_BATCH_SIZE,
@@ -215,6 +219,9 @@ def auto_mixed_precision(model: ModelLike, calib_data: Any, config: Any = "XINT8
         sensitivity = analyze_sensitivity(proto, None, base, feeds, held_out_samples=held_out_samples,
                                           threads=threads, quantized=current, only_float=False)
         for layer_sensitivity in sensitivity.ranked():
+            if max_trials is not None and len(tried) >= max_trials:
+                log.warning("mixed precision: stopped after %d promotions tried (max_trials)", len(tried))
+                break
             layer = layer_sensitivity.layer
             promoted = _promote(current_config, layer, current, target.allow_float)
             if promoted is None:

@@ -158,7 +158,8 @@ def analyze_sensitivity(model: ModelLike, calib_data: Any, config: Any = "XINT8"
                         held_out_samples: int = DEFAULT_HELD_OUT_SAMPLES, num_calib: Optional[int] = None,
                         batch_size: Optional[int] = None, threads: Optional[int] = None,
                         preprocess: Optional[Preprocess] = None,
-                        quantized: Optional[QuantizeResult] = None, only_float: bool = True) -> SensitivityResult:
+                        quantized: Optional[QuantizeResult] = None, only_float: bool = True,
+                        title: Optional[str] = None) -> SensitivityResult:
     """Quantize ``model`` with ``calib_data`` under ``config`` (or take the run
     ``quantized`` already made) and measure each layer's sensitivity on at most
     ``held_out_samples`` samples of ``held_out`` (None: of the calibration data, which is
@@ -188,7 +189,7 @@ def analyze_sensitivity(model: ModelLike, calib_data: Any, config: Any = "XINT8"
             results.append(LayerSensitivity(layer, outputs.error(layers.only_quantized(layer)),
                                             outputs.error(layers.with_float([layer])) if only_float else
                                             OutputError(ErrorStats(), math.nan)))
-        title = f"Layer sensitivity ({_config_name(config)})"
+        title = title or f"Layer sensitivity ({_config_name(config)})"
         tensors = tensor_errors(quantized.float_model, quantized.model, feeds, title)
         ranked = sorted(results, key=lambda s: _sort_key(s.only_quantized.sqnr_db))
         histograms = activation_histograms(quantized.float_model, layers, [s.layer for s in ranked], feeds)
@@ -238,7 +239,8 @@ def activation_histograms(float_model: ModelProto, layers: QdqLayers, ranked: Se
         data = np.concatenate(values[t])
         scale, zero_point = layers.quantization_params(t)
         qtype = QuantType.of(zero_point.dtype)
-        clip = (float((qtype.qmin - zero_point) * scale), float((qtype.qmax - zero_point) * scale))
+        zero, step = float(zero_point), float(scale)  # numpy integer scalars would wrap around
+        clip = ((qtype.qmin - zero) * step, (qtype.qmax - zero) * step)
         lo, hi = min(float(data.min()), clip[0]), max(float(data.max()), clip[1])
         counts, edges = np.histogram(data, bins=HISTOGRAM_BINS, range=(lo, hi) if hi > lo else None)
         result.append(Histogram(t, counts, edges, clip))
