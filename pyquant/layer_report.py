@@ -295,7 +295,8 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plot_along_network(report: LayerReport, metric: str = "sqnr_db", title: str = "") -> Figure:
+def plot_along_network(report: LayerReport, metric: str = "sqnr_db", title: str = "",
+                       caption: str = "") -> Figure:
     """The metric of every series against the position of the tensor in the network."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 3.5))
@@ -308,7 +309,7 @@ def plot_along_network(report: LayerReport, metric: str = "sqnr_db", title: str 
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    return Figure(title or f"{metric} along the network", _png(fig),
+    return Figure(title or f"{metric} along the network", _png(fig), caption or
                   "each point is one tensor; a drop marks where error enters, a downward slope where it grows")
 
 

@@ -200,3 +200,22 @@ def test_cli_analyze_and_mixed_precision(data, tmp_path, capsys):
     assert main(["mixed_precision", "--model_input", str(model_path), "--model_output", str(tmp_path / "q2.onnx"),
                  "--calib_data", str(tmp_path / "calib.npy"), "--target", "snr:3", "--quiet"]) == 2
     assert not (tmp_path / "q2.onnx").exists()
+
+
+def test_cli_bad_input_is_one_line_and_writes_nothing(data, tmp_path, capsys):
+    calib, _ = data
+    model_path = tmp_path / "m.onnx"
+    onnx.save(outlier_mlp(), model_path)
+    np.save(tmp_path / "calib.npy", calib)
+    np.save(tmp_path / "narrow.npy", calib[:, :8])
+    common = ["--model_input", str(model_path), "--calib_data", str(tmp_path / "calib.npy"), "--quiet"]
+    assert main(["analyze", *common, "--held_out", str(tmp_path / "narrow.npy"),
+                 "--output", str(tmp_path / "r.html")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "held-out data" in err and "'x'" in err and "Traceback" not in err
+    assert not (tmp_path / "r.html").exists()
+    assert main(["analyze", *common, "--output", str(tmp_path / "missing" / "r.html")]) == 1
+    assert "missing" in capsys.readouterr().err
+    assert main(["analyze", "--model_input", str(tmp_path / "nope.onnx"), "--calib_data",
+                 str(tmp_path / "calib.npy"), "--quiet"]) != 0
+    assert "nope.onnx" in capsys.readouterr().err

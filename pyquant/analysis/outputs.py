@@ -15,7 +15,7 @@ from ..config import DEFAULT_CALIB_BATCH_SIZE
 from ..data import Preprocess
 from ..errors import DataError
 from ..layer_report import ErrorStats
-from ..runtime import Feed, batch_samples, make_session
+from ..runtime import Feed, batch_samples, check_feed, make_session
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ class OutputComparison:
         self.feeds = feeds
         self.names = [o.name for o in float_model.graph.output]
         session = make_session(float_model)
+        try:
+            for i, feed in enumerate(feeds):
+                check_feed(session, feed, i)
+        except DataError as e:
+            raise DataError(f"held-out data: {e}") from None
         self.reference = [session.run(self.names, feed) for feed in feeds]
 
     def error(self, model: ModelProto) -> OutputError:
