@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 
 from pyquant.analysis import PrecisionTarget, analyze_sensitivity, auto_mixed_precision
 from pyquant.api import quantize_detailed
@@ -54,6 +55,16 @@ def data():
     return rng.standard_normal((64, WIDTH)).astype(np.float32), rng.standard_normal((32, WIDTH)).astype(np.float32)
 
 
+@pytest.fixture(scope="module")
+def analyzed(data, tmp_path_factory):
+    """The sensitivity of outlier_mlp under XINT8 and its HTML report (made once)."""
+    calib, held_out = data
+    result = analyze_sensitivity(outlier_mlp(), calib, "XINT8", held_out)
+    html_path = tmp_path_factory.mktemp("report") / "report.html"
+    result.write_html(html_path)
+    return result, html_path
+
+
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
@@ -78,9 +89,8 @@ def test_float_variants_are_exact(data):
     assert [i.kind for i in reads.inputs] == ["activation", "weight", "bias"]
 
 
-def test_sensitivity_ranks_the_layer_made_sensitive_first(data, tmp_path):
-    calib, held_out = data
-    result = analyze_sensitivity(outlier_mlp(), calib, "XINT8", held_out)
+def test_sensitivity_ranks_the_layer_made_sensitive_first(analyzed, tmp_path):
+    result, html_path = analyzed
     ranked = result.ranked()
     assert ranked[0].layer.name == "reads_outlier"
     assert ranked[0].only_quantized.sqnr_db < 10.0
@@ -98,8 +108,7 @@ def test_sensitivity_ranks_the_layer_made_sensitive_first(data, tmp_path):
     assert result.tensors.row("g3").metric("quantized") < 10.0
     assert result.histograms[0].tensor == "h2" and result.histograms[0].clip[1] >= OUTLIER
     assert result.weight_ranges[0].weight == "w3"
-    html_path, json_path = tmp_path / "report.html", tmp_path / "report.json"
-    result.write_html(html_path)
+    json_path = tmp_path / "report.json"
     result.write_json(json_path)
     page = html_path.read_text()
     assert page.count("<img") == 2 + len(result.histograms) + len(result.weight_ranges)
@@ -109,15 +118,12 @@ def test_sensitivity_ranks_the_layer_made_sensitive_first(data, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
-def test_report_renders_in_a_browser(data, tmp_path):
-    calib, held_out = data
-    result = analyze_sensitivity(outlier_mlp(), calib, "XINT8", held_out)
-    result.write_html(tmp_path / "report.html")
+def test_report_renders_in_a_browser(analyzed, tmp_path):
+    _, html_path = analyzed
     shot = tmp_path / "shot.png"
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1200,2000", f"file://{tmp_path / 'report.html'}"], check=True, timeout=120,
+                    "--window-size=1200,2000", f"file://{html_path}"], check=True, timeout=120,
                    capture_output=True)
-    from PIL import Image
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.shape == (2000, 1200)
     assert (pixels < 128).mean() > 0.01  # text and plots drawn, not a blank page
