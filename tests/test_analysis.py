@@ -17,7 +17,7 @@ from pyquant.analysis import PrecisionTarget, analyze_sensitivity, auto_mixed_pr
 from pyquant.api import quantize_detailed
 from pyquant.cli import main
 from pyquant.config import get_preset
-from pyquant.errors import ConfigError
+from pyquant.errors import ConfigError, DataError
 from pyquant.graph.bypass import QdqLayers
 
 WIDTH = 16
@@ -225,3 +225,13 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(data, tmp_path, capsys):
     assert main(["analyze", "--model_input", str(tmp_path / "nope.onnx"), "--calib_data",
                  str(tmp_path / "calib.npy"), "--quiet"]) != 0
     assert "nope.onnx" in capsys.readouterr().err
+
+
+def test_one_shot_calibration_data(data):
+    calib, held_out = data
+    batches = lambda: ({"x": calib[i:i + 16]} for i in range(0, len(calib), 16))  # noqa: E731
+    with pytest.raises(DataError, match="held_out"):  # it would be read twice
+        analyze_sensitivity(outlier_mlp(), batches(), "XINT8")
+    # mixed precision keeps a one-shot source in memory and quantizes from it as often as it needs
+    result = auto_mixed_precision(outlier_mlp(), batches(), "XINT8", PrecisionTarget(min_sqnr_db=25.0), held_out)
+    assert result.met and result.quantizations >= 2

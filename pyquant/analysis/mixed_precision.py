@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -36,7 +34,7 @@ from ..errors import ConfigError
 from ..graph.bypass import Layer
 from ..graph.model_io import load_model
 from ..pipeline import QuantizeResult
-from .outputs import DEFAULT_HELD_OUT_SAMPLES, OutputComparison, read_feeds
+from .outputs import DEFAULT_HELD_OUT_SAMPLES, OutputComparison, read_feeds, rereadable
 from .sensitivity import analyze_sensitivity
 
 log = logging.getLogger(__name__)
@@ -150,11 +148,8 @@ class _Calibration:
 
     def __init__(self, data: Any, model: ModelProto, batch_size: int, preprocess: Optional[Preprocess],
                  limit: Optional[int]) -> None:
-        if hasattr(data, "get_next") and not callable(getattr(data, "rewind", None)):
-            data = read_feeds(data, model, limit)  # a one-shot reader: kept in memory
-        elif not isinstance(data, (str, os.PathLike, list, tuple, dict)) and not hasattr(data, "get_next") \
-                and not hasattr(data, "shape"):
-            data = read_feeds(data, model, limit, batch_size, preprocess)  # a one-shot iterable
+        if not rereadable(data):  # a generator or a reader without rewind(): kept in memory
+            data = read_feeds(data, model, limit, batch_size, preprocess)
         self.data, self.model, self.batch_size, self.preprocess, self.limit = data, model, batch_size, preprocess, limit
 
     def reader(self):
@@ -283,13 +278,14 @@ def _with_promotions(base: QuantConfig, promotions: List[Promotion]) -> QuantCon
 
 
 def _better(after: Measurement, before: Measurement, target: PrecisionTarget) -> bool:
-    """Whether ``after`` is closer to the target: the evaluator's metric when the target
-    has one, else the output SQNR (or cosine when only a cosine is asked for)."""
-    if target.max_metric_drop is not None and (target.min_sqnr_db is None and target.min_cosine is None):
-        return after.metric > before.metric
+    """Whether ``after`` is closer to the target: the evaluator's metric when the target is
+    the metric alone (a tie, common with counts such as agreement, goes to the output SQNR),
+    else the output SQNR (or cosine when only a cosine is asked for)."""
+    if target.max_metric_drop is not None and target.min_sqnr_db is None and target.min_cosine is None:
+        return (after.metric, after.sqnr_db) > (before.metric, before.sqnr_db)
     if target.min_sqnr_db is None and target.min_cosine is not None:
         return after.cosine > before.cosine
-    return after.sqnr_db > before.sqnr_db or (math.isinf(after.sqnr_db) and after.sqnr_db > 0)
+    return after.sqnr_db > before.sqnr_db
 
 
 def _gain(p: Promotion) -> float:

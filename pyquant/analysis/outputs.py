@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from typing import Any, List, Optional
 
 import numpy as np
@@ -47,6 +48,14 @@ def read_feeds(data: Any, model: ModelProto, limit: Optional[int], batch_size: O
     if not feeds:
         raise DataError("the held-out data has no samples")
     return feeds
+
+
+def rereadable(data: Any) -> bool:
+    """Whether ``data`` can be read twice (a path, an array, a dict of arrays, a list or tuple
+    of feeds, a reader with rewind()); a generator or a reader without rewind() cannot."""
+    if hasattr(data, "get_next"):
+        return callable(getattr(data, "rewind", None))
+    return isinstance(data, (str, os.PathLike, np.ndarray, dict, list, tuple))
 
 
 @dataclasses.dataclass

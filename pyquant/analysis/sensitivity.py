@@ -34,7 +34,7 @@ from .. import threads as thread_budget
 from ..api import ModelLike, as_reader, quantize_detailed, resolve_config
 from ..config import DEFAULT_CALIB_BATCH_SIZE, QuantConfig, QuantType
 from ..data import Preprocess
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..graph.bypass import Layer, QdqLayers
 from ..graph.model_io import load_model, write_text_atomic
 from ..graph.view import GraphView
@@ -42,7 +42,7 @@ from ..layer_report import (ErrorStats, Figure, LayerReport, LayerRow, compare, 
                             plot_channel_ranges, plot_histogram)
 from ..pipeline import QuantizeResult
 from ..runtime import make_session
-from .outputs import DEFAULT_HELD_OUT_SAMPLES, OutputComparison, OutputError, read_feeds
+from .outputs import DEFAULT_HELD_OUT_SAMPLES, OutputComparison, OutputError, read_feeds, rereadable
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,9 @@ def analyze_sensitivity(model: ModelLike, calib_data: Any, config: Any = "XINT8"
         raise ConfigError("the quantization run was made without keep_float_model=True: the analysis needs its "
                           "float model")
     if held_out is None:
+        if quantized is None and not rereadable(calib_data):
+            raise DataError("without held-out data the calibration data is read twice (calibration, then the "
+                            "variants): give held_out, or the data as a path, array, list or a reader with rewind()")
         log.warning("no held-out data: measuring the sensitivity on the calibration data")
         held_out = calib_data
     feeds = read_feeds(held_out, proto, held_out_samples, batch_size, preprocess)
