@@ -177,6 +177,9 @@ def auto_mixed_precision(model: ModelLike, calib_data: Any, config: Any = "XINT8
             raise ConfigError(f"{name} must be >= 0, got {value}")
     proto = model if isinstance(model, ModelProto) else load_model(model)
     base = resolve_config(config)
+    if target.allow_float and (base.enable_npu_cnn or base.power_of_two):
+        log.warning("mixed precision: float promotions under an NPU preset: the layers promoted run on the CPU, "
+                    "not the NPU (without allow_float promotions are 16-bit activations with power-of-two scales)")
     calibration = _Calibration(calib_data, proto, batch_size or base.calib_batch_size or DEFAULT_CALIB_BATCH_SIZE,
                                preprocess, num_calib)
     if held_out is None:
