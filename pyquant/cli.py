@@ -19,7 +19,7 @@ from .config import DEFAULT_CALIB_BATCH_SIZE, PRESETS, FastFinetuneOptions, get_
 from .data import ImageFolderReader, Preprocess, is_npy_source, is_npz_source
 from .errors import ConfigError, ModelError, PyquantError
 from .evaluation import evaluate
-from .analysis import PrecisionTarget, analyze_sensitivity, auto_mixed_precision
+from .analysis import PrecisionTarget, analyze_sensitivity, auto_mixed_precision, load_evaluator
 from .analysis.outputs import DEFAULT_HELD_OUT_SAMPLES
 from .graph.model_io import check_output_path, load_model, save_model
 from .graph.view import image_input
@@ -165,8 +165,11 @@ def _add_analysis_commands(sub) -> None:
                        formatter_class=_HelpFormatter)
     _add_analysis_options(m)
     m.add_argument("--model_output", required=True, help="where to write the mixed-precision QDQ model")
-    m.add_argument("--target", required=True, metavar="sqnr:DB[,cosine:C]",
-                   help="output SQNR (dB) and/or cosine to the float model on the held-out data")
+    m.add_argument("--target", required=True, metavar="sqnr:DB[,cosine:C][,drop:D]",
+                   help="output SQNR (dB) and/or cosine to the float model on the held-out data, and/or the "
+                        "largest drop of the --evaluator's metric from the float model's; all must hold")
+    m.add_argument("--evaluator", default=None, metavar="module:function",
+                   help="a function taking the quantized onnx.ModelProto and returning a metric, higher is better")
     m.add_argument("--allow_float", action="store_true",
                    help="promote layers to float (a CPU target) instead of to 16-bit activations")
     m.add_argument("--max_promotions", type=int, default=None, help="promote at most this many layers")
@@ -346,7 +349,8 @@ def _run_analyze(args) -> int:
 
 
 def _run_mixed_precision(args) -> int:
-    target = PrecisionTarget.parse(args.target, allow_float=args.allow_float)
+    evaluator = load_evaluator(args.evaluator) if args.evaluator else None
+    target = PrecisionTarget.parse(args.target, allow_float=args.allow_float, evaluator=evaluator)
     check_output_path(args.model_output, args.model_input)
     model, config, preprocess = _analysis_inputs(args)
     result = auto_mixed_precision(model, args.calib_data, config, target, args.held_out, args.max_promotions,

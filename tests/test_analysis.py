@@ -179,10 +179,12 @@ def test_precision_target_is_checked():
         PrecisionTarget(max_metric_drop=0.01)
     with pytest.raises(ConfigError, match="sqnr:DB"):
         PrecisionTarget.parse("snr:3")
+    with pytest.raises(ConfigError, match="evaluator"):
+        PrecisionTarget.parse("drop:0.01")
     assert PrecisionTarget.parse("sqnr:30,cosine:0.99") == PrecisionTarget(min_sqnr_db=30.0, min_cosine=0.99)
 
 
-def test_cli_analyze_and_mixed_precision(data, tmp_path, capsys):
+def test_cli_analyze_and_mixed_precision(data, tmp_path, capsys, monkeypatch):
     calib, held_out = data
     model_path = tmp_path / "m.onnx"
     onnx.save(outlier_mlp(), model_path)
@@ -203,6 +205,26 @@ def test_cli_analyze_and_mixed_precision(data, tmp_path, capsys):
     assert "reads_outlier" in capsys.readouterr().out
     q = onnx.load(tmp_path / "q.onnx")
     assert any(t.data_type == TensorProto.INT16 for t in q.graph.initializer)
+    # a metric target through a user evaluator: agreement of the top class with the float model's
+    (tmp_path / "agree_eval.py").write_text(
+        "import numpy as np, onnxruntime as ort\n"
+        f"X = np.load({str(tmp_path / 'held.npy')!r})\n"
+        "def top(m):\n"
+        "    s = ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider'])\n"
+        "    return s.run(None, {'x': X})[0].argmax(1)\n"
+        "REF = None\n"
+        "def agreement(model):\n"
+        "    global REF\n"
+        "    REF = top(model) if REF is None else REF  # the first model evaluated is the float one\n"
+        "    return float(np.mean(top(model) == REF))\n")
+    monkeypatch.chdir(tmp_path)
+    code = main(["mixed_precision", "--model_input", str(model_path), "--model_output", str(tmp_path / "q3.onnx"),
+                 "--calib_data", str(tmp_path / "calib.npy"), "--held_out", str(tmp_path / "held.npy"),
+                 "--target", "drop:0", "--evaluator", "agree_eval:agreement", "--allow_float", "--config", "U8S8",
+                 "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "float reads_outlier" in out and "metric 1.0000" in out.splitlines()[-1]
     assert main(["mixed_precision", "--model_input", str(model_path), "--model_output", str(tmp_path / "q2.onnx"),
                  "--calib_data", str(tmp_path / "calib.npy"), "--target", "snr:3", "--quiet"]) == 2
     assert not (tmp_path / "q2.onnx").exists()

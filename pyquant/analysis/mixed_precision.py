@@ -20,7 +20,10 @@ a model quantized from scratch with the promoted configuration, the one returned
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
+import os
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -78,19 +81,41 @@ class PrecisionTarget:
             raise ConfigError(f"max_metric_drop must be >= 0, got {self.max_metric_drop}")
 
     @classmethod
-    def parse(cls, text: str, allow_float: bool = False) -> "PrecisionTarget":
-        """``sqnr:30``, ``cosine:0.99`` or both, comma-separated (the CLI's form)."""
-        fields = {"sqnr": "min_sqnr_db", "cosine": "min_cosine"}
+    def parse(cls, text: str, allow_float: bool = False,
+              evaluator: Optional[Callable[[onnx.ModelProto], float]] = None) -> "PrecisionTarget":
+        """``sqnr:30``, ``cosine:0.99``, ``drop:0.01`` (with ``evaluator``), comma-separated
+        (the CLI's form)."""
+        fields = {"sqnr": "min_sqnr_db", "cosine": "min_cosine", "drop": "max_metric_drop"}
         values: Dict[str, float] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, _, number = part.partition(":")
             if key not in fields:
-                raise ConfigError(f"precision target {part!r}: expected sqnr:DB or cosine:VALUE")
+                raise ConfigError(f"precision target {part!r}: expected sqnr:DB, cosine:VALUE or drop:VALUE")
             try:
                 values[fields[key]] = float(number)
             except ValueError:
                 raise ConfigError(f"precision target {part!r}: {number!r} is not a number") from None
-        return cls(**values, allow_float=allow_float)
+        if ("max_metric_drop" in values) != (evaluator is not None):
+            raise ConfigError("a drop:VALUE target and an evaluator go together (CLI: --evaluator module:function)")
+        return cls(**values, evaluator=evaluator, allow_float=allow_float)
+
+
+def load_evaluator(spec: str) -> Callable[[onnx.ModelProto], float]:
+    """The function ``module:function`` names (imported with the working directory on the
+    path): it takes a quantized onnx.ModelProto and returns a metric, higher is better."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ConfigError(f"evaluator {spec!r}: expected module:function")
+    sys.path.insert(0, os.getcwd())
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"evaluator {spec!r}: cannot import {function_name!r} from {module_name!r} ({e})") from None
+    finally:
+        sys.path.pop(0)
+    if not callable(function):
+        raise ConfigError(f"evaluator {spec!r}: {function_name} is not callable")
+    return function
 
 
 @dataclasses.dataclass(frozen=True)
