@@ -5,8 +5,9 @@ quantized model to a target.
     and the user's metric)
       -> rank the layers by sensitivity (pyquant.analysis.sensitivity: output SQNR with
          only that layer quantized, lowest first)
-      -> promote the most sensitive layer not yet promoted, quantize again, measure; keep
-         the promotion if it helped; repeat until the target holds (or max_promotions)
+      -> promote the most sensitive layer not yet promoted, quantize again, measure; undo
+         the promotion if it made things worse (keep it otherwise: the layers of a chain
+         help only together); repeat until the target holds (or max_promotions/max_trials)
       -> minimise: try to drop each kept promotion, the smallest measured gain first;
          drop it if the target still holds without it.
 
@@ -159,7 +160,7 @@ class MixedPrecisionResult:
     def to_text(self) -> str:
         lines = [f"start: {self.start.text()}"]
         for p in self.tried:
-            state = "kept" if p.kept else "no gain, undone"
+            state = "kept" if p.kept else "worse, undone"
             lines.append(f"  {p.kind:5} {p.layer} ({p.op_type}): {p.before.text()} -> {p.after.text()} [{state}]")
         for p in self.dropped:
             lines.append(f"  dropped {p.layer}: not needed to meet the target")
@@ -251,12 +252,12 @@ def auto_mixed_precision(model: ModelLike, calib_data: Any, config: Any = "XINT8
                 continue
             new_config, kind, tensors = promoted
             result, after = trial(new_config)
-            gained = _better(after, measured, target)
-            promotion = Promotion(layer.name, layer.op_type, kind, tensors, measured, after, gained)
+            keep = not _worse(after, measured, target)
+            promotion = Promotion(layer.name, layer.op_type, kind, tensors, measured, after, keep)
             tried.append(promotion)
             log.info("promoted %s (%s) to %s: %s -> %s%s", layer.name, layer.op_type, kind, measured.text(),
-                     after.text(), "" if gained else " (no gain: undone)")
-            if gained:
+                     after.text(), "" if keep else " (worse: undone)")
+            if keep:
                 kept.append(promotion)
                 current_config, current, measured = new_config, result, after
                 if met(measured) or (max_promotions is not None and len(kept) >= max_promotions):
@@ -305,15 +306,23 @@ def _with_promotions(base: QuantConfig, promotions: List[Promotion]) -> QuantCon
     return dataclasses.replace(base, tensor_types=types, nodes_to_exclude=frozenset(excluded))
 
 
-def _better(after: Measurement, before: Measurement, target: PrecisionTarget) -> bool:
-    """Whether ``after`` is closer to the target: the evaluator's metric when the target is
-    the metric alone (a tie, common with counts such as agreement, goes to the output SQNR),
-    else the output SQNR (or cosine when only a cosine is asked for)."""
+# A promotion that lowers the output SQNR by more than this (noise of re-calibration aside)
+# is undone; one that changes nothing is kept: the layers of a chain (a written-out
+# LayerNorm's E[x^2] - E[x]^2) help only together. The minimising pass removes the kept
+# promotions the target does not need.
+WORSE_TOLERANCE_DB = 0.1
+
+
+def _worse(after: Measurement, before: Measurement, target: PrecisionTarget) -> bool:
+    """Whether ``after`` is further from the target than ``before``: by the evaluator's
+    metric when the target is the metric alone (a tie goes to the output SQNR), by the
+    cosine when only a cosine is asked for, else by the output SQNR."""
     if target.max_metric_drop is not None and target.min_sqnr_db is None and target.min_cosine is None:
-        return (after.metric, after.sqnr_db) > (before.metric, before.sqnr_db)
-    if target.min_sqnr_db is None and target.min_cosine is not None:
-        return after.cosine > before.cosine
-    return after.sqnr_db > before.sqnr_db
+        if after.metric != before.metric:
+            return after.metric < before.metric
+    elif target.min_sqnr_db is None and target.min_cosine is not None:
+        return after.cosine < before.cosine
+    return after.sqnr_db < before.sqnr_db - WORSE_TOLERANCE_DB
 
 
 def _gain(p: Promotion) -> float:
