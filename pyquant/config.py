@@ -264,6 +264,10 @@ class QuantConfig:
             tensors (mixed precision: e.g. QInt16 where 8 bits lose too much); tensors that
             share a scale take the widest type among them. A name that is not a quantized
             activation is an error.
+        int32_bias: a Conv/Gemm bias is int32 with scale = input scale x weight scale (exact
+            on any hardware). False (power-of-two scales only): int8 with its own power-of-two
+            position, as an NPU stores it, chosen within the NPU's shift_bias limits
+            (pyquant.npu); costs accuracy (README, NPU target).
     """
 
     activation_type: QuantType = QuantType.QUInt8
@@ -285,6 +289,7 @@ class QuantConfig:
     nodes_to_exclude: FrozenSet[str] = frozenset()
     op_types_to_quantize: Optional[FrozenSet[str]] = None
     tensor_types: Mapping[str, QuantType] = dataclasses.field(default_factory=dict)
+    int32_bias: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_types, Mapping) or not all(
@@ -322,6 +327,9 @@ class QuantConfig:
             raise ConfigError(f"calib_batch_size must be at least 1, got {self.calib_batch_size}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        if not self.int32_bias and not self.power_of_two:
+            raise ConfigError("int32_bias=False (int8 biases with their own power-of-two position) needs "
+                              f"power-of-two scales; calibrate_method is {self.calibrate_method.name}")
         if not isinstance(self.cle, CLEOptions):
             raise ConfigError(f"cle must be CLEOptions, got {self.cle!r}")
 

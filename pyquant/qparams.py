@@ -5,7 +5,7 @@ nothing but QuantizeLinear/DequantizeLinear in numpy."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -70,10 +70,16 @@ def weight_key(use, per_channel: bool) -> WeightKey:
 @dataclasses.dataclass
 class QuantTable:
     """Every quantization parameter of a model: activations by tensor name, weights by
-    WeightKey. One table per run; techniques that decide integer weights replace entries."""
+    WeightKey. One table per run; techniques that decide integer weights replace entries.
+    ``biases``: int8 biases with their own scale, by the layer's output name (a layer not
+    listed has an int32 bias with scale = input scale x weight scale). ``notes``: why a
+    technique changed a tensor's parameters, by tensor name (written into the model's
+    metadata, read by the per-layer reports)."""
 
     activations: Dict[str, QParams]
     weights: Dict[WeightKey, QuantizedWeight]
+    biases: Dict[str, QParams] = dataclasses.field(default_factory=dict)
+    notes: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
 
     def weight(self, use, per_channel: bool) -> QuantizedWeight:
         return self.weights[weight_key(use, per_channel)]

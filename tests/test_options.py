@@ -93,6 +93,7 @@ EFFECTS: Dict[str, tuple] = {
     "nodes_to_exclude": (U8S8, frozenset({"Conv(c3)"}), "model"),
     "op_types_to_quantize": (U8S8, frozenset({"Conv"}), "model"),
     "tensor_types": (U8S8, {"r1": QuantType.QInt16}, "model"),
+    "int32_bias": (get_preset("XINT8"), False, "model"),  # int8 biases with their own power-of-two scale
     "cle.steps": (_cle(), 1, "model"),
     "cle.tolerance": (_cle(), 0.9, "model"),
     "cle.activation_weight": (_cle(), 0.0, "model"),

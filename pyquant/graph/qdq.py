@@ -2,6 +2,7 @@
 pairs on activations, int8 weights and int32 biases behind DequantizeLinear)."""
 from __future__ import annotations
 
+import json
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -15,6 +16,8 @@ from .view import GraphView, drop_unused_initializers
 # int32 bias range: a bias that does not fit is saturated (and would need a larger
 # weight or input scale; it does not happen with 8-bit scales on real CNNs).
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+# Model metadata key of QuantTable.notes (JSON {tensor: [note, ...]}).
+TENSOR_NOTES_KEY = "pyquant.tensor_notes"
 
 
 class _Builder:
@@ -83,11 +86,15 @@ def write_qdq(model: ModelProto, plan: QuantPlan, table: QuantTable, config: Qua
             continue
         b_name = node.input[use.input_index]
         bias = view.constant_value(b_name).astype(np.float64)
-        scale = (act.scale.astype(np.float64) * wqp.scale.astype(np.float64))
-        scale = np.broadcast_to(scale, bias.shape) if wqp.axis is not None else scale
-        q = np.clip(np.round(bias / scale), _INT32_MIN, _INT32_MAX).astype(np.int32)
-        axis = 0 if wqp.axis is not None else None
-        qp = QParams(np.asarray(scale, dtype=np.float32), np.zeros(np.shape(scale), dtype=np.int32), axis)
+        qp = table.biases.get(node.output[0])
+        if qp is not None:  # an int8 bias with its own scale (NPU)
+            q = quantize_array(bias, qp, QuantType.QInt8)
+        else:
+            scale = (act.scale.astype(np.float64) * wqp.scale.astype(np.float64))
+            scale = np.broadcast_to(scale, bias.shape) if wqp.axis is not None else scale
+            q = np.clip(np.round(bias / scale), _INT32_MIN, _INT32_MAX).astype(np.int32)
+            axis = 0 if wqp.axis is not None else None
+            qp = QParams(np.asarray(scale, dtype=np.float32), np.zeros(np.shape(scale), dtype=np.int32), axis)
         out = f"{b_name}_{node.output[0]}_DequantizeLinear_Output"
         head.append(b.dq(b.const(f"{b_name}_{node.output[0]}_quantized", q), qp, out))
         node.input[use.input_index] = out
@@ -130,4 +137,15 @@ def write_qdq(model: ModelProto, plan: QuantPlan, table: QuantTable, config: Qua
     out_model.graph.node.extend(new_nodes)
     out_model.graph.initializer.extend(b.initializers)
     drop_unused_initializers(out_model)
+    if table.notes:
+        entry = out_model.metadata_props.add()
+        entry.key, entry.value = TENSOR_NOTES_KEY, json.dumps(table.notes, sort_keys=True)
     return out_model
+
+
+def tensor_notes(model: ModelProto) -> Dict[str, List[str]]:
+    """The notes write_qdq stored in ``model`` (why a technique changed a tensor's scale)."""
+    for entry in model.metadata_props:
+        if entry.key == TENSOR_NOTES_KEY:
+            return json.loads(entry.value)
+    return {}
