@@ -13,7 +13,7 @@ Two solvers, both reported:
   moves one designated position (the weight for shift_cut, the bias for shift_bias, the
   finer Add input, the output of a Mul) to the nearest legal value; passes repeat until no
   rule is violated.
-* joint: starting from that feasible solution, a descent on the total loss. A move changes
+* joint: starting from that feasible solution, a steepest descent on the total loss. A move changes
   one shared position (an activation group, or a weight used twice) and re-chooses, for
   every node it touches, that node's private positions (its weight and bias) optimally
   given the shared ones; a move is taken only if every rule stays satisfied and the total
@@ -32,8 +32,8 @@ import numpy as np
 
 # Positions searched around each variable's calibration-optimal one (each side).
 WINDOW = 8
-# Sweeps of the joint descent at most (each sweep tries every shared variable).
-MAX_SWEEPS = 30
+# Steps of the joint descent at most (each step tries every shared variable, takes the best move).
+MAX_STEPS = 500
 # Passes of the node-at-a-time repair at most.
 MAX_PASSES = 20
 # A joint move must lower the total loss by more than this (relative MSE units).
@@ -165,7 +165,9 @@ def joint(problem: Problem, start: Optional[Sequence[int]] = None) -> Solution:
         if key not in memo:
             best = None
             saved = [p[v] for v in own]
-            windows = [problem.variables[v].positions for v in own]
+            # nearest to the calibration's choice first: among equal losses that one is kept
+            windows = [sorted(problem.variables[v].positions.tolist(), key=lambda x, v=v: abs(x - problem.variables[v].start))
+                       for v in own]
             for combo in itertools.product(*windows):
                 cost = sum(problem.variables[v].cost(int(x)) for v, x in zip(own, combo))
                 if best is not None and cost >= best[0]:
@@ -186,46 +188,46 @@ def joint(problem: Problem, start: Optional[Sequence[int]] = None) -> Solution:
                 for v, x in zip(own, found[1]):
                     p[v] = x
     shared_vars = [v for v in range(len(problem.variables)) if v not in private and v in touching]
-    for _ in range(MAX_SWEEPS):
-        improved = False
-        for v in shared_vars:
-            var = problem.variables[v]
-            nodes = sorted(nodes_of[v])
-            current = p[v]
 
-            def local(x: int) -> Optional[Tuple[float, Dict[str, Tuple[int, ...]]]]:
-                p[v] = x
-                total, chosen = var.cost(x), {}
-                for node in nodes:
-                    if privates_of[node]:
-                        found = best_privates(node)
-                        if found is None:
-                            return None
-                        total += found[0]
-                        chosen[node] = found[1]
-                    elif not all(c.satisfied(p) for c in by_node[node]):
+    def local(v: int, x: int) -> Optional[Tuple[float, Dict[str, Tuple[int, ...]]]]:
+        """Loss of variable v at x plus the best private losses of its nodes; None if illegal."""
+        saved = p[v]
+        p[v] = x
+        total, chosen = problem.variables[v].cost(x), {}
+        try:
+            for node in sorted(nodes_of[v]):
+                if privates_of[node]:
+                    found = best_privates(node)
+                    if found is None:
                         return None
-                return total, chosen
+                    total += found[0]
+                    chosen[node] = found[1]
+                elif not all(c.satisfied(p) for c in by_node[node]):
+                    return None
+            return total, chosen
+        finally:
+            p[v] = saved
 
-            here = local(current)
-            best_x, best = current, here
-            for x in var.positions:
-                x = int(x)
-                if x == current:
+    # steepest descent: each step takes the single move with the largest gain
+    for _ in range(MAX_STEPS):
+        best_gain, best_move = MIN_GAIN, None
+        for v in shared_vars:
+            here = local(v, p[v])
+            if here is None:
+                continue
+            for x in problem.variables[v].positions.tolist():
+                if x == p[v]:
                     continue
-                # private positions must be set for the check of shared-only rules
-                found = local(x)
-                if found is not None and (best is None or found[0] < best[0] - MIN_GAIN):
-                    best_x, best = x, found
-            p[v] = best_x
-            if best is not None:
-                for node, combo in best[1].items():
-                    for w, x in zip(privates_of[node], combo):
-                        p[w] = x
-            if best_x != current:
-                improved = True
-        if not improved:
+                found = local(v, x)
+                if found is not None and here[0] - found[0] > best_gain:
+                    best_gain, best_move = here[0] - found[0], (v, x, found[1])
+        if best_move is None:
             break
+        v, x, chosen = best_move
+        p[v] = x
+        for node, combo in chosen.items():
+            for w, value in zip(privates_of[node], combo):
+                p[w] = value
     return Solution(p, problem.loss(p), problem.violations(p))
 
 

@@ -26,6 +26,10 @@ from .base import QuantState, Stage, Technique
 
 log = logging.getLogger(__name__)
 
+# The rule set the solver keeps: the shift limits are the same in every known generation
+# (pyquant.npu.rules), which differ in rounding only, a matter of the emulator.
+RULES = GENERATIONS[DEFAULT_GENERATION]
+
 
 @dataclasses.dataclass
 class NpuPositionReport:
@@ -63,8 +67,7 @@ class NpuPositions(Technique):
 
     @classmethod
     def from_config(cls, config: QuantConfig) -> Optional["NpuPositions"]:
-        # the shift limits are the same in every known generation (pyquant.npu.rules)
-        return cls(GENERATIONS[DEFAULT_GENERATION]) if config.enable_npu_cnn and config.power_of_two else None
+        return cls(RULES) if config.enable_npu_cnn and config.power_of_two else None
 
     def apply(self, state: QuantState) -> None:
         pp = build_problem(state.model, state.plan, state.table, state.statistics.ranges, state.config, self.rules)
@@ -98,7 +101,7 @@ class NpuBiasPositions(Technique):
 
     @classmethod
     def from_config(cls, config: QuantConfig) -> Optional["NpuBiasPositions"]:
-        return None if config.int32_bias else cls(GENERATIONS[DEFAULT_GENERATION])
+        return None if config.int32_bias else cls(RULES)
 
     def apply(self, state: QuantState) -> None:
         view = GraphView(state.model)
