@@ -390,8 +390,9 @@ EXTRA_OPTIONS: Dict[str, Handler] = {
     "FastFinetune": lambda k, v: {"fast_finetune": fast_finetune_options(v)},
     # Keys Quark's presets set, with what they mean here.
     "ForceQuantizeNoInputCheck": notice(_DATA_MOVEMENT),
-    "Int32Bias": same_as_pyquant(True, refuse="a quantized layer's bias is int32 with scale = input scale x weight "
-                                 "scale; remove the key"),
+    "Int32Bias": same_as_pyquant(True, refuse="through this layer a quantized layer's bias is int32 with scale = "
+                                 "input scale x weight scale; remove the key (int8 NPU biases: pyquant's "
+                                 "QuantConfig(int32_bias=False))"),
     "Int16Bias": same_as_pyquant(False, refuse="a quantized layer's bias is int32; remove the key"),
     "QuantizeBias": same_as_pyquant(True, refuse="a quantized layer's bias is always int32; remove the key"),
     "FoldRelu": same_as_pyquant(True, refuse="Relu/Clip after Conv/Gemm/MatMul/Add is always fused with it (no QDQ "
