@@ -51,7 +51,8 @@ class NpuPositionReport:
                 f"{self.violations_at_calibration} broken at calibration; node-at-a-time loss "
                 f"{self.node_at_a_time_loss:.4g} ({self.node_at_a_time_violations} left), joint loss "
                 f"{self.joint_loss:.4g} ({self.joint_violations} left); {len(self.moves)} position(s) moved"
-                + (f", {len(self.bias_moves)} bias position(s) limited" if self.bias_moves else ""))
+                + (f", {len(self.bias_moves)} bias position(s) limited" if self.bias_moves else "")
+                + "".join(f"\n  {m.describe()}" for m in self.moves + self.bias_moves))
 
 
 def _note(state: QuantState, tensor: str, text: str) -> None:
