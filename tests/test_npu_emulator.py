@@ -190,6 +190,9 @@ def test_a_pyquant_xint8_model_runs_in_npu_arithmetic(tiny_model, tiny_data):
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
-def test_a_float_model_is_refused(tiny_model):
+def test_a_float_model_is_refused_and_float_scales_are_listed(tiny_model, tiny_data):
     with pytest.raises(pyquant.PyquantError, match="QDQ"):
         emulate(tiny_model)
+    emulation = emulate(pyquant.quantize(tiny_model, tiny_data, "U8S8"))
+    assert "not a single power of two" in emulation.describe()
+    assert any(name.endswith("QuantizeLinear") for name in emulation.float_nodes)

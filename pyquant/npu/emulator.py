@@ -366,8 +366,7 @@ class _Rewriter:
 
     def in_float(self, node: NodeProto, why: str) -> None:
         """The node as in the QDQ model, its float inputs cast down and outputs cast up."""
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            self.float_nodes[node.name or f"{node.op_type}({node.output[0]})"] = why
+        self.float_nodes[node.name or f"{node.op_type}({node.output[0]})"] = why
         inputs = [self.tmp("Cast", [self.f64(n)], "f32", to=TensorProto.FLOAT)
                   if self.is_float(n) and n not in self.inits else n for n in node.input]
         outputs = []
