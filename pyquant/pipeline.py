@@ -27,7 +27,7 @@ from onnx import ModelProto
 
 from . import threads
 from .calibrate.runner import StatisticsRequest, collect
-from .calibrate.table import build_table
+from .calibrate.table import build_table, outlier_dominated
 from .config import QuantConfig
 from .errors import ModelError
 from .graph.plan import NEAR_INFINITE, QuantPlan
@@ -78,6 +78,19 @@ def _keep_near_infinite_in_float(state: QuantState) -> None:
         state.replan()
 
 
+def _keep_outlier_dominated_in_float(state: QuantState) -> None:
+    """Tensors summed into a per-token normalisation whose scale a few outliers set so
+    coarse that the rest of the tensor is lost (pyquant.calibrate.table.outlier_dominated)
+    stay float; the plan and the table are made again without them."""
+    dominated = outlier_dominated(state.model, state.plan, state.statistics.ranges, state.table.activations)
+    if dominated:
+        for name, reason in dominated.items():
+            log.info("leaving tensor %s in float: %s", name, reason)
+        state.keep_float.update(dominated)
+        state.replan()
+        state.table = build_table(state.model, state.plan, state.statistics.ranges, state.config)
+
+
 def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Callbacks = Callbacks()
                    ) -> QuantizeResult:
     """Quantize an in-memory float model with calibration data from ``reader`` (an object
@@ -112,6 +125,7 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
         seconds_calibration = time.perf_counter() - t0
         _keep_near_infinite_in_float(state)
         state.table = build_table(state.model, state.plan, state.statistics.ranges, config)
+        _keep_outlier_dominated_in_float(state)
         for technique in parameter_stage:
             technique.apply(state)
         state.float_model = None

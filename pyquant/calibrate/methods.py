@@ -145,6 +145,28 @@ def activation_qparams(collector: TensorCollector, config: QuantConfig) -> QPara
     return ACTIVATION_METHODS[config.calibrate_method](collector, config)
 
 
+def bulk_sqnr_db(c: TensorCollector, qp: QParams, qtype: QuantType, quantile: float) -> float:
+    """Expected SQNR (dB) with ``qp`` of the tensor's bulk: its values up to the
+    ``quantile`` of |x| (from the histogram; bins are taken whole, by their centres).
+    10 log10(sum x^2 / sum (x - q(x))^2) over those values. inf when there is nothing to
+    judge: no histogram (MinMax collects none), an all-zero bulk, or no error."""
+    if c.hist is None or c.count == 0:
+        return math.inf
+    edges = np.linspace(c.lo, c.hi, len(c.hist) + 1)
+    centers = (edges[1:] + edges[:-1]) / 2
+    magnitude = np.abs(centers)
+    order = np.argsort(magnitude, kind="stable")
+    cumulative = np.cumsum(c.hist[order])
+    limit = magnitude[order][min(int(np.searchsorted(cumulative, quantile * cumulative[-1])), len(order) - 1)]
+    bulk = np.where(magnitude <= limit, c.hist, 0.0)
+    signal = float(np.sum(bulk * centers ** 2))
+    error = float(kernels.histogram_quant_errors(bulk, c.lo, c.hi, np.array([float(qp.scale)]),
+                                                 float(qp.zero_point), qtype.qmin, qtype.qmax)[0])
+    if signal <= 0 or error <= 0:
+        return math.inf
+    return 10.0 * math.log10(signal / error)
+
+
 # ---- weights -------------------------------------------------------------------------
 
 def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] = None) -> QParams:

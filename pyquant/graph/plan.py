@@ -415,6 +415,39 @@ def _activation_interiors(view: GraphView, model: ModelProto) -> List[str]:
     return interiors
 
 
+# Ops that normalise each row (token) of their input by that row's own statistics.
+NORMALIZATIONS = ("LayerNormalization",)
+
+
+def normalized_sums(model: ModelProto) -> Dict[str, str]:
+    """{tensor: the normalisation it feeds} for the inputs of per-token normalisations
+    (LayerNormalization, or a written-out one: x read by a ReduceMean and by a Sub of that
+    mean) and, back through Add nodes (bias and residual additions), every activation
+    summed into them. A normalisation divides each row by its own spread, so every channel
+    of the sum matters relative to its own size, not to the tensor's largest channel
+    (calibrate.table.outlier_dominated uses this)."""
+    view = GraphView(model)
+    found: Dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type in NORMALIZATIONS:
+            starts = node.input[:1]
+        elif node.op_type == "ReduceMean":
+            starts = [node.input[0]] if any(c.op_type == "Sub" and list(c.input[:2]) == [node.input[0], node.output[0]]
+                                            for c in view.consumers.get(node.input[0], [])) else []
+        else:
+            continue
+        pending = [name for name in starts if name and not view.is_constant(name)]
+        while pending:
+            name = pending.pop()
+            if name in found:
+                continue
+            found[name] = view.node_name(node)
+            producer = view.producer.get(name)
+            if producer is not None and producer.op_type == "Add":
+                pending.extend(i for i in producer.input if i and not view.is_constant(i))
+    return found
+
+
 def plan_for(model: ModelProto, config: QuantConfig,
              keep_float: Mapping[str, str] = MappingProxyType({})) -> QuantPlan:
     """build_plan with the graph options of ``config``."""

@@ -1,0 +1,102 @@
+"""Rules for tensors whose calibrated range is set by a few outliers (pyquant.calibrate.table).
+
+Tiny generated models: a feed-forward block whose down projection writes one "massive"
+channel, summed into a LayerNormalization as in a BERT-like encoder."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pyquant.api import quantize_detailed
+from pyquant.calibrate import table
+from pyquant.graph.plan import normalized_sums
+
+CHANNELS = 128  # the massive channel is 1/128 of the values: outside the rule's 99 % bulk
+TOKENS = 6
+MASSIVE = 200.0  # the outlier channel's typical value; the others are about 1
+
+
+def ffn_block(massive: float = MASSIVE, written_out: bool = False) -> onnx.ModelProto:
+    """x [1, TOKENS, CHANNELS] -> MatMul -> Add bias -> Add x -> normalisation -> MatMul.
+    The bias puts ``massive`` into channel 0 of every token (a massive activation)."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((CHANNELS, CHANNELS)) / np.sqrt(CHANNELS)).astype(np.float32)
+    bias = np.zeros(CHANNELS, np.float32)
+    bias[0] = massive
+    gamma = np.ones(CHANNELS, np.float32)
+    gamma[0] = 0.01  # as in trained models: the normalised massive channel is scaled down
+    w2 = (rng.standard_normal((CHANNELS, CHANNELS)) / np.sqrt(CHANNELS)).astype(np.float32)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(bias, "bias"),
+             numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(gamma, "gamma"),
+             numpy_helper.from_array(np.zeros(CHANNELS, np.float32), "beta")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="down"),
+             helper.make_node("Add", ["h", "bias"], ["hb"], name="bias_add"),
+             helper.make_node("Add", ["hb", "x"], ["s"], name="residual")]
+    if written_out:  # (s - mean) / sqrt(var + eps), as tf2onnx writes a LayerNorm
+        inits.append(numpy_helper.from_array(np.array(1e-5, np.float32), "eps"))
+        nodes += [helper.make_node("ReduceMean", ["s"], ["mean"], axes=[-1], name="mean"),
+                  helper.make_node("Sub", ["s", "mean"], ["centered"], name="center"),
+                  helper.make_node("Mul", ["centered", "centered"], ["squared"], name="square"),
+                  helper.make_node("ReduceMean", ["squared"], ["var"], axes=[-1], name="var"),
+                  helper.make_node("Add", ["var", "eps"], ["var_eps"], name="var_eps"),
+                  helper.make_node("Sqrt", ["var_eps"], ["std"], name="std"),
+                  helper.make_node("Div", ["centered", "std"], ["n"], name="normalize")]
+    else:
+        nodes.append(helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["n"], axis=-1, name="ln"))
+    nodes.append(helper.make_node("MatMul", ["n", "w2"], ["y"], name="up"))
+    shape = [1, TOKENS, CHANNELS]
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    opset = 13 if written_out else 17
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def feeds(count: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, TOKENS, CHANNELS)).astype(np.float32)} for _ in range(count)]
+
+
+def sqnr_to_float(model, quantized) -> float:
+    run = lambda m, f: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, f)[0]
+    ref = np.concatenate([run(model, f) for f in feeds(8, 1)])
+    test = np.concatenate([run(quantized, f) for f in feeds(8, 1)])
+    return float(10 * np.log10(np.sum(ref ** 2) / np.sum((ref - test) ** 2)))
+
+
+SUMMED = {"hb", "s"}  # the sums that carry the massive channel (h does not)
+
+
+@pytest.mark.parametrize("written_out", [False, True])
+def test_normalized_sums_follow_bias_and_residual_additions(written_out):
+    found = normalized_sums(ffn_block(written_out=written_out))
+    assert set(found) == SUMMED | {"h", "x"}
+    assert set(found.values()) == {"mean" if written_out else "ln"}
+
+
+def test_a_massive_channel_summed_into_layernorm_stays_float_under_xint8(monkeypatch):
+    model = ffn_block()
+    result = quantize_detailed(model, feeds(8, 0), "XINT8")
+    assert SUMMED <= set(result.plan.float_tensors)
+    assert all("outliers" in result.plan.float_tensors[t] for t in SUMMED)
+    assert SUMMED.isdisjoint(result.plan.activations)
+    assert {"x", "h"} <= set(result.plan.activations)  # summed into the norm, but without outliers
+    with_rule = sqnr_to_float(model, result.model)
+    monkeypatch.setattr(table, "BULK_SQNR_MIN_DB", -np.inf)  # the rule off
+    without = quantize_detailed(model, feeds(8, 0), "XINT8")
+    assert SUMMED <= set(without.plan.activations)
+    # power-of-two step 2 for the sums: the unit-sized channels round to 0 or +-2
+    assert with_rule > sqnr_to_float(model, without.model) + 10
+
+
+def test_a_written_out_layernorm_is_a_normalisation_too():
+    result = quantize_detailed(ffn_block(written_out=True), feeds(8, 0), "XINT8")
+    assert SUMMED <= set(result.plan.float_tensors)
+
+
+def test_without_outliers_the_sums_stay_quantized():
+    result = quantize_detailed(ffn_block(massive=3.0), feeds(8, 0), "XINT8")
+    assert SUMMED <= set(result.plan.activations)
+    assert not any("outliers" in reason for reason in result.plan.float_tensors.values())
