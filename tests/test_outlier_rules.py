@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pyquant.api import quantize_detailed
 from pyquant.calibrate import table
+from pyquant.graph import plan as plan_module
 from pyquant.graph.plan import normalized_sums
 
 CHANNELS = 128  # the massive channel is 1/128 of the values: outside the rule's 99 % bulk
@@ -100,3 +101,69 @@ def test_without_outliers_the_sums_stay_quantized():
     result = quantize_detailed(ffn_block(massive=3.0), feeds(8, 0), "XINT8")
     assert SUMMED <= set(result.plan.activations)
     assert not any("outliers" in reason for reason in result.plan.float_tensors.values())
+
+
+def variance_layernorm(offset: float = 10.0, pooled_matmul: bool = False) -> onnx.ModelProto:
+    """h = x W + offset, normalised as tf2onnx writes a LayerNorm: var = E[h^2] - E[h]^2,
+    (h - E[h]) / sqrt(max(var, 0) + eps), then a MatMul. With ``pooled_matmul`` the mean
+    feeds a MatMul instead (a pooled feature, not a normalisation)."""
+    rng = np.random.default_rng(0)
+    c = 16
+    w = (rng.standard_normal((c, c)) / np.sqrt(c)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(c, offset, np.float32), "offset"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             numpy_helper.from_array(np.array(1.0 / c, np.float32), "inv_n"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(1e-5, np.float32), "eps")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h0"]), helper.make_node("Add", ["h0", "offset"], ["h"]),
+             helper.make_node("ReduceSum", ["h", "axes"], ["sum"]), helper.make_node("Mul", ["sum", "inv_n"], ["mean"])]
+    if pooled_matmul:
+        inits.append(numpy_helper.from_array(w[:1], "w_pool"))  # [.., 1] -> [.., c]
+        nodes.append(helper.make_node("MatMul", ["mean", "w_pool"], ["y"]))
+    else:
+        nodes += [helper.make_node("Mul", ["h", "h"], ["square"]),
+                  helper.make_node("ReduceSum", ["square", "axes"], ["sum_sq"]),
+                  helper.make_node("Mul", ["sum_sq", "inv_n"], ["mean_sq"]),
+                  helper.make_node("Mul", ["mean", "mean"], ["mean_squared"]),
+                  helper.make_node("Sub", ["mean_sq", "mean_squared"], ["var"]),
+                  helper.make_node("Max", ["zero", "var"], ["var_pos"]),
+                  helper.make_node("Add", ["var_pos", "eps"], ["var_eps"]),
+                  helper.make_node("Sqrt", ["var_eps"], ["std"]),
+                  helper.make_node("Reciprocal", ["std"], ["inv_std"]),
+                  helper.make_node("Sub", ["h", "mean"], ["centered"]),
+                  helper.make_node("Mul", ["centered", "inv_std"], ["n"]),
+                  helper.make_node("MatMul", ["n", "w"], ["y"])]
+    shape = [1, TOKENS, c]
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+STATISTICS = {"sum", "mean", "square", "sum_sq", "mean_sq", "mean_squared", "var", "var_pos", "var_eps", "std",
+              "inv_std"}
+
+
+def test_a_written_out_layernorms_statistics_stay_float_under_xint8(monkeypatch):
+    model = variance_layernorm()
+    feed_list = [{"x": f["x"][..., :16]} for f in feeds(8, 0)]
+    result = quantize_detailed(model, feed_list, "XINT8")
+    assert STATISTICS <= set(result.plan.float_tensors)
+    assert all("statistic of a written-out normalisation" in result.plan.float_tensors[t]
+               for t in STATISTICS - {"std"})  # std is a divisor first (its own reason)
+    assert {"h", "centered", "n"} <= set(result.plan.activations)  # the data path stays quantized
+    run = lambda m: np.concatenate([ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                                    .run(None, f)[0] for f in feed_list])
+    ref = run(model)
+    sqnr = lambda q: float(10 * np.log10(np.sum(ref ** 2) / np.sum((ref - run(q)) ** 2)))
+    monkeypatch.setattr(plan_module, "_normalization_statistics", lambda view, m: {})  # the rule off
+    without = quantize_detailed(model, feed_list, "XINT8")
+    assert "mean_sq" in without.plan.activations
+    # E[h^2] ~ 100 and E[h]^2 ~ 100 at 8 bits each: their difference (~1) is mostly rounding
+    assert sqnr(result.model) > sqnr(without.model) + 10
+
+
+def test_a_mean_pooled_into_a_matmul_is_not_a_normalisation():
+    result = quantize_detailed(variance_layernorm(pooled_matmul=True), [{"x": f["x"][..., :16]} for f in feeds(4, 0)],
+                               "XINT8")
+    assert "sum" in result.plan.activations  # (preparation folds the 1/n into the MatMul)
+    assert not any("normalisation" in reason for reason in result.plan.float_tensors.values())

@@ -177,6 +177,8 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
             if index < len(node.input) and node.input[index] and not view.is_constant(node.input[index]):
                 float_tensors.setdefault(node.input[index], f"divisor of {node.op_type} {view.node_name(node)}: a value "
                                                             "rounded to zero would make it infinite")
+    for name, reduce_node in _normalization_statistics(view, model).items():
+        float_tensors.setdefault(name, f"{NORMALIZATION_STATISTICS_REASON} ({reduce_node})")
     if enable_npu_cnn:
         for name in _activation_interiors(view, model):
             float_tensors.setdefault(name, ACTIVATION_INTERIOR_REASON)
@@ -446,6 +448,60 @@ def normalized_sums(model: ModelProto) -> Dict[str, str]:
             if producer is not None and producer.op_type == "Add":
                 pending.extend(i for i in producer.input if i and not view.is_constant(i))
     return found
+
+
+NORMALIZATION_STATISTICS_REASON = ("per-row statistic of a written-out normalisation (mean, mean square, variance, "
+                                   "1/std): computed in float, as a normalisation op computes it")
+_REDUCTIONS = ("ReduceMean", "ReduceSum")
+# Ops a normalisation's statistics pass through between the reduction and their use
+# (besides _ACTIVATION_PARTS): reshaping and broadcasting to the input's shape.
+_STATISTICS_MOVES = {"Reshape", "Expand", "Squeeze", "Unsqueeze", "Identity", "Cast"}
+_COMBINING = {"Sub", "Mul", "Div", "Add"}
+
+
+def _normalization_statistics(view: GraphView, model: ModelProto) -> Dict[str, str]:
+    """{tensor: its reduction node} of the statistics inside written-out normalisations.
+
+    From each ReduceMean/ReduceSum, the tensors computed from its output through
+    elementwise and reshaping ops alone (other operands constants, shapes, or other such
+    statistics), and the squares the reductions read (x * x read only by a reduction). They
+    count as one normalisation when every op leaving them is an elementwise Sub/Mul/Div/Add
+    that combines them with the data again ((x - mean) * 1/std, a softmax's exp(x) / sum):
+    a pooled feature fed to a Conv or MatMul (squeeze-and-excitation, a classifier) is not
+    one. Measured on a file-type
+    classifier (tf2onnx writes var = E[x^2] - E[x]^2): quantizing E[x^2] and E[x]^2 to 8
+    bits each left the variance at 10 dB and the classes at 0.066 agreement under XINT8."""
+    float_ = lambda name: bool(name) and view.is_float(name) and not view.is_constant(name)
+    parts = _ACTIVATION_PARTS | _STATISTICS_MOVES | set(_REDUCTIONS)
+    region: Dict[str, str] = {}
+    nodes = list(model.graph.node)
+    for reduce_node in nodes:
+        if reduce_node.op_type not in _REDUCTIONS or not float_(reduce_node.input[0]):
+            continue
+        name = view.node_name(reduce_node)
+        stats = {reduce_node.output[0]}
+        grew = True
+        while grew:
+            grew = False
+            for node in nodes:
+                if node.op_type not in parts or all(o in stats for o in node.output if o):
+                    continue
+                data = [i for i in node.input if float_(i)]
+                if data and all(i in stats or i in region for i in data):
+                    stats.update(o for o in node.output if o)
+                    grew = True
+        exits = [c for t in stats for c in view.consumers.get(t, []) if not all(o in stats for o in c.output if o)]
+        if not exits or any(c.op_type not in _COMBINING or any(i in stats for i in c.output) for c in exits):
+            continue
+        if not any(float_(i) and i not in stats and i not in region for c in exits for i in c.input):
+            continue
+        squares = [r.input[0] for r in nodes if r.op_type in _REDUCTIONS and r.output[0] in stats
+                   for p in [view.producer.get(r.input[0])] if p is not None and p.op_type in ("Mul", "Pow")
+                   and len(view.consumers.get(r.input[0], [])) == 1
+                   and (p.op_type == "Pow" or p.input[0] == p.input[1])]
+        for tensor in list(stats) + squares:
+            region.setdefault(tensor, name)
+    return region
 
 
 def plan_for(model: ModelProto, config: QuantConfig,
