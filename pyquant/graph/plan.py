@@ -24,6 +24,9 @@ ops that feed them; elementwise ops (activation functions, Mul, an Add/Sub/Div w
 constant) between them stay in float, with no QDQ pair of their own. A written-out
 hard-swish, SiLU or GELU is then one float region between two layers instead of four
 rounding points (on a paddle2onnx text detector, 266 pairs without this rule).
+The per-row statistics of a written-out normalisation stay float (_normalization_statistics);
+normalized_sums names the tensors summed into a normalisation, for the calibration rule that
+keeps outlier-dominated ones float (pyquant.calibrate.table.outlier_dominated).
 Ops not listed in OP_RULES stay in float; the plan records why.
 """
 from __future__ import annotations
