@@ -27,7 +27,7 @@ from onnx import ModelProto
 
 from . import threads
 from .calibrate.runner import StatisticsRequest, collect
-from .calibrate.table import build_table, outlier_dominated
+from .calibrate.table import build_table, concat_starved, outlier_dominated
 from .config import QuantConfig
 from .errors import ModelError
 from .graph.plan import NEAR_INFINITE, QuantPlan
@@ -80,9 +80,12 @@ def _keep_near_infinite_in_float(state: QuantState) -> None:
 
 def _keep_outlier_dominated_in_float(state: QuantState) -> None:
     """Tensors summed into a per-token normalisation whose scale a few outliers set so
-    coarse that the rest of the tensor is lost (pyquant.calibrate.table.outlier_dominated)
-    stay float; the plan and the table are made again without them."""
+    coarse that the rest of the tensor is lost (pyquant.calibrate.table.outlier_dominated),
+    and Concats whose one shared scale would lose an input (concat_starved), stay float;
+    the plan and the table are made again without them."""
     dominated = outlier_dominated(state.model, state.plan, state.statistics.ranges, state.table.activations)
+    dominated.update(concat_starved(state.model, state.plan, state.statistics.ranges, state.table.activations,
+                                    state.config))
     if dominated:
         for name, reason in dominated.items():
             log.info("leaving tensor %s in float: %s", name, reason)

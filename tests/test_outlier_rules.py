@@ -167,3 +167,41 @@ def test_a_mean_pooled_into_a_matmul_is_not_a_normalisation():
                                "XINT8")
     assert "sum" in result.plan.activations  # (preparation folds the 1/n into the MatMul)
     assert not any("normalisation" in reason for reason in result.plan.float_tensors.values())
+
+
+def boxes_and_scores(box_scale: float) -> onnx.ModelProto:
+    """Concat(x W * box_scale, sigmoid(x V)) as a detector's output (boxes next to scores)."""
+    rng = np.random.default_rng(0)
+    c = 16
+    inits = [numpy_helper.from_array((rng.standard_normal((c, 4)) * box_scale / np.sqrt(c)).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.standard_normal((c, 8)) / np.sqrt(c)).astype(np.float32), "v")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["boxes"]), helper.make_node("MatMul", ["x", "v"], ["logits"]),
+             helper.make_node("Sigmoid", ["logits"], ["scores"]),
+             helper.make_node("Concat", ["boxes", "scores"], ["y"], axis=-1, name="head")]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, TOKENS, c])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_concat_whose_shared_scale_would_zero_an_input_stays_float_under_xint8(monkeypatch):
+    model = boxes_and_scores(box_scale=300.0)
+    feed_list = [{"x": f["x"][..., :16]} for f in feeds(8, 0)]
+    result = quantize_detailed(model, feed_list, "XINT8")
+    assert "y" in result.plan.float_tensors and "head" in result.plan.float_tensors["y"]
+    table_ = result.table.activations
+    assert float(table_["scores"].scale) < float(table_["boxes"].scale) / 64  # scales of their own
+    run = lambda m: np.concatenate([ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                                    .run(None, f)[0][..., 4:] for f in feed_list])
+    ref = run(model)
+    error = lambda q: float(np.max(np.abs(run(q) - ref)))
+    monkeypatch.setattr(table, "SHARED_SCALE_MIN_DB", -np.inf)  # the rule off
+    without = quantize_detailed(model, feed_list, "XINT8")
+    assert without.table.activations["scores"] is without.table.activations["y"]
+    assert error(result.model) < 0.02 < 0.3 < error(without.model)  # scores rounded to 0 without the rule
+
+
+def test_a_concat_of_comparable_ranges_keeps_one_shared_scale():
+    result = quantize_detailed(boxes_and_scores(box_scale=1.0), [{"x": f["x"][..., :16]} for f in feeds(4, 0)],
+                               "XINT8")
+    assert "y" in result.plan.activations
+    assert result.table.activations["scores"] is result.table.activations["y"]

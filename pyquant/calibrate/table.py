@@ -99,3 +99,39 @@ def outlier_dominated(model: ModelProto, plan: QuantPlan, collectors: Mapping[st
 def _integer_type(qp: QParams) -> QuantType:
     dtype = qp.zero_point.dtype
     return next(t for t in QuantType if not t.is_float and np.dtype(t.numpy_dtype) == dtype)
+
+
+# A Concat under the NPU rules shares one scale between its inputs and its output. When one
+# input's own values would be quantized at less than SHARED_SCALE_MIN_DB with that shared
+# scale (its range is far below another input's), the Concat stays float instead: its inputs
+# keep scales of their own. YOLOv8's output concatenates box coordinates (0 to 320) and class
+# scores (0 to 1): one power-of-two step of 2 rounded every score to 0 (XINT8 detection F1
+# 0.000 against the float model). Inputs of comparable range, as a feature-pyramid Concat's,
+# lose a few dB at most.
+SHARED_SCALE_MIN_DB = 10.0
+
+
+def concat_starved(model: ModelProto, plan: QuantPlan, collectors: Mapping[str, TensorCollector],
+                   activations: Mapping[str, QParams], config: QuantConfig) -> Dict[str, str]:
+    """{Concat output: reason} of the Concats sharing one scale (NPU rules) that quantize
+    one of their inputs at less than SHARED_SCALE_MIN_DB: their outputs should stay float."""
+    if not config.enable_npu_cnn:
+        return {}
+    found: Dict[str, str] = {}
+    view = GraphView(model)
+    for node in model.graph.node:
+        shared = activations.get(node.output[0]) if node.op_type == "Concat" and node.output else None
+        if shared is None:
+            continue
+        for name in node.input:
+            collector = collectors.get(name)
+            if collector is None or activations.get(name) is not shared or name in plan.constant_activations:
+                continue
+            db = bulk_sqnr_db(collector, shared, _integer_type(shared), 1.0)
+            if db < SHARED_SCALE_MIN_DB:
+                found[node.output[0]] = (f"Concat {view.node_name(node)} left float: one shared scale "
+                                         f"({float(shared.scale):.3g}) would quantize its input {name} (range "
+                                         f"[{collector.min:.3g}, {collector.max:.3g}]) at {db:.1f} dB "
+                                         f"(< {SHARED_SCALE_MIN_DB:g} dB)")
+                break
+    return found
