@@ -86,6 +86,8 @@ def _keep_outlier_dominated_in_float(state: QuantState) -> None:
     dominated = outlier_dominated(state.model, state.plan, state.statistics.ranges, state.table.activations)
     dominated.update(concat_starved(state.model, state.plan, state.statistics.ranges, state.table.activations,
                                     state.config))
+    for name in state.config.tensor_types:  # the user chose these tensors' precision
+        dominated.pop(name, None)
     if dominated:
         for name, reason in dominated.items():
             log.info("leaving tensor %s in float: %s", name, reason)

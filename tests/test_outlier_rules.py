@@ -4,6 +4,8 @@ Tiny generated models: a feed-forward block whose down projection writes one "ma
 channel, summed into a LayerNormalization as in a BERT-like encoder."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pyquant.api import quantize_detailed
 from pyquant.calibrate import table
+from pyquant.config import QuantType, get_preset
 from pyquant.graph import plan as plan_module
 from pyquant.graph.plan import normalized_sums
 
@@ -205,3 +208,9 @@ def test_a_concat_of_comparable_ranges_keeps_one_shared_scale():
                                "XINT8")
     assert "y" in result.plan.activations
     assert result.table.activations["scores"] is result.table.activations["y"]
+
+
+def test_a_tensor_given_a_type_by_the_user_keeps_it():
+    config = dataclasses.replace(get_preset("XINT8"), tensor_types={"hb": QuantType.QUInt8})
+    result = quantize_detailed(ffn_block(), feeds(8, 0), config)
+    assert "hb" in result.plan.activations and "s" in result.plan.float_tensors
