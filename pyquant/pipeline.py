@@ -20,13 +20,13 @@ import functools
 import logging
 import operator
 import time
-from typing import Any, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import onnx
 from onnx import ModelProto
 
 from . import threads
-from .calibrate.runner import StatisticsRequest, collect
+from .calibrate.runner import Statistics, StatisticsRequest, collect
 from .calibrate.table import build_table
 from .config import QuantConfig
 from .errors import ModelError
@@ -78,10 +78,13 @@ def _keep_near_infinite_in_float(state: QuantState) -> None:
         state.replan()
 
 
-def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Callbacks = Callbacks()
-                   ) -> QuantizeResult:
+def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Callbacks = Callbacks(),
+                   collect_statistics: Callable[..., Statistics] = collect) -> QuantizeResult:
     """Quantize an in-memory float model with calibration data from ``reader`` (an object
-    with get_next(); rewind() too when a technique reads the data twice)."""
+    with get_next(); rewind() too when a technique reads the data twice).
+
+    ``collect_statistics`` runs the calibration pass (``collect``'s signature); e.g.
+    pyquant.calibrate.sharded.ShardedCalibration collects shards of the data on workers."""
     start = time.perf_counter()
     techniques = techniques_for(config)
     graph_stage = [t for t in techniques if t.stage is Stage.GRAPH]
@@ -108,7 +111,7 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
             state.float_model = ModelProto()
             state.float_model.CopyFrom(state.model)
         t0 = time.perf_counter()
-        state.statistics = collect(state.model, state.plan, state.reader, config, request, callbacks.calibration)
+        state.statistics = collect_statistics(state.model, state.plan, state.reader, config, request, callbacks.calibration)
         seconds_calibration = time.perf_counter() - t0
         _keep_near_infinite_in_float(state)
         state.table = build_table(state.model, state.plan, state.statistics.ranges, config)
