@@ -137,3 +137,14 @@ def image_folder_source(folder: "os.PathLike[str] | str", input_name: str, prepr
     """An ImageFolderSource with absolute paths (a worker may start in another folder)."""
     return ImageFolderSource(os.path.abspath(folder), input_name, preprocess, batch_size,
                              None if labels_file is None else os.path.abspath(labels_file), limit)
+
+
+def describe_source(source: DataSource) -> Dict[str, object]:
+    """What identifies a source's data (an experiment records it to notice a change)."""
+    if isinstance(source, ImageFolderSource):
+        return {"folder": source.folder, "limit": source.limit, "labels": source.labels_file,
+                "preprocess": repr(source.preprocess), "batch_size": source.batch_size}
+    digest = {k: [list(v.shape), str(v.dtype), float(np.asarray(v, np.float64).sum())]
+              for k, v in source.arrays.items()}
+    return {"arrays": digest, "batch_size": source.batch_size,
+            "labels": None if source.label_array is None else int(np.asarray(source.label_array).sum())}
