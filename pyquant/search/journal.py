@@ -83,8 +83,11 @@ class Experiment:
         if model is not None:
             save_model(model, self.model_path(record["trial_id"]))
         line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-        fd = os.open(self.folder / JOURNAL_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.folder / JOURNAL_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # after a line cut short: start a new one
+                line = b"\n" + line
             os.write(fd, line)
             os.fsync(fd)
         finally:

@@ -199,6 +199,8 @@ def config_for(params: Mapping[str, Any]) -> Tuple[QuantConfig, Optional[Dict[st
         changes["cle"] = _replace(config.cle, cle, "cle")
     finetune = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("fast_finetune.")}
     config = dataclasses.replace(config, **changes)
+    if cle and not config.cross_layer_equalization:  # CLE options only act with CLE (techniques.cle)
+        config = dataclasses.replace(config, cle=get_preset(params.get("preset", "XINT8")).cle)
     if finetune and config.fast_finetune is not None:  # without fast finetune its options change nothing
         config = dataclasses.replace(config, fast_finetune=_replace(config.fast_finetune, finetune, "fast_finetune"))
     target = params.get("mixed_precision")
