@@ -73,8 +73,10 @@ class RayExecutor:
         self._owns = not ray.is_initialized()
         if self._owns:
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING)
+                # a new local instance without the dashboard (a web server nobody asked for);
+                # an existing cluster's settings are its own
+                local = {"include_dashboard": False} if address is None else {}
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **local)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ConfigError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from None
         elif address is not None:
