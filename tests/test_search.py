@@ -3,7 +3,9 @@ same results, the resumable experiment folder, constraints, results and the CLI.
 from __future__ import annotations
 
 import csv
+import re
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,6 +18,7 @@ from pyquant.distributed import LocalExecutor, RayExecutor
 from pyquant.errors import ConfigError
 from pyquant.search import Constraints, FloatComparisonObjective, SearchSpace, UserObjective, run_search
 from pyquant.search.journal import JOURNAL_FILE
+from pyquant.search.space import valid_dimensions
 
 FOUR = {"dimensions": {"preset": ["XINT8", "U8S8"], "cross_layer_equalization": [False, True]}}
 
@@ -197,3 +200,12 @@ def test_cli_search_in_process(tiny_model, tiny_data, held_out, tmp_path, capsys
     (tmp_path / "space.json").write_text("{not json")
     assert cli.main(args) == 2
     assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_the_readme_lists_every_search_dimension():
+    text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    section = text[text.index("Dimensions: `preset`"):text.index("The first value of every dimension")]
+    listed = set(re.findall(r"`([a-z_]+)`", section))
+    direct = {d for d in valid_dimensions() if "." not in d}
+    assert listed == direct, (listed ^ direct)
+    assert "`cle.OPTION` (CLEOptions)" in section and "`fast_finetune.OPTION`" in section

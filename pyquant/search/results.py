@@ -29,7 +29,8 @@ class SearchResult:
     seconds: float
     executor: str
 
-    def to_text(self) -> str:
+    def summary(self) -> List[str]:
+        """The lines above the table: objective, float model's score, trials, points not tried."""
         arrow = "higher is better" if self.higher_is_better else "lower is better"
         lines = [f"objective {self.objective} ({arrow}); float model: {_fmt(self.float_score)}",
                  f"{len(self.records)} trials ({self.ran} run now on {self.executor}, "
@@ -37,6 +38,10 @@ class SearchResult:
         skipped = ", ".join(f"{n} {why}" for why, n in self.dropped.items() if n)
         if skipped:
             lines.append(f"points not tried: {skipped}")
+        return lines
+
+    def to_text(self) -> str:
+        lines = self.summary()
         header = ["#", "score", "NPU", "ok", "quant s", "eval s", "MB", "configuration"]
         table = [header]
         for r in self.records:
@@ -111,7 +116,7 @@ class SearchResult:
                 "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px}"
                 "img{max-width:100%}</style></head><body>"
                 f"<h1>{html.escape(title)}</h1>"
-                + "".join(f"<p>{html.escape(line)}</p>" for line in self.to_text().splitlines()[:3])
+                + "".join(f"<p>{html.escape(line)}</p>" for line in self.summary())
                 + figure_html(self.plot())
                 + "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
                 + "".join(rows) + "</table></body></html>\n")
