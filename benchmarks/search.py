@@ -2,6 +2,7 @@
 a local Ray cluster of two worker nodes started with ``ray start`` on this machine.
 
     python benchmarks/search.py [--shared ../shared] [--trials 12] [--timing-trials 8]
+    python benchmarks/search.py --sharded [--shards 2]
 
 Prints two tables:
   1. the search: XINT8 without CLE as the starting point, NPU-legal points only, top-1 on
@@ -11,6 +12,10 @@ Prints two tables:
   2. wall time of the first ``--timing-trials`` trials of the same space run one after
      another in this process (each trial with every CPU) against on the cluster (one CPU
      per trial, one trial per node at a time), in one run, with the machine's load.
+
+With ``--sharded`` it prints instead calibration and evaluation on the same cluster in
+shards (pyquant.sharded) against one pass in this process: times, top-1, and whether the
+sharded model is byte-identical to the one-shard in-process run (and to pyquant.quantize's).
 
 The cluster: ``ray start --head --num-cpus=1`` and ``ray start --address=... --num-cpus=1``
 under a temporary folder of this run; its processes are ended by process id at the end.
@@ -89,6 +94,8 @@ def main() -> None:
     parser.add_argument("--shared", default=str(REPO.parent / "shared"))
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--timing-trials", type=int, default=8)
+    parser.add_argument("--sharded", action="store_true", help="the sharded calibration/evaluation table instead")
+    parser.add_argument("--shards", type=int, default=2)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from pyquant.data import Preprocess
@@ -112,6 +119,10 @@ def main() -> None:
         cluster = RayExecutor(address=f"127.0.0.1:{PORT}", cpus_per_task=1)
         import ray
         print(f"cluster: {len(ray.nodes())} nodes, {int(ray.cluster_resources()['CPU'])} CPUs", flush=True)
+        if args.sharded:
+            sharded_part(model, calib, objective.data, cluster, args.shards)
+            cluster.close()
+            return
 
         # ---- 1. the search ------------------------------------------------------------------
         space = SearchSpace.from_dict({**SPACE, "max_trials": args.trials})
@@ -159,6 +170,41 @@ def main() -> None:
         stop_cluster(ray_dir)
         shutil.rmtree(ray_dir, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def sharded_part(model: str, calib, val, cluster, shards: int) -> None:
+    import pyquant
+    from pyquant.distributed import LocalExecutor
+    from pyquant.sharded import evaluate_sharded, quantize_sharded
+
+    print(f"\n## Calibration and evaluation in {shards} shards on the cluster vs one pass in this process")
+    print("| what | where | wall s | top-1 % | model bytes equal to |")
+    print("|---|---|---|---|---|")
+    for preset in ("XINT8", "U8S8"):
+        t0 = time.perf_counter()
+        plain = pyquant.quantize(model, calib.reader(), preset)
+        t_plain = time.perf_counter() - t0
+        one = quantize_sharded(model, calib, preset, shards=1, executor=LocalExecutor()).model
+        t0 = time.perf_counter()
+        sharded = quantize_sharded(model, calib, preset, shards=shards, executor=cluster).model
+        t_sharded = time.perf_counter() - t0
+        top1 = {name: pyquant.evaluate(m, val.reader()).top1 for name, m in (("plain", plain), ("sharded", sharded))}
+        same_one = sharded.SerializeToString() == one.SerializeToString()
+        same_plain = sharded.SerializeToString() == plain.SerializeToString()
+        print(f"| quantize {preset} | pyquant.quantize, in-process | {t_plain:.0f} | {100 * top1['plain']:.1f} | |")
+        print(f"| quantize {preset} | quantize_sharded, {shards} shards on the cluster | {t_sharded:.0f} | "
+              f"{100 * top1['sharded']:.1f} | 1 shard in-process: {same_one}; pyquant.quantize: {same_plain} |",
+              flush=True)
+    t0 = time.perf_counter()
+    whole = pyquant.evaluate(model, val.reader())
+    t_whole = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    parts = evaluate_sharded(model, val, shards=shards, executor=cluster)
+    t_parts = time.perf_counter() - t0
+    print(f"| evaluate float model on val | pyquant.evaluate, in-process | {t_whole:.0f} | {100 * whole.top1:.1f} | |")
+    print(f"| evaluate float model on val | evaluate_sharded, {shards} shards on the cluster | {t_parts:.0f} | "
+          f"{100 * parts.top1:.1f} | predictions equal: {bool((parts.predictions == whole.predictions).all())} |")
+    print(load())
 
 
 if __name__ == "__main__":

@@ -292,8 +292,9 @@ def _add_search(sub) -> None:
                    help="experiment folder: journal, each trial's model, results.csv/html; rerun to resume")
     s.add_argument("--output", default=None, help="where to write the best model")
     s.add_argument("--address", default=None,
-                   help="Ray cluster: 'auto' (started with ray start on this machine) or ray://host:port; "
-                        "default: a local Ray instance when ray is installed")
+                   help="Ray cluster: 'auto' (started with ray start on this machine), 'local' (a new "
+                        "instance here) or ray://host:port; default, when ray is installed: the cluster "
+                        "started on this machine if any, else a new local instance")
     s.add_argument("--no_ray", action="store_true", help="run the trials one after another in this process")
     s.add_argument("--cpus_per_trial", type=_positive_int, default=1,
                    help="CPUs each Ray task asks for (its thread budget too)")

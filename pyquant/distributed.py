@@ -57,8 +57,10 @@ class RayExecutor:
     """Runs each call as a Ray task asking for ``cpus_per_task`` CPUs, so that Ray never
     starts more tasks on a node than it has CPUs for (two trials on 2 cores, not eight).
 
-    ``address``: None starts (or joins) a local Ray instance on this machine; "auto" joins
-    the cluster started with ``ray start`` on this machine; ``ray://host:port`` a remote one.
+    ``address``: None is ``ray.init()``'s default (the cluster started with ``ray start`` on
+    this machine if there is one, else a new local instance); "local" always a new local
+    instance; "auto" the cluster started on this machine (an error if there is none);
+    "host:port" or ``ray://host:port`` another one.
     A Ray instance that is already initialised (a test fixture, the caller's own) is used
     as it is and left running; one started here is shut down by ``close()``."""
 

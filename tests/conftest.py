@@ -74,7 +74,9 @@ def ray_local():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local instance: no token needed
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": a new instance of its own, even beside a cluster started with ray start
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     yield ray
     if started:
         ray.shutdown()
