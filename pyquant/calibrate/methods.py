@@ -148,7 +148,8 @@ def activation_qparams(collector: TensorCollector, config: QuantConfig) -> QPara
 # ---- weights -------------------------------------------------------------------------
 
 def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] = None) -> QParams:
-    """Symmetric int8 parameters of a weight tensor (zero point 0).
+    """Symmetric int8 parameters of a weight tensor (zero point 0); for uint8 weights the
+    asymmetric min..max parameters (_asymmetric_weight_qparams).
 
     Float scales, per tensor or per channel along ``axis``: abs-max / 127, or per tensor
     with ``config.weight_scale_mse`` c * abs-max / 127 with the clipping ratio c in [0.3, 1]
@@ -165,6 +166,8 @@ def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] 
     """
     qtype = config.weight_type
     w = np.asarray(weight, dtype=np.float32)
+    if not qtype.signed:
+        return _asymmetric_weight_qparams(w, qtype, axis)
     if config.power_of_two:
         grid = _symmetric_grid(qtype, non_negative=False)
         abs_max = float(np.max(np.abs(w))) if w.size else 0.0
@@ -187,6 +190,19 @@ def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] 
         return _make(float(scale[0]), 0, qtype)
     scale = np.where(abs_max > 0, scale, ZERO_TENSOR_SCALE).astype(np.float32)
     return QParams(scale, np.zeros(scale.shape, dtype=qtype.numpy_dtype), axis)
+
+
+def _asymmetric_weight_qparams(w: np.ndarray, qtype: QuantType, axis: Optional[int]) -> QParams:
+    """Unsigned weights (QUInt8): the affine parameters of each tensor's (or channel's)
+    min..max range widened to include zero, so that zero is exact (padding, pruned weights)."""
+    if axis is None:
+        return qparams_from_range(float(w.min()) if w.size else 0.0, float(w.max()) if w.size else 0.0, qtype,
+                                  symmetric=False)
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    per_row = [qparams_from_range(float(r.min()) if r.size else 0.0, float(r.max()) if r.size else 0.0, qtype,
+                                  symmetric=False) for r in rows]
+    return QParams(np.array([p.scale for p in per_row], dtype=np.float32),
+                   np.array([p.zero_point for p in per_row], dtype=qtype.numpy_dtype), axis)
 
 
 # Clipping ratios searched for float weight scales: a coarse grid, then a fine one around

@@ -12,7 +12,8 @@ from ..config import QuantConfig
 from ..errors import ConfigError
 from ..graph.plan import QuantPlan
 from ..graph.view import GraphView
-from ..qparams import QParams, QuantizedWeight, QuantTable, WeightKey, quantize_array, weight_key
+from ..qparams import (BFLOAT16_QPARAMS, QParams, QuantizedWeight, QuantTable, WeightKey, quantize_array,
+                       round_to_bfloat16, weight_key)
 from .collector import TensorCollector
 from .methods import activation_qparams, weight_qparams
 
@@ -37,13 +38,17 @@ def group_qparams(plan: QuantPlan, collectors: Mapping[str, TensorCollector],
 
 
 def nearest_weights(model: ModelProto, plan: QuantPlan, config: QuantConfig) -> Dict[WeightKey, QuantizedWeight]:
-    """Every planned weight's parameters and nearest-rounded integers."""
+    """Every planned weight's parameters and nearest-rounded integers (bfloat16: the
+    weight rounded to bfloat16)."""
     view = GraphView(model)
     weights: Dict[WeightKey, QuantizedWeight] = {}
     for use in plan.weights:
         key = weight_key(use, config.per_channel)
         if key not in weights:
             w = view.constant_value(key[0])
+            if config.weight_type.is_float:
+                weights[key] = QuantizedWeight(BFLOAT16_QPARAMS, round_to_bfloat16(w))
+                continue
             qp = weight_qparams(w, config, key[1])
             weights[key] = QuantizedWeight(qp, quantize_array(w, qp, config.weight_type))
     return weights
@@ -51,4 +56,6 @@ def nearest_weights(model: ModelProto, plan: QuantPlan, config: QuantConfig) -> 
 
 def build_table(model: ModelProto, plan: QuantPlan, collectors: Mapping[str, TensorCollector],
                 config: QuantConfig) -> QuantTable:
-    return QuantTable(group_qparams(plan, collectors, config), nearest_weights(model, plan, config))
+    """The table of a run. bfloat16 activations have no parameters (a Cast pair each)."""
+    activations = {} if config.activation_type.is_float else group_qparams(plan, collectors, config)
+    return QuantTable(activations, nearest_weights(model, plan, config))
