@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import pyquant
 from pyquant.calibrate.runner import StatisticsRequest, collect
@@ -97,3 +99,33 @@ def test_fast_finetune_reads_the_whole_source_on_the_driver(tiny_model, tiny_dat
     one = quantize_sharded(tiny_model, source, config, shards=1).model.SerializeToString()
     two = quantize_sharded(tiny_model, source, config, shards=2).model.SerializeToString()
     assert one == two
+
+
+def if_model() -> onnx.ModelProto:
+    """y = Conv(x) if max(x) > 0 else -x: preparation inlines the branch the data takes."""
+    w = numpy_helper.from_array(np.random.default_rng(3).normal(size=(2, 2, 1, 1)).astype(np.float32), "w")
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    then = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 2, 4, 4])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 2, 4, 4])])
+    nodes = [helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+             helper.make_node("Greater", ["m", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], name="sign_if", then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "if_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4, 4])], [w, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_every_shard_checks_that_its_batches_take_the_inlined_branch(ray_local):
+    data = np.random.default_rng(5).uniform(-1, 1, (32, 2, 4, 4)).astype(np.float32)
+    source = ArraySource(data, "x", batch_size=4)
+    one = quantize_sharded(if_model(), source, "U8S8", shards=1).model
+    assert one.SerializeToString() == quantize_sharded(if_model(), source, "U8S8", shards=4,
+                                                       executor=RayExecutor()).model.SerializeToString()
+    assert any(n.op_type == "If" for n in one.graph.node)
+    data[24:28] = -np.abs(data[24:28])  # batch 6 takes the else branch
+    with pytest.raises(CalibrationError, match="If node 'sign_if' takes its else_branch in calibration batch 6"):
+        quantize_sharded(if_model(), ArraySource(data, "x", batch_size=4), "U8S8", shards=4, executor=RayExecutor())

@@ -41,7 +41,7 @@ from ..graph.plan import QuantPlan
 from ..graph.view import GraphView
 from ..runtime import check_feed, make_session
 from .collector import ChannelMeanCollector, TensorCollector, initial_grid
-from .runner import ProgressCallback, Statistics, StatisticsRequest
+from .runner import BranchCheck, ProgressCallback, Statistics, StatisticsRequest
 
 Grid = Tuple[float, float]
 
@@ -59,9 +59,10 @@ class ShardStatistics:
 
 def collect_shard(model_bytes, names: Sequence[str], fed: Sequence[str], grids: Optional[Mapping[str, Grid]],
                   num_bins: int, channel_axes: Mapping[str, int], source: DataSource, start: int, stop: int,
-                  first_batch: int, thread_count: Optional[int]) -> ShardStatistics:
+                  first_batch: int, thread_count: Optional[int], conditions: Sequence = ()) -> ShardStatistics:
     """Statistics of the tensors ``fed`` (graph inputs, from the feed) and ``names`` (from
-    the model) over samples [start, stop) of ``source``; histograms only with ``grids``.
+    the model) over samples [start, stop) of ``source``; histograms only with ``grids``;
+    every batch must take the branch of each inlined If of ``conditions`` (runner.BranchCheck).
     Runs in a worker: every argument is a plain value."""
     model = onnx.load_from_string(resolve_shared(model_bytes))
     view = GraphView(model)
@@ -73,6 +74,7 @@ def collect_shard(model_bytes, names: Sequence[str], fed: Sequence[str], grids: 
     with threads.budget(thread_count):
         session = make_session(model, list(names)) if names else None
         reader = source.reader(start, stop)
+        check_branches = BranchCheck(model, conditions) if conditions else None
         while True:
             feed = reader.get_next()
             if feed is None:
@@ -80,6 +82,8 @@ def collect_shard(model_bytes, names: Sequence[str], fed: Sequence[str], grids: 
             index = first_batch + batches
             if session is not None:
                 feed = check_feed(session, feed, index)
+            if check_branches is not None:
+                check_branches(feed, index)
             values = [feed[n] for n in fed] + (session.run(list(names), feed) if names else [])
             for name, value in zip(tensors, values):
                 value = np.ascontiguousarray(value, dtype=np.float32)
@@ -122,7 +126,7 @@ class ShardedCalibration:
 
     def __call__(self, model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
                  request: StatisticsRequest = StatisticsRequest(),
-                 progress: Optional[ProgressCallback] = None) -> Statistics:
+                 progress: Optional[ProgressCallback] = None, conditions: Sequence = ()) -> Statistics:
         view = GraphView(model)
         missing = set(request.channel_means) - set(plan.activations)
         if missing:
@@ -137,7 +141,7 @@ class ShardedCalibration:
         def run(grids, channel_axes) -> List[ShardStatistics]:
             batch = self.source.batch_size
             calls = [(model_bytes, names, fed, grids, config.num_bins, channel_axes, self.source, start, stop,
-                      start // batch, self.threads_per_shard) for start, stop in self.ranges]
+                      start // batch, self.threads_per_shard, list(conditions)) for start, stop in self.ranges]
             results: List[Optional[ShardStatistics]] = [None] * len(calls)
             for index, result in self.executor.map_unordered(collect_shard, calls):
                 results[index] = result

@@ -36,7 +36,7 @@ from ..errors import ConfigError
 
 STRATEGIES = ("grid", "random")
 # QuantConfig fields a space may vary directly (the others are run settings or model-specific).
-CONFIG_FIELDS = ("activation_type", "calibrate_method", "activation_symmetric", "per_channel", "enable_npu_cnn",
+CONFIG_FIELDS = ("activation_type", "weight_type", "calibrate_method", "activation_symmetric", "per_channel", "enable_npu_cnn",
                  "quantize_region_outputs", "percentile", "num_bins", "weight_scale_mse", "bias_correction",
                  "cross_layer_equalization")
 CLE_FIELDS = tuple(f.name for f in dataclasses.fields(CLEOptions))
@@ -69,11 +69,12 @@ class Trial:
     @property
     def npu_legal(self) -> bool:
         """What an NPU (XINT8 rules) runs: power-of-two scales, NPU CNN rules, 8-bit
-        activations, per-tensor weights, no float layers."""
+        activations, per-tensor int8 weights, no float layers."""
         c = self.config
         eight_bit = all(t.bits == 8 for t in (c.activation_type, *c.tensor_types.values()))
         float_layers = bool(self.mixed_precision and self.mixed_precision.get("allow_float"))
-        return c.power_of_two and c.enable_npu_cnn and eight_bit and not c.per_channel and not float_layers
+        return (c.power_of_two and c.enable_npu_cnn and eight_bit and c.weight_type is QuantType.QInt8
+                and not c.per_channel and not float_layers)
 
     def describe(self) -> str:
         return ", ".join(f"{k}={json.dumps(v)}" for k, v in self.params.items())
@@ -235,10 +236,10 @@ def _field_value(name: str, value: Any) -> Any:
                 return enum_type[value]
         raise ConfigError(f"calibrate_method {value!r} is not one of "
                           f"{', '.join([*PowerOfTwoMethod.__members__, *CalibrationMethod.__members__])}")
-    if name == "activation_type":
+    if name in ("activation_type", "weight_type"):
         if isinstance(value, str) and value in QuantType.__members__:
             return QuantType[value]
-        raise ConfigError(f"activation_type {value!r} is not one of {', '.join(QuantType.__members__)}")
+        raise ConfigError(f"{name} {value!r} is not one of {', '.join(QuantType.__members__)}")
     return value
 
 
