@@ -17,14 +17,18 @@ from tqdm import tqdm
 from . import __version__, demo, threads
 from .api import as_reader, is_python_source, quantize_detailed
 from .config import DEFAULT_CALIB_BATCH_SIZE, PRESETS, FastFinetuneOptions, get_preset
-from .data import ImageFolderReader, Preprocess, is_npy_source, is_npz_source
+from .data import ArrayReader, ImageFolderReader, Preprocess, is_npy_source, is_npz_source
+from .datasource import ArraySource, image_folder_source
+from .distributed import make_executor
 from .errors import ConfigError, ModelError, PyquantError
 from .evaluation import evaluate, evaluate_npu_sim
 from .graph.model_io import check_output_path, load_model
-from .graph.view import image_input
+from .graph.view import GraphView, image_input
 from .layer_report import pyplot
 from .npu.report import npu_layer_report, npu_report_figures
 from .npu.rules import DEFAULT_GENERATION, GENERATIONS, Rounding
+from .search import Constraints, FloatComparisonObjective, SearchSpace, Top1Objective, UserObjective, run_search
+from .search.objective import FLOAT_COMPARISONS
 from .techniques import Callbacks
 
 log = logging.getLogger("pyquant")
@@ -156,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
     d.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     d.set_defaults(run=_run_demo)
+    _add_search(sub)
     return parser
 
 
@@ -333,6 +338,91 @@ def _run_npu_report(args) -> int:
     print(report.to_text(sort_by="npu-sim", limit=args.rows))
     print(f"\nwrote {args.output}")
     return 0
+
+
+# ---- pyquant search ---------------------------------------------------------------------
+
+def _add_search(sub) -> None:
+    s = sub.add_parser("search", help="try configurations from a search space, in parallel on Ray, and keep the "
+                                      "best model for an objective", formatter_class=_HelpFormatter)
+    s.add_argument("--model_input", required=True, help="float ONNX model")
+    s.add_argument("--calib_data", required=True, help="folder of images, or a .npy file [N, ...]")
+    s.add_argument("--space", required=True, help="search space JSON (see pyquant.search.space)")
+    s.add_argument("--objective", required=True,
+                   help="top1:LABELLED_IMAGE_FOLDER (with --labels), agreement:DIR, kl:DIR or cosine:DIR (the first "
+                        "output against the float model's on unlabelled held-out images or a .npy file), or "
+                        "module:function (called with the quantized onnx.ModelProto, returns a number)")
+    s.add_argument("--labels", default=None, help="LOC_synset_mapping.txt for a top1 objective")
+    s.add_argument("--minimize", action="store_true", help="a module:function objective is better lower")
+    s.add_argument("--experiment", required=True,
+                   help="experiment folder: journal, each trial's model, results.csv/html; rerun to resume")
+    s.add_argument("--output", default=None, help="where to write the best model")
+    s.add_argument("--address", default=None,
+                   help="Ray cluster: 'auto' (started with ray start on this machine), 'local' (a new "
+                        "instance here) or ray://host:port; default, when ray is installed: the cluster "
+                        "started on this machine if any, else a new local instance")
+    s.add_argument("--no_ray", action="store_true", help="run the trials one after another in this process")
+    s.add_argument("--cpus_per_trial", type=_positive_int, default=1,
+                   help="CPUs each Ray task asks for (its thread budget too)")
+    s.add_argument("--npu_legal", action="store_true", help="only NPU-legal configurations (XINT8 rules)")
+    s.add_argument("--max_size_mb", type=float, default=None, help="constraint on the quantized model's size")
+    s.add_argument("--max_quantize_seconds", type=float, default=None,
+                   help="constraint on a trial's quantization time")
+    s.add_argument("--num_calib", type=_positive_int, default=None, help="use at most this many calibration samples")
+    s.add_argument("--num_eval", type=_positive_int, default=None, help="use at most this many held-out samples")
+    _add_common(s)
+    s.set_defaults(run=_run_search)
+
+
+def _source(path: str, args, model, labels=None, limit=None):
+    """A DataSource for a folder of images or a .npy file (what trials on workers can open)."""
+    batch = args.batch_size or DEFAULT_CALIB_BATCH_SIZE
+    if is_npy_source(path):
+        array = ArrayReader(path, "x").data[:limit]
+        return ArraySource(array, GraphView(model).graph_inputs[0], batch)
+    _, input_name, layout, size = _model_input_spec(args.model_input, model)
+    return image_folder_source(path, input_name, _preprocess(args, layout, size), batch, labels, limit)
+
+
+def _objective(args, model):
+    kind, _, rest = args.objective.partition(":")
+    if kind == "top1":
+        return Top1Objective(_source(rest, args, model, args.labels, args.num_eval))
+    if kind in FLOAT_COMPARISONS:
+        return FloatComparisonObjective(_source(rest, args, model, None, args.num_eval), kind)
+    if is_python_source(args.objective):
+        return UserObjective(args.objective, higher_is_better=not args.minimize)
+    raise ConfigError(f"--objective {args.objective!r}: expected top1:DIR, {':DIR, '.join(FLOAT_COMPARISONS)}:DIR "
+                      "or module:function")
+
+
+def _run_search(args) -> int:
+    space = SearchSpace.from_json_file(args.space)
+    constraints = Constraints(args.npu_legal, args.max_size_mb, args.max_quantize_seconds)
+    if args.output is not None:
+        check_output_path(args.output, args.model_input)
+    model = load_model(args.model_input)
+    calib = _source(args.calib_data, args, model, limit=args.num_calib)
+    objective = _objective(args, model)
+    executor = make_executor(False if args.no_ray else None, args.address, args.cpus_per_trial)
+    log.info("running trials on %s", executor.name)
+    bar = _Progress("trials", args.quiet)
+
+    def progress(done: int, total: int, record) -> None:
+        bar(done, total)
+        if record.get("error"):
+            log.warning("trial %d failed: %s", record["index"], record["error"])
+    try:
+        result = run_search(model, calib, space, objective, args.experiment, args.output, constraints, executor,
+                            args.threads, progress)
+    finally:
+        bar.close()
+        executor.close()
+    print(result.to_text())
+    print(f"results: {Path(args.experiment) / 'results.csv'}, {Path(args.experiment) / 'results.html'}")
+    if args.output is not None and result.best is not None:
+        print(f"wrote the best model to {args.output}")
+    return 0 if result.best is not None else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -189,11 +189,7 @@ class LayerReport:
                  "img{max-width:100%}figure{margin:1em 0}</style></head><body>",
                  f"<h1>{html.escape(self.title)}</h1>"]
         parts += [f"<p>{html.escape(line)}</p>" for line in self.summary]
-        for fig in figures:
-            data = base64.b64encode(fig.png).decode("ascii")
-            parts.append(f"<figure><h3>{html.escape(fig.title)}</h3><img alt='{html.escape(fig.title)}' "
-                         f"src='data:image/png;base64,{data}'><figcaption>{html.escape(fig.caption)}"
-                         "</figcaption></figure>")
+        parts += [figure_html(fig) for fig in figures]
         rows = self.ranked(sort_by) if sort_by else sorted(self.rows, key=lambda r: r.position)
         extra = sorted({k for r in self.rows for k in r.values})
         head = ["#", "tensor", "node", "op"] + [f"{s} SQNR dB" for s in self.series] + \
@@ -283,6 +279,18 @@ def _png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     pyplot().close(fig)
     return buf.getvalue()
+
+
+def figure(fig, title: str, caption: str = "") -> Figure:
+    """A Figure from a matplotlib figure (which is closed): for plots made elsewhere."""
+    return Figure(title, _png(fig), caption)
+
+
+def figure_html(fig: Figure) -> str:
+    """The figure as an HTML <figure> with its PNG embedded (the page stays one file)."""
+    data = base64.b64encode(fig.png).decode("ascii")
+    return (f"<figure><h3>{html.escape(fig.title)}</h3><img alt='{html.escape(fig.title)}' "
+            f"src='data:image/png;base64,{data}'><figcaption>{html.escape(fig.caption)}</figcaption></figure>")
 
 
 def plot_along_network(report: LayerReport, metric: str = "sqnr_db", title: str = "") -> Figure:

@@ -76,7 +76,7 @@ def _ft(**kw) -> QuantConfig:
 # "cle.x" / "fast_finetune.x" are sub-options.
 EFFECTS: Dict[str, tuple] = {
     "activation_type": (U8S8, QuantType.QInt8, "model"),
-    "weight_type": (U8S8, QuantType.QUInt8, "refused"),
+    "weight_type": (U8S8, QuantType.QUInt8, "model"),
     "calibrate_method": (U8S8, CalibrationMethod.MinMax, "model"),
     "activation_symmetric": (U8S8, True, "model"),
     "per_channel": (U8S8, True, "model"),
@@ -197,7 +197,7 @@ KEY_VALUES = {
     "UseMatMulNBits": False, "ConvertBNToConv": True, "ConvertClipToRelu": True, "ConvertSplitToSlice": True,
     "SplitLargeKernelPool": True, "ConvertReduceMeanToGlobalAvgPool": True, "RemoveQDQConvRelu": False,
     "RemoveQDQConvClip": False, "RemoveQDQConvLeakyRelu": True, "RemoveQDQConvPRelu": True, "DedicatedQDQPair": True,
-    "DedicateDQNode": True,
+    "DedicateDQNode": True, "BF16QDQToCast": True,
 }
 
 
