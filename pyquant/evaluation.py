@@ -10,6 +10,9 @@ import numpy as np
 from onnx import ModelProto
 
 from .errors import DataError
+from .graph.model_io import load_model
+from .npu.emulator import emulate
+from .npu.rules import DEFAULT_GENERATION, Rounding
 from .runtime import make_provider_session
 
 ProgressCallback = Callable[[int, Optional[int]], None]
@@ -73,6 +76,18 @@ def evaluate(model: Union[ModelProto, os.PathLike, str], reader, provider: str =
         raise DataError("no images to evaluate")
     return EvalResult(correct1 / n, correct5 / n, n, model_size_mb(model), session.get_providers()[0],
                       np.concatenate(predictions), np.concatenate(kept) if keep_logits else None)
+
+
+def evaluate_npu_sim(model: Union[ModelProto, os.PathLike, str], reader, generation: str = DEFAULT_GENERATION,
+                     rounding: Optional[Rounding] = None, progress: Optional[ProgressCallback] = None,
+                     keep_logits: bool = False) -> EvalResult:
+    """Accuracy of a QDQ model with power-of-two scales computed in the NPU's integer
+    arithmetic (pyquant.npu.emulator) on onnxruntime's CPU provider. ``provider`` of the
+    result says which generation and rounding, and which nodes ran in float if any."""
+    proto = model if isinstance(model, ModelProto) else load_model(model)
+    emulation = emulate(proto, generation, rounding)
+    result = evaluate(emulation.model, reader, progress=progress, keep_logits=keep_logits)
+    return dataclasses.replace(result, size_mb=model_size_mb(model), provider=emulation.describe())
 
 
 def agreement(a: Sequence[int], b: Sequence[int]) -> float:

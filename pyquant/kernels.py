@@ -9,6 +9,7 @@ kernels run; every level gives the same bits)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -24,6 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from . import _kernels  # noqa: E402  (after the environment above)
 from ._kernels import RangeStats
 from .config import CLE_MAX_SCALE, ENTROPY_QUANT_BINS  # noqa: E402
+from .errors import ConfigError  # noqa: E402
 
 __all__ = [
     "RangeStats", "CheckedAccumulate", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range",
@@ -361,3 +363,14 @@ def window_gram(q: np.ndarray, f: Optional[np.ndarray], groups: int, kernel: Tup
     f = None if f is None else _real(f, "window_gram", "f")
     return _kernels.window_gram(q, f, int(groups), list(kernel), list(strides), list(dilations), list(pads),
                                 qq, qf, ff, sum_q, sum_f)
+
+
+def no_custom_ops_library() -> str:
+    """The path of the onnxruntime custom-op library that registers no operator, built and
+    installed beside the kernels (csrc/no_custom_ops.cc; pyquant.quark.get_library_path)."""
+    folder = Path(_kernels.__file__).resolve().parent
+    found = sorted(p for pattern in ("*pyquant_no_custom_ops*.so", "*pyquant_no_custom_ops*.dylib",
+                                     "*pyquant_no_custom_ops*.dll") for p in folder.glob(pattern))
+    if not found:
+        raise ConfigError(f"the custom-op library pyquant_no_custom_ops is missing from {folder}: reinstall pyquant")
+    return str(found[0])

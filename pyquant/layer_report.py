@@ -190,11 +190,7 @@ class LayerReport:
                  "img{max-width:100%}figure{margin:1em 0}</style></head><body>",
                  f"<h1>{html.escape(self.title)}</h1>"]
         parts += [f"<p>{html.escape(line)}</p>" for line in self.summary]
-        for fig in figures:
-            data = base64.b64encode(fig.png).decode("ascii")
-            parts.append(f"<figure><h3>{html.escape(fig.title)}</h3><img alt='{html.escape(fig.title)}' "
-                         f"src='data:image/png;base64,{data}'><figcaption>{html.escape(fig.caption)}"
-                         "</figcaption></figure>")
+        parts += [figure_html(fig) for fig in figures]
         parts.append(self._html_table(sort_by))
         for report in appendix:
             parts.append(f"<h2>{html.escape(report.title)}</h2>")
@@ -295,6 +291,18 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def figure(fig, title: str, caption: str = "") -> Figure:
+    """A Figure from a matplotlib figure (which is closed): for plots made elsewhere."""
+    return Figure(title, _png(fig), caption)
+
+
+def figure_html(fig: Figure) -> str:
+    """The figure as an HTML <figure> with its PNG embedded (the page stays one file)."""
+    data = base64.b64encode(fig.png).decode("ascii")
+    return (f"<figure><h3>{html.escape(fig.title)}</h3><img alt='{html.escape(fig.title)}' "
+            f"src='data:image/png;base64,{data}'><figcaption>{html.escape(fig.caption)}</figcaption></figure>")
+
+
 def plot_along_network(report: LayerReport, metric: str = "sqnr_db", title: str = "",
                        caption: str = "") -> Figure:
     """The metric of every series against the position of the tensor in the network."""
@@ -311,6 +319,26 @@ def plot_along_network(report: LayerReport, metric: str = "sqnr_db", title: str 
     ax.legend(loc="best", fontsize=8)
     return Figure(title or f"{metric} along the network", _png(fig), caption or
                   "each point is one tensor; a drop marks where error enters, a downward slope where it grows")
+
+
+def plot_worst_layers(report: LayerReport, series: str, metric: str = "sqnr_db", count: int = 12) -> Figure:
+    """The ``count`` worst tensors under ``series`` (bars), every series beside them."""
+    plt = pyplot()
+    rows = [r for r in report.ranked(series, metric)[:count] if not math.isnan(r.metric(series, metric))]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * max(len(rows), 1) + 1.2))
+    height = 0.8 / max(len(report.series), 1)
+    for i, s in enumerate(report.series):
+        values = [r.metric(s, metric) for r in rows]
+        values = [v if math.isfinite(v) else np.nan for v in values]
+        ax.barh([j + i * height for j in range(len(rows))], values, height=height, label=s)
+    ax.set_yticks([j + 0.4 - height / 2 for j in range(len(rows))])
+    ax.set_yticklabels([f"{_shorten(r.tensor, 36)} ({r.op_type})" for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(metric)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(loc="best", fontsize=8)
+    return Figure(f"the {len(rows)} worst tensors under {series}", _png(fig),
+                  f"ranked by {metric} of {series}; each series beside (an infinite value, identical tensors, is left blank)")
 
 
 def plot_histogram(tensor: str, counts: np.ndarray, edges: np.ndarray,

@@ -1,14 +1,15 @@
 """The quantization pipeline: prepare, run the techniques around one calibration pass,
 write the QDQ model.
 
-    prepare (pyquant.preparation: opset upgrade, float-exact rewrites checked on a batch)
+    prepare (pyquant.preparation: opset upgrade, the If branches the data takes inlined,
+             float-exact rewrites checked on a batch)
       -> GRAPH techniques (CLE, ...) on the float model, with a few peeked samples
       -> plan (which tensors get QDQ pairs, which share a scale)
       -> calibration: one pass collecting every planned activation's statistics and
          what each PARAMETERS technique asked for
       -> the parameter table (activations and weights, computed once)
       -> PARAMETERS techniques (bias correction, fast finetune, ...)
-      -> QDQ model from the table
+      -> QDQ model from the table, the inlined If nodes folded back (pyquant.graph.subgraphs)
 
 The techniques and their order are pyquant.techniques.REGISTRY; the pipeline knows none
 of them by name.
@@ -20,18 +21,19 @@ import functools
 import logging
 import operator
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import onnx
 from onnx import ModelProto
 
 from . import threads
-from .calibrate.runner import StatisticsRequest, collect
-from .calibrate.table import build_table
+from .calibrate.runner import Statistics, StatisticsRequest, collect
+from .calibrate.table import build_table, concat_starved, outlier_dominated
 from .config import QuantConfig
 from .errors import ModelError
 from .graph.plan import NEAR_INFINITE, QuantPlan
 from .graph.qdq import write_qdq
+from .graph.subgraphs import fold_branches, if_outputs
 from .qparams import QuantTable
 from .report import RunReport, run_report
 from .preparation import prepare_graph
@@ -81,10 +83,32 @@ def _keep_near_infinite_in_float(state: QuantState) -> None:
         state.replan()
 
 
+def _keep_outlier_dominated_in_float(state: QuantState) -> None:
+    """Tensors summed into a per-token normalisation whose scale a few outliers set so
+    coarse that the rest of the tensor is lost (pyquant.calibrate.table.outlier_dominated),
+    and Concats whose one shared scale would lose an input (concat_starved), stay float;
+    the plan and the table are made again without them."""
+    dominated = outlier_dominated(state.model, state.plan, state.statistics.ranges, state.table.activations)
+    dominated.update(concat_starved(state.model, state.plan, state.statistics.ranges, state.table.activations,
+                                    state.config))
+    for name in state.config.tensor_types:  # the user chose these tensors' precision
+        dominated.pop(name, None)
+    if dominated:
+        for name, reason in dominated.items():
+            log.info("leaving tensor %s in float: %s", name, reason)
+        state.keep_float.update(dominated)
+        state.replan()
+        state.table = build_table(state.model, state.plan, state.statistics.ranges, state.config)
+
+
 def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Callbacks = Callbacks(),
+                   collect_statistics: Callable[..., Statistics] = collect,
                    keep_float_model: bool = False) -> QuantizeResult:
     """Quantize an in-memory float model with calibration data from ``reader`` (an object
     with get_next(); rewind() too when a technique reads the data twice).
+
+    ``collect_statistics`` runs the calibration pass (``collect``'s signature); e.g.
+    pyquant.calibrate.sharded.ShardedCalibration collects shards of the data on workers.
     ``keep_float_model``: the result holds the float model the QDQ model corresponds to
     (one more copy of the model in memory; the sensitivity analysis needs it)."""
     start = time.perf_counter()
@@ -99,9 +123,11 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
         # the GRAPH techniques ask for more; the batches are replayed to calibration
         samples = max([1] + [t.samples_needed() for t in graph_stage])
         peeked = PeekedReader(_calibration_reader(reader, config), samples)
-        prepared, preparation = prepare_graph(model, peeked.peeked[:1], config.min_opset)
+        prepared, preparation = prepare_graph(model, peeked.peeked[:1], config.min_opset,
+                                              keep_control_flow=config.nodes_to_exclude)
         state = QuantState(prepared, config, peeked, callbacks, samples=peeked.peeked)
         state.reports["preparation"] = preparation
+        state.keep_float.update(if_outputs(prepared, preparation.inlined))
         for technique in graph_stage:
             technique.apply(state)
         state.samples = []
@@ -113,15 +139,22 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
             state.float_model = ModelProto()
             state.float_model.CopyFrom(state.model)
         t0 = time.perf_counter()
-        state.statistics = collect(state.model, state.plan, state.reader, config, request, callbacks.calibration)
+        state.statistics = collect_statistics(state.model, state.plan, state.reader, config, request,
+                                              callbacks.calibration, conditions=preparation.inlined)
         seconds_calibration = time.perf_counter() - t0
         _keep_near_infinite_in_float(state)
         state.table = build_table(state.model, state.plan, state.statistics.ranges, config)
+        _keep_outlier_dominated_in_float(state)
         for technique in parameter_stage:
             technique.apply(state)
         float_model = state.float_model if keep_float_model else None
         state.float_model = None
         quantized = write_qdq(state.model, state.plan, state.table, config)
+        if preparation.inlined:  # the If nodes back, each with its quantized branch
+            quantized = fold_branches(quantized, preparation.inlined)
+        for node, why in preparation.control_flow_left.items():
+            if node in state.plan.skipped:
+                state.plan.skipped[node] = why
     try:
         onnx.checker.check_model(quantized)
     except onnx.checker.ValidationError as e:  # a bug of ours, not of the user's model

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -33,6 +33,7 @@ from .graph.rewrites.affine import fold_affines
 from .graph.rewrites.batchnorm import fold_batch_norm, unfold_batch_norm_before_layers
 from .graph.rewrites.constants import constants_to_initializers
 from .graph.rewrites.opset import MIN_OPSET, upgrade_opset
+from .graph.subgraphs import BRANCHES, CONTROL_FLOW_OPS, InlinedBranch, flatten_taken_branches
 from .graph.validate import check_definitions, check_not_quantized
 from .graph.view import GraphView
 from .runtime import Feed, check_feed, make_session
@@ -60,9 +61,17 @@ class PreparationReport:
     opset_to: int
     changes: Dict[str, int]  # rewrite -> places changed
     max_relative_change: float  # largest output change of any rewrite, relative
+    # If nodes replaced by the branch the calibration batch takes (pyquant.graph.subgraphs);
+    # the pipeline puts them back after writing the quantized model
+    inlined: List[InlinedBranch] = dataclasses.field(default_factory=list)
+    control_flow_left: Dict[str, str] = dataclasses.field(default_factory=dict)  # node -> why not inlined
 
     def summary(self) -> str:
         parts = [f"opset {self.opset_from} -> {self.opset_to}"] if self.opset_from != self.opset_to else []
+        if self.inlined:
+            parts.append(f"If branches inlined for calibration: {len(self.inlined)} ("
+                         + ", ".join(f"{b.name}: {BRANCHES[b.value]}" for b in self.inlined[:4])
+                         + (", ..." if len(self.inlined) > 4 else "") + ")")
         parts += [f"{name}: {n}" for name, n in self.changes.items() if n]
         return "graph preparation: " + ("; ".join(parts) if parts else "nothing to change")
 
@@ -114,15 +123,26 @@ def _check(name: str, model: ModelProto, reference: Dict[str, np.ndarray], feed:
     return worst
 
 
-def prepare_graph(model: ModelProto, feeds: Sequence[Feed] = (), min_opset: int = MIN_OPSET
-                  ) -> Tuple[ModelProto, PreparationReport]:
+def prepare_graph(model: ModelProto, feeds: Sequence[Feed] = (), min_opset: int = MIN_OPSET,
+                  keep_control_flow: Iterable[str] = ()) -> Tuple[ModelProto, PreparationReport]:
     """A prepared copy of ``model``, at ``min_opset`` or above; with ``feeds`` (one batch
-    is used) every rewrite is checked against the original model's outputs."""
+    is used) every rewrite is checked against the original model's outputs, and each If
+    (but those named in ``keep_control_flow``) is replaced by the branch the batch takes
+    (pyquant.graph.subgraphs: the report's ``inlined`` says which, to fold them back)."""
     feed = feeds[0] if feeds else None
     check_not_quantized(model)
     upgraded, opset = upgrade_opset(model, min_opset)
     prepared = ModelProto()
     prepared.CopyFrom(upgraded)
+    inlined: List[InlinedBranch] = []
+    left: Dict[str, str] = {}
+    if any(n.op_type in CONTROL_FLOW_OPS for n in prepared.graph.node):
+        if feed is None:
+            left = {n.name or n.op_type: "no calibration batch to choose its branch"
+                    for n in prepared.graph.node if n.op_type in CONTROL_FLOW_OPS}
+        else:
+            prepared, inlined, left = flatten_taken_branches(prepared, feed,
+                                                             keep_control_flow)
     worst = 0.0
     references: List[Dict[str, np.ndarray]] = []
 
@@ -149,6 +169,6 @@ def prepare_graph(model: ModelProto, feeds: Sequence[Feed] = (), min_opset: int 
         prepared = onnx.shape_inference.infer_shapes(prepared)
     except Exception as e:
         raise ModelError(f"shape inference failed: {e}") from None
-    report = PreparationReport(opset, max(opset, min_opset), changes, worst)
+    report = PreparationReport(opset, max(opset, min_opset), changes, worst, inlined, left)
     log.info(report.summary())
     return prepared, report

@@ -5,7 +5,7 @@ nothing but QuantizeLinear/DequantizeLinear in numpy."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -49,6 +49,25 @@ def dequantize_array(q: np.ndarray, qp: QParams) -> np.ndarray:
     return (q.astype(np.float64) - zp) * scale
 
 
+def round_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even, as onnxruntime's Cast),
+    still as float32: the top 16 bits of each are its bfloat16. NaN stays NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    out = rounded.view(np.float32).reshape(np.shape(x))
+    return np.where(np.isnan(x), np.float32(np.nan), out).astype(np.float32)
+
+
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """The bfloat16 bit patterns (uint16) of float32 values already rounded to bfloat16."""
+    return (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+# The parameters of a bfloat16 weight in the table: its "integers" are the rounded values
+# themselves (QuantizedWeight.dequantized() gives them back, which bias correction reads).
+BFLOAT16_QPARAMS = QParams(np.array(1.0, dtype=np.float32), np.array(0.0, dtype=np.float32))
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
     """A weight's parameters and its integers, in the initializer's layout."""
@@ -70,10 +89,16 @@ def weight_key(use, per_channel: bool) -> WeightKey:
 @dataclasses.dataclass
 class QuantTable:
     """Every quantization parameter of a model: activations by tensor name, weights by
-    WeightKey. One table per run; techniques that decide integer weights replace entries."""
+    WeightKey. One table per run; techniques that decide integer weights replace entries.
+    ``biases``: int8 biases with their own scale, by the layer's output name (a layer not
+    listed has an int32 bias with scale = input scale x weight scale). ``notes``: why a
+    technique changed a tensor's parameters, by tensor name (written into the model's
+    metadata, read by the per-layer reports)."""
 
     activations: Dict[str, QParams]
     weights: Dict[WeightKey, QuantizedWeight]
+    biases: Dict[str, QParams] = dataclasses.field(default_factory=dict)
+    notes: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
 
     def weight(self, use, per_channel: bool) -> QuantizedWeight:
         return self.weights[weight_key(use, per_channel)]

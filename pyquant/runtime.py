@@ -45,14 +45,17 @@ def session_options(optimize: bool = True) -> ort.SessionOptions:
 
 
 def make_session(model: ModelProto, outputs: Sequence[str] = (), providers=None,
-                 optimize: bool = True) -> ort.InferenceSession:
-    """An onnxruntime session of ``model`` that also returns the tensors ``outputs``."""
+                 optimize: bool = True, output_types: Optional[Dict[str, int]] = None) -> ort.InferenceSession:
+    """An onnxruntime session of ``model`` that also returns the tensors ``outputs`` (float
+    unless ``output_types`` gives their element type)."""
     if outputs:
         extended = ModelProto()
         extended.CopyFrom(model)
         existing = {o.name for o in extended.graph.output}
-        extended.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                                     for name in outputs if name not in existing)
+        types = output_types or {}
+        extended.graph.output.extend(
+            onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
+            for name in outputs if name not in existing)
         model = extended
     return ort.InferenceSession(model.SerializeToString(), session_options(optimize),
                                 providers=providers or ["CPUExecutionProvider"])

@@ -64,3 +64,19 @@ def tiny_model_path(tmp_path, tiny_model):
     p = tmp_path / "tiny.onnx"
     onnx.save(tiny_model, p)
     return p
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs) for every test that runs work on Ray; shut down at
+    the end of the session. Skips where Ray is not installed."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local instance: no token needed
+    started = not ray.is_initialized()
+    if started:
+        # address="local": a new instance of its own, even beside a cluster started with ray start
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    if started:
+        ray.shutdown()

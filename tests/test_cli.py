@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
@@ -153,7 +154,38 @@ def test_npy_with_wrong_shape_names_the_input(tmp_path, tiny_model_path, capsys)
 
 def test_unavailable_provider(tiny_model_path, image_folder, capsys):
     expect_error(capsys, ["eval", "--model", str(tiny_model_path), "--data", str(image_folder), "--quiet",
-                          "--provider", "VitisAIExecutionProvider"], 2, "VitisAIExecutionProvider", "not available")
+                          "--provider", "TensorrtExecutionProvider"], 2, "TensorrtExecutionProvider", "not available")
+
+
+def test_eval_on_the_npu_target_says_what_ran(tmp_path, tiny_model_path, image_folder, capsys, caplog):
+    out = tmp_path / "q.onnx"
+    assert main(quantize_args(tiny_model_path, out, image_folder, "--config", "XINT8")) == 0
+    capsys.readouterr()
+    eval_args = ["eval", "--model", str(out), "--data", str(image_folder), "--json", "--quiet"]
+    assert main(eval_args + ["--target", "npu-sim", "--npu", "strix"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 10 and result["provider"].startswith("npu-sim (strix, rounding half-even)")
+    if "VitisAIExecutionProvider" not in ort.get_available_providers():
+        assert main(eval_args + ["--provider", "VitisAIExecutionProvider"]) == 0
+        assert json.loads(capsys.readouterr().out)["provider"].startswith("npu-sim (phoenix, rounding half-up)")
+        assert "npu-sim" in caplog.text and "stands in" in caplog.text
+    expect_error(capsys, ["eval", "--model", str(tiny_model_path), "--data", str(image_folder), "--quiet",
+                          "--target", "npu-sim"], 1, "quantized (QDQ) model")
+
+
+def test_npu_report_writes_a_table_and_an_html_file(tmp_path, tiny_model_path, image_folder, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "q.onnx"
+    assert main(quantize_args(tiny_model_path, out, image_folder, "--config", "XINT8")) == 0
+    capsys.readouterr()
+    html, table = tmp_path / "npu.html", tmp_path / "npu.json"
+    assert main(["npu-report", "--model_input", str(tiny_model_path), "--quantized", str(out), "--calib_data",
+                 str(image_folder), "--output", str(html), "--json", str(table), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "npu-sim vs cpu sqnr_db" in text and "first tensor where npu-sim and CPU differ" in text
+    assert html.read_text().count("data:image/png;base64,") == 2
+    rows = json.loads(table.read_text())["rows"]
+    assert rows and all({"cpu", "npu-sim", "npu-sim vs cpu"} <= set(r["errors"]) for r in rows)
 
 
 def test_console_script_help_lists_options(tmp_path):

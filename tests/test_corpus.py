@@ -43,3 +43,24 @@ def calibration(name: str) -> Tuple[Path, List[corpus.Feed]]:
 def test_quantizes_as_shipped(name, preset):
     path, feeds = calibration(name)
     quantize_detailed(str(path), list(feeds), PRESETS[preset]())
+
+
+def test_streaming_vad_quantized_inside_its_if_keeps_the_decisions():
+    """silero-vad's network sits in an If on the sample rate: its taken branch is quantized
+    (QDQ pairs inside the If) and U8S8 per-channel keeps >= 0.99 of the float decisions
+    over the held-out speech stream (the issue's target)."""
+    import onnxruntime as ort
+
+    path, feeds = calibration("silero-vad")
+    model = quantize_detailed(str(path), list(feeds), PRESETS["U8S8-per-channel"]()).model
+    if_node = next(n for n in model.graph.node if n.op_type == "If")
+
+    def ops(graph):  # the branch and the Ifs nested in it
+        return [n.op_type for n in graph.node] + [o for n in graph.node for a in n.attribute
+                                                  if a.type == a.GRAPH for o in ops(a.g)]
+    inside = [o for a in if_node.attribute if a.name == "then_branch" for o in ops(a.g)]
+    assert inside.count("QuantizeLinear") >= 10
+    task = corpus.get("silero-vad").task(path)
+    quantized = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    metric = task.score(task.run(corpus.float_session(path)), task.run(quantized))
+    assert metric.value >= 0.99, metric.text

@@ -62,7 +62,8 @@ def test_plan_without_npu_rules_keeps_average_pool_and_concat_separate(tiny_mode
 
 
 VALID_COMBINATIONS = [(name, per_channel) for name, cfg in PRESETS.items() for per_channel in (False, True)
-                      if not (per_channel and cfg.power_of_two)]  # NPUs: one power-of-two scale per tensor
+                      # NPUs: one power-of-two scale per tensor; bfloat16 has no scales
+                      if not (per_channel and (cfg.power_of_two or cfg.activation_type.is_float))]
 
 
 @pytest.mark.parametrize("preset,per_channel", VALID_COMBINATIONS)
@@ -73,8 +74,14 @@ def test_quantized_model_is_valid_runs_and_is_accurate(preset, per_channel, tiny
     onnx.checker.check_model(q)
     ops = collections.Counter(n.op_type for n in q.graph.node)
     acts = [a for a in result.plan.activations if a not in result.plan.constant_activations]
-    assert ops["QuantizeLinear"] == len(acts)
-    assert ops["DequantizeLinear"] == len(result.plan.activations) + len(result.plan.weights) + len(result.plan.biases)
+    if config.activation_type.is_float:  # Cast pairs; the biases stay float
+        casts = collections.Counter(n.attribute[0].i for n in q.graph.node if n.op_type == "Cast")
+        assert casts[TensorProto.BFLOAT16] == len(acts) and not ops["QuantizeLinear"]
+        assert casts[TensorProto.FLOAT] == len(result.plan.activations) + len(result.plan.weights)
+    else:
+        assert ops["QuantizeLinear"] == len(acts)
+        assert ops["DequantizeLinear"] == (len(result.plan.activations) + len(result.plan.weights)
+                                           + len(result.plan.biases))
     assert [o.name for o in q.graph.output] == ["y"]
     err = rel_rms(run(q, tiny_data), run(tiny_model, tiny_data))
     assert err < MAX_RELATIVE_RMS_ERROR, f"{preset}: relative RMS error {err:.3f}"

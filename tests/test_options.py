@@ -76,7 +76,7 @@ def _ft(**kw) -> QuantConfig:
 # "cle.x" / "fast_finetune.x" are sub-options.
 EFFECTS: Dict[str, tuple] = {
     "activation_type": (U8S8, QuantType.QInt8, "model"),
-    "weight_type": (U8S8, QuantType.QUInt8, "refused"),
+    "weight_type": (U8S8, QuantType.QUInt8, "model"),
     "calibrate_method": (U8S8, CalibrationMethod.MinMax, "model"),
     "activation_symmetric": (U8S8, True, "model"),
     "per_channel": (U8S8, True, "model"),
@@ -93,6 +93,7 @@ EFFECTS: Dict[str, tuple] = {
     "nodes_to_exclude": (U8S8, frozenset({"Conv(c3)"}), "model"),
     "op_types_to_quantize": (U8S8, frozenset({"Conv"}), "model"),
     "tensor_types": (U8S8, {"r1": QuantType.QInt16}, "model"),
+    "int32_bias": (get_preset("XINT8"), False, "model"),  # int8 biases with their own power-of-two scale
     "cle.steps": (_cle(), 1, "model"),
     "cle.tolerance": (_cle(), 0.9, "model"),
     "cle.activation_weight": (_cle(), 0.0, "model"),
@@ -196,7 +197,7 @@ KEY_VALUES = {
     "UseMatMulNBits": False, "ConvertBNToConv": True, "ConvertClipToRelu": True, "ConvertSplitToSlice": True,
     "SplitLargeKernelPool": True, "ConvertReduceMeanToGlobalAvgPool": True, "RemoveQDQConvRelu": False,
     "RemoveQDQConvClip": False, "RemoveQDQConvLeakyRelu": True, "RemoveQDQConvPRelu": True, "DedicatedQDQPair": True,
-    "DedicateDQNode": True,
+    "DedicateDQNode": True, "BF16QDQToCast": True,
 }
 
 

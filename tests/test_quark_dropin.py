@@ -99,14 +99,15 @@ def test_calibration_methods_of_onnxruntime_are_accepted(given, expected):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"calibrate_method": OrtCalibrationMethod.Distribution}, "calibrate_method.*not supported; use"),
-    ({"weight_type": OrtQuantType.QInt16}, "weight_type.*weights are symmetric int8 \\(16-bit types are for "
-                                           "activations"),
-    ({"weight_type": compat.VitisQuantType.QUInt16}, "weights are symmetric int8"),
+    ({"weight_type": OrtQuantType.QInt16}, "weight_type.*weights are int8, uint8 or bfloat16 \\(16-bit integer "
+                                           "types are for activations"),
+    ({"weight_type": compat.VitisQuantType.QUInt16}, "weights are int8, uint8 or bfloat16"),
     ({"activation_type": compat.VitisQuantType.QInt32}, "32-bit tensors are not supported.*QInt16 or QUInt16 for "
                                                         "activations"),
-    ({"activation_type": compat.VitisQuantType.QBFloat16}, "bfloat16 is not supported"),
+    ({"activation_type": compat.VitisQuantType.QBFloat16}, "bfloat16 is for activations and weights together"),
     ({"activation_type": OrtQuantType.QFLOAT8E4M3FN}, "float8"),
-    ({"weight_type": OrtQuantType.QUInt8}, "weight_type"),
+    ({"weight_type": OrtQuantType.QUInt8}, "symmetric uint8 weights.*set extra_options\\['WeightSymmetric'\\]=False"),
+    ({"extra_options": {"WeightSymmetric": False}}, "False with int8 weights is not supported.*use weight_type=QUInt8"),
     ({"weight_type": OrtQuantType.QInt4}, "4-bit"),
     ({"quant_format": QuantFormat.QOperator}, "QOperator.*use QuantFormat.QDQ"),
     ({"quant_format": compat.VitisQuantFormat.FixNeuron}, "FixNeuron"),
@@ -232,7 +233,6 @@ def test_fields_without_effect_here_are_accepted_with_a_notice(field, value, not
 
 @pytest.mark.parametrize("key,value,message", [
     ("CalibDataSize", 10, "limit the reader"),
-    ("BF16QDQToCast", True, "BF16"),
     ("Int32Bias", False, "int32"),
     ("QuantizeBias", False, "int32"),
     ("FoldRelu", False, "always fused"),
@@ -280,9 +280,12 @@ def test_every_quark_preset_translates(name):
     if name.endswith("_ADAQUANT"):
         assert typed.fast_finetune.algorithm.value == "adaquant"
     expected = {"XINT8": QuantType.QUInt8, "U8": QuantType.QUInt8, "INT8": QuantType.QUInt8, "A8": QuantType.QInt8,
-                "S8": QuantType.QInt8, "A16": QuantType.QInt16, "S16": QuantType.QInt16, "U16": QuantType.QUInt16}
+                "S8": QuantType.QInt8, "A16": QuantType.QInt16, "S16": QuantType.QInt16, "U16": QuantType.QUInt16,
+                "BF16": QuantType.BFloat16}
     assert typed.activation_type is next(t for prefix, t in expected.items() if name.startswith(prefix))
-    assert typed.activation_symmetric is ("AAWS" not in name and not name.startswith("INT8"))
+    weights = {"U8U8": QuantType.QUInt8, "BF16": QuantType.BFloat16}
+    assert typed.weight_type is next((t for prefix, t in weights.items() if name.startswith(prefix)), QuantType.QInt8)
+    assert typed.activation_symmetric is ("AAW" not in name and not name.startswith(("INT8", "BF16")))
     config.extra_options["Percentile"] = 50.5  # a new object each call: the tutorial edits extra_options
     assert compat.quark_default_config(name).extra_options.get("Percentile") != 50.5
 
@@ -292,8 +295,8 @@ def test_every_quark_preset_translates(name):
     ("INT16_CNN_ACCURATE", "weights are int16.*use U16S8_AAWS_ADAROUND"),
     ("INT16_TRANSFORMER_DEFAULT", "weights are int16.*NPU transformer rules"),
     ("S16S16_MIXED_S8S8", "weights are int16.*automatic mixed precision.*use S16S8_ASWS"),
-    ("U8U8_AAWA", "uint8 weights.*use U8S8_AAWS"),
-    ("BF16", "integer QDQ models only"),
+    ("BF16_ADAQUANT", "bfloat16 weights have no rounding grid.*use BF16"),
+    ("FP16", "integer QDQ models and bfloat16 Cast pairs only.*use BF16"),
     ("VINT8", "random data"),
     ("XINT9", "unknown preset 'XINT9'; Quark presets: XINT8"),
 ])
@@ -571,7 +574,7 @@ def test_mixed_precision_translates_and_round_trips():
 @pytest.mark.parametrize("value,message", [
     ({OrtQuantType.QInt16: "r1"}, "\\['QInt16'\\] must be a list of names, got 'r1'"),
     ({"int16": ["r1"]}, "key='int16': not a quantization type"),
-    ({compat.VitisQuantType.QBFloat16: ["r1"]}, "bfloat16 is not supported"),
+    ({compat.VitisQuantType.QBFloat16: ["r1"]}, "bfloat16 is for whole models.*QInt16 or QUInt16"),
     ({OrtQuantType.QInt16: ["r1"], OrtQuantType.QUInt8: ["r1"]}, "'r1' is given two types, QInt16 and QUInt8"),
     (["r1"], "must be a dict \\{QuantType: \\[tensor names\\]\\}"),
 ])

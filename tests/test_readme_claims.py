@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pyquant.calibrate.methods import POW2_SEARCH_STEPS
 from pyquant.graph.plan import OP_RULES
+from pyquant.npu.rules import PHOENIX, STRIX, Rounding
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -38,3 +39,16 @@ def test_listed_npu_rules_are_the_codes():
            "output scale" in readme_text()
     assert OP_RULES["Concat"].npu_concat
     assert OP_RULES["AveragePool"].npu_same_scale and OP_RULES["GlobalAveragePool"].npu_same_scale
+
+
+def test_npu_rule_table_is_the_codes():
+    text = README.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| Conv/Gemm/MatMul shift_cut"))
+    assert f"[{PHOENIX.shift_cut[0]}, {PHOENIX.shift_cut[1]}]" in row
+    row = next(line for line in text.splitlines() if line.startswith("| Add: p_a - p_b"))
+    assert f"[-{PHOENIX.add_position_difference}, {PHOENIX.add_position_difference}]" in row
+    row = next(line for line in text.splitlines() if line.startswith("| Mul:"))
+    assert f"[{PHOENIX.mul_shift[0]}, {PHOENIX.mul_shift[1]}]" in row
+    row = next(line for line in text.splitlines() if line.startswith("| average pooling"))
+    assert all(f"{kh}x{kw} {k}/{2 ** n}" in row for (kh, kw), (k, n) in PHOENIX.avg_pool_factors.items())
+    assert PHOENIX.rounding is Rounding.HALF_UP and STRIX.rounding is Rounding.HALF_EVEN

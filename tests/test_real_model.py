@@ -9,6 +9,9 @@ from pyquant.graph.model_io import load_model
 from pyquant.pipeline import quantize_model
 
 from conftest import SHARED
+import npu_validator
+from pyquant.evaluation import evaluate_npu_sim
+from pyquant.npu.rules import PHOENIX
 
 MODEL = SHARED / "models" / "efficientnet_lite0.onnx"
 DATA = SHARED / "data" / "imagenet-sample"
@@ -40,3 +43,10 @@ def test_quantized_lite0_agrees_with_float(preset):
     assert float_eval.top1 > 0.8  # the labels and preprocessing are right
     assert agreement(quant_eval.predictions, float_eval.predictions) >= MIN_AGREEMENT[preset]
     assert quant_eval.size_mb < 0.3 * float_eval.size_mb
+    if config.enable_npu_cnn:  # every exported XINT8-based model keeps the NPU's rules
+        assert npu_validator.violations(result.model, PHOENIX) == []
+    if preset == "INT8_CLE":  # and computes nearly the same in the NPU's arithmetic (first 25 images)
+        first = ImageFolderReader(DATA / "val", "input", PREPROCESS, 25, 25, labels_file=DATA / "LOC_synset_mapping.txt")
+        npu = evaluate_npu_sim(result.model, first)
+        assert npu.provider.endswith("every node in NPU integer arithmetic")
+        assert agreement(npu.predictions, quant_eval.predictions[:25]) >= 0.9

@@ -26,6 +26,15 @@ class NonFiniteValues(ValueError):
         self.stats = stats
 
 
+def initial_grid(value_min: float, value_max: float) -> tuple:
+    """(lo, hi) of the histogram grid for values in [value_min, value_max]: the range
+    itself, widened when it has (almost) zero width."""
+    pad = max(abs(value_min), abs(value_max)) * _MIN_RELATIVE_WIDTH + _MIN_ABSOLUTE_WIDTH
+    if value_max - value_min < pad:
+        return value_min - pad, value_max + pad
+    return value_min, value_max
+
+
 class TensorCollector:
     """Running min/max (and optionally a histogram) of the finite values of a tensor.
 
@@ -75,10 +84,7 @@ class TensorCollector:
 
     def _cover(self, batch_min: float, batch_max: float) -> None:
         if self.count == 0:
-            pad = max(abs(batch_min), abs(batch_max)) * _MIN_RELATIVE_WIDTH + _MIN_ABSOLUTE_WIDTH
-            if batch_max - batch_min < pad:
-                batch_min, batch_max = batch_min - pad, batch_max + pad
-            self.lo, self.hi = batch_min, batch_max
+            self.lo, self.hi = initial_grid(batch_min, batch_max)
             return
         if batch_min >= self.lo and batch_max <= self.hi:
             return

@@ -145,10 +145,33 @@ def activation_qparams(collector: TensorCollector, config: QuantConfig) -> QPara
     return ACTIVATION_METHODS[config.calibrate_method](collector, config)
 
 
+def bulk_sqnr_db(c: TensorCollector, qp: QParams, qtype: QuantType, quantile: float) -> float:
+    """Expected SQNR (dB) with ``qp`` of the tensor's bulk: its values up to the
+    ``quantile`` of |x| (from the histogram; bins are taken whole, by their centres).
+    10 log10(sum x^2 / sum (x - q(x))^2) over those values. inf when there is nothing to
+    judge: no histogram (MinMax collects none), an all-zero bulk, or no error."""
+    if c.hist is None or c.count == 0:
+        return math.inf
+    edges = np.linspace(c.lo, c.hi, len(c.hist) + 1)
+    centers = (edges[1:] + edges[:-1]) / 2
+    magnitude = np.abs(centers)
+    order = np.argsort(magnitude, kind="stable")
+    cumulative = np.cumsum(c.hist[order])
+    limit = magnitude[order][min(int(np.searchsorted(cumulative, quantile * cumulative[-1])), len(order) - 1)]
+    bulk = np.where(magnitude <= limit, c.hist, 0.0)
+    signal = float(np.sum(bulk * centers ** 2))
+    error = float(kernels.histogram_quant_errors(bulk, c.lo, c.hi, np.array([float(qp.scale)]),
+                                                 float(qp.zero_point), qtype.qmin, qtype.qmax)[0])
+    if signal <= 0 or error <= 0:
+        return math.inf
+    return 10.0 * math.log10(signal / error)
+
+
 # ---- weights -------------------------------------------------------------------------
 
 def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] = None) -> QParams:
-    """Symmetric int8 parameters of a weight tensor (zero point 0).
+    """Symmetric int8 parameters of a weight tensor (zero point 0); for uint8 weights the
+    asymmetric min..max parameters (_asymmetric_weight_qparams).
 
     Float scales, per tensor or per channel along ``axis``: abs-max / 127, or per tensor
     with ``config.weight_scale_mse`` c * abs-max / 127 with the clipping ratio c in [0.3, 1]
@@ -165,6 +188,8 @@ def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] 
     """
     qtype = config.weight_type
     w = np.asarray(weight, dtype=np.float32)
+    if not qtype.signed:
+        return _asymmetric_weight_qparams(w, qtype, axis)
     if config.power_of_two:
         grid = _symmetric_grid(qtype, non_negative=False)
         abs_max = float(np.max(np.abs(w))) if w.size else 0.0
@@ -187,6 +212,19 @@ def weight_qparams(weight: np.ndarray, config: QuantConfig, axis: Optional[int] 
         return _make(float(scale[0]), 0, qtype)
     scale = np.where(abs_max > 0, scale, ZERO_TENSOR_SCALE).astype(np.float32)
     return QParams(scale, np.zeros(scale.shape, dtype=qtype.numpy_dtype), axis)
+
+
+def _asymmetric_weight_qparams(w: np.ndarray, qtype: QuantType, axis: Optional[int]) -> QParams:
+    """Unsigned weights (QUInt8): the affine parameters of each tensor's (or channel's)
+    min..max range widened to include zero, so that zero is exact (padding, pruned weights)."""
+    if axis is None:
+        return qparams_from_range(float(w.min()) if w.size else 0.0, float(w.max()) if w.size else 0.0, qtype,
+                                  symmetric=False)
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    per_row = [qparams_from_range(float(r.min()) if r.size else 0.0, float(r.max()) if r.size else 0.0, qtype,
+                                  symmetric=False) for r in rows]
+    return QParams(np.array([p.scale for p in per_row], dtype=np.float32),
+                   np.array([p.zero_point for p in per_row], dtype=qtype.numpy_dtype), axis)
 
 
 # Clipping ratios searched for float weight scales: a coarse grid, then a fine one around

@@ -5,13 +5,15 @@ they are dropped before the next run."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
-from onnx import ModelProto
+import numpy as np
+from onnx import ModelProto, TensorProto
 
 from ..config import QuantConfig
 from ..errors import CalibrationError, DataError
 from ..graph.plan import QuantPlan
+from ..graph.subgraphs import BRANCHES, InlinedBranch
 from ..graph.view import GraphView
 from ..runtime import BoundRunner, batch_count, check_feed, make_session, prefetch
 from .collector import ChannelMeanCollector, NonFiniteValues, TensorCollector
@@ -44,9 +46,11 @@ class Statistics:
 
 def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
             request: StatisticsRequest = StatisticsRequest(),
-            progress: Optional[ProgressCallback] = None) -> Statistics:
+            progress: Optional[ProgressCallback] = None,
+            conditions: Sequence[InlinedBranch] = ()) -> Statistics:
     """Statistics of every planned activation over all batches of ``reader``, and those of
-    ``request`` (each channel-mean tensor must be a planned activation)."""
+    ``request`` (each channel-mean tensor must be a planned activation). ``conditions``:
+    the If nodes graph preparation inlined; each batch must take the branch inlined."""
     view = GraphView(model)
     histogram = config.needs_histogram
     collectors = {name: TensorCollector(config.num_bins, histogram) for name in plan.activations}
@@ -64,8 +68,11 @@ def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
     runner = BoundRunner(session, names)
     total = batch_count(reader)
     batches = 0
+    check_branches = BranchCheck(model, conditions) if conditions else None
     for feed in prefetch(reader):
         feed = check_feed(session, feed, batches)
+        if check_branches is not None:
+            check_branches(feed, batches)
         # Graph inputs first, then in graph order: a NaN is reported where it first appears.
         # (a model whose only quantized activations are its inputs needs no inference)
         values = [feed[n] for n in fed] + (runner.run(feed) if names else [])
@@ -85,3 +92,24 @@ def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
     if batches == 0:
         raise DataError("the calibration data reader produced no batch")
     return Statistics(collectors, means, batches)
+
+
+class BranchCheck:
+    """Checks that a batch takes the branch of every inlined If (its condition is cheap:
+    onnxruntime computes only what the condition needs)."""
+
+    def __init__(self, model: ModelProto, inlined: Sequence[InlinedBranch]) -> None:
+        self.inlined = list(inlined)
+        self.names = sorted({b.cond for b in self.inlined})
+        self.session = make_session(model, self.names, output_types={n: TensorProto.BOOL for n in self.names})
+
+    def __call__(self, feed, batch: int) -> None:
+        values = dict(zip(self.names, self.session.run(self.names, feed)))
+        for b in self.inlined:
+            value = np.asarray(values[b.cond])
+            if value.size != 1 or bool(value.reshape(-1)[0]) is not b.value:
+                raise CalibrationError(
+                    f"If node {b.name!r} takes its {BRANCHES[not b.value]} in calibration batch {batch}, its "
+                    f"{BRANCHES[b.value]} on the first batch: pyquant calibrates and quantizes the branch the "
+                    "calibration data takes; give data that takes one branch, or keep the If in float with "
+                    f"nodes_to_exclude=[{b.name!r}]")

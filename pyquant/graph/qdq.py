@@ -1,32 +1,49 @@
 """Rewrite a float model into standard QDQ form (QuantizeLinear -> DequantizeLinear
-pairs on activations, int8 weights and int32 biases behind DequantizeLinear)."""
+pairs on activations, int8 weights and int32 biases behind DequantizeLinear).
+
+bfloat16 (QuantType.BFloat16) takes the same places with Casts: Cast(to bfloat16) ->
+Cast(to float) on activations, bfloat16 weights behind a Cast to float, biases float.
+The outputs keep the QDQ names (``*_DequantizeLinear_Output``), so a tensor's
+dequantized twin is found the same way whatever the type (dequantized_name)."""
 from __future__ import annotations
 
+import json
 from typing import Dict, List, Tuple
 
 import numpy as np
-from onnx import ModelProto, NodeProto, helper, numpy_helper
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..config import QuantConfig, QuantType
-from ..qparams import QParams, QuantTable, quantize_array, weight_key
+from ..qparams import (BFLOAT16_QPARAMS, QParams, QuantTable, bfloat16_bits, quantize_array, round_to_bfloat16,
+                       weight_key)
 from .plan import QuantPlan
 from .view import GraphView, drop_unused_initializers
 
 # int32 bias range: a bias that does not fit is saturated (and would need a larger
 # weight or input scale; it does not happen with 8-bit scales on real CNNs).
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+# Model metadata key of QuantTable.notes (JSON {tensor: [note, ...]}).
+TENSOR_NOTES_KEY = "pyquant.tensor_notes"
 
 
 class _Builder:
-    def __init__(self, view: GraphView) -> None:
+    def __init__(self, view: GraphView, bfloat16: bool) -> None:
         self.view = view
+        self.bfloat16 = bfloat16  # Casts instead of Q/DQ, and no parameters
         self.initializers: List = []
 
     def const(self, name: str, array: np.ndarray) -> str:
+        if self.bfloat16 and array.dtype == np.float32:  # a weight or constant rounded to bfloat16
+            tensor = TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=array.shape,
+                                 raw_data=bfloat16_bits(array).tobytes())
+            self.initializers.append(tensor)
+            return name
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def dq(self, quantized: str, qp: QParams, out: str) -> NodeProto:
+        if self.bfloat16:
+            return helper.make_node("Cast", [quantized], [out], name=out + "_Cast", to=TensorProto.FLOAT)
         kwargs = {"axis": qp.axis} if qp.axis is not None else {}
         return helper.make_node(
             "DequantizeLinear", [quantized, self.const(out + "_scale", qp.scale),
@@ -34,6 +51,8 @@ class _Builder:
             [out], name=out + "_DequantizeLinear", **kwargs)
 
     def q(self, source: str, qp: QParams, out: str) -> NodeProto:
+        if self.bfloat16:
+            return helper.make_node("Cast", [source], [out], name=out + "_Cast", to=TensorProto.BFLOAT16)
         return helper.make_node(
             "QuantizeLinear", [source, self.const(out + "_scale", qp.scale),
                                self.const(out + "_zero_point", qp.zero_point)],
@@ -52,7 +71,7 @@ def write_qdq(model: ModelProto, plan: QuantPlan, table: QuantTable, config: Qua
     out_model = ModelProto()
     out_model.CopyFrom(model)
     view = GraphView(out_model)
-    b = _Builder(view)
+    b = _Builder(view, config.activation_type.is_float)
     # The plan refers to nodes of `model`; map them to the copy by position.
     copy_of = {id(o): c for o, c in zip(model.graph.node, out_model.graph.node)}
 
@@ -83,11 +102,15 @@ def write_qdq(model: ModelProto, plan: QuantPlan, table: QuantTable, config: Qua
             continue
         b_name = node.input[use.input_index]
         bias = view.constant_value(b_name).astype(np.float64)
-        scale = (act.scale.astype(np.float64) * wqp.scale.astype(np.float64))
-        scale = np.broadcast_to(scale, bias.shape) if wqp.axis is not None else scale
-        q = np.clip(np.round(bias / scale), _INT32_MIN, _INT32_MAX).astype(np.int32)
-        axis = 0 if wqp.axis is not None else None
-        qp = QParams(np.asarray(scale, dtype=np.float32), np.zeros(np.shape(scale), dtype=np.int32), axis)
+        qp = table.biases.get(node.output[0])
+        if qp is not None:  # an int8 bias with its own scale (NPU)
+            q = quantize_array(bias, qp, QuantType.QInt8)
+        else:
+            scale = (act.scale.astype(np.float64) * wqp.scale.astype(np.float64))
+            scale = np.broadcast_to(scale, bias.shape) if wqp.axis is not None else scale
+            q = np.clip(np.round(bias / scale), _INT32_MIN, _INT32_MAX).astype(np.int32)
+            axis = 0 if wqp.axis is not None else None
+            qp = QParams(np.asarray(scale, dtype=np.float32), np.zeros(np.shape(scale), dtype=np.int32), axis)
         out = f"{b_name}_{node.output[0]}_DequantizeLinear_Output"
         head.append(b.dq(b.const(f"{b_name}_{node.output[0]}_quantized", q), qp, out))
         node.input[use.input_index] = out
@@ -95,10 +118,11 @@ def write_qdq(model: ModelProto, plan: QuantPlan, table: QuantTable, config: Qua
     graph_outputs = set(view.graph_outputs)
     constants = set(plan.constant_activations)
     for name in plan.activations:
-        qp = act_qparams[name]
+        qp = BFLOAT16_QPARAMS if b.bfloat16 else act_qparams[name]
         if name in constants:
             value = view.constant_value(name)
-            q_name = b.const(f"{name}_quantized", quantize_array(value, qp, QuantType.of(qp.zero_point.dtype)))
+            q_name = b.const(f"{name}_quantized", round_to_bfloat16(value) if b.bfloat16 else
+                             quantize_array(value, qp, QuantType.of(qp.zero_point.dtype)))
             head.append(b.dq(q_name, qp, f"{name}_DequantizeLinear_Output"))
             rename[name] = head[-1].output[0]
             continue
@@ -130,4 +154,15 @@ def write_qdq(model: ModelProto, plan: QuantPlan, table: QuantTable, config: Qua
     out_model.graph.node.extend(new_nodes)
     out_model.graph.initializer.extend(b.initializers)
     drop_unused_initializers(out_model)
+    if table.notes:
+        entry = out_model.metadata_props.add()
+        entry.key, entry.value = TENSOR_NOTES_KEY, json.dumps(table.notes, sort_keys=True)
     return out_model
+
+
+def tensor_notes(model: ModelProto) -> Dict[str, List[str]]:
+    """The notes write_qdq stored in ``model`` (why a technique changed a tensor's scale)."""
+    for entry in model.metadata_props:
+        if entry.key == TENSOR_NOTES_KEY:
+            return json.loads(entry.value)
+    return {}

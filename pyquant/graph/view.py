@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import numpy as np
 import onnx
@@ -107,10 +107,42 @@ def image_input(model: ModelProto) -> ImageInput:
     return ImageInput(name, layout, dims[2] if layout == "NCHW" else dims[1])
 
 
+def subgraphs(node: NodeProto) -> List[onnx.GraphProto]:
+    """The bodies of a control-flow node (If branches, Loop and Scan bodies)."""
+    out: List[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def outer_references(graph: onnx.GraphProto) -> Set[str]:
+    """Names a subgraph (and the subgraphs in it) reads from enclosing scopes."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {o for n in graph.node for o in n.output if o}
+    used: Set[str] = set()
+    for n in graph.node:
+        used |= {i for i in n.input if i}
+        for g in subgraphs(n):
+            used |= outer_references(g)
+    return used - defined
+
+
+def node_reads(node: NodeProto) -> Set[str]:
+    """Every tensor a node reads: its inputs and, for control flow, what its bodies read
+    from the enclosing graph."""
+    reads = {i for i in node.input if i}
+    for g in subgraphs(node):
+        reads |= outer_references(g)
+    return reads
+
+
 def drop_unused_initializers(model: ModelProto) -> None:
-    """Remove initializers no node reads (and, for old models that list initializers as
-    graph inputs, those inputs too)."""
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    """Remove initializers no node reads, in its inputs or its bodies (and, for old models
+    that list initializers as graph inputs, those inputs too)."""
+    used = {i for n in model.graph.node for i in node_reads(n)} | {o.name for o in model.graph.output}
     before = {t.name for t in model.graph.initializer}
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]

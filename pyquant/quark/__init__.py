@@ -12,10 +12,10 @@ from onnxruntime.quantization.calibrate import CalibrationDataReader, Calibratio
 from onnxruntime.quantization.quant_utils import QuantFormat, QuantType
 
 from ..compat import (Config, ExtendedQuantFormat, ExtendedQuantType, ModelQuantizer, PowerOfTwoMethod,
-                      QuantizationConfig, VitisQuantFormat, VitisQuantType, quantize_static)
+                      QuantizationConfig, VitisQuantFormat, VitisQuantType, get_library_path, quantize_static)
 
 __all__ = [
     "CalibrationDataReader", "CalibrationMethod", "QuantFormat", "QuantType", "PowerOfTwoMethod",
     "VitisQuantType", "VitisQuantFormat", "ExtendedQuantType", "ExtendedQuantFormat",
-    "ModelQuantizer", "Config", "QuantizationConfig", "quantize_static",
+    "ModelQuantizer", "Config", "QuantizationConfig", "quantize_static", "get_library_path",
 ]

@@ -12,12 +12,15 @@ from .bias_absorption import HighBiasAbsorption
 from .bias_correction import BiasCorrection
 from .cle import CrossLayerEqualization
 from .fast_finetune.finetune import FastFinetune
+from .npu_positions import NpuBiasPositions, NpuPositions
 
 REGISTRY: List[Type[Technique]] = [
     CrossLayerEqualization,  # GRAPH: equalize weight ranges of consecutive layers
     HighBiasAbsorption,  # GRAPH: on CLE's pairs
+    NpuPositions,  # PARAMETERS: NPU shift limits, jointly over the graph, before anything uses the scales
     BiasCorrection,  # PARAMETERS: biases absorb the mean error of weight rounding
     FastFinetune,  # PARAMETERS: learned rounding, with the corrected biases of the other layers
+    NpuBiasPositions,  # PARAMETERS: int8 bias positions, once the biases are final
 ]
 
 
