@@ -454,7 +454,8 @@ EXTRA_OPTIONS: Dict[str, Handler] = {
 REFUSED_EXTRA_OPTIONS: Dict[str, str] = {
     "CalibDataSize": "pyquant calibrates on every sample the data reader gives; limit the reader instead (e.g. the "
                      "tutorial ImageDataReader's data_size)",
-    "AutoMixprecision": "automatic mixed precision is not available",
+    "AutoMixprecision": "Quark's automatic mixed precision settings are not translated; pyquant's runs separately: "
+                        "pyquant.analysis.auto_mixed_precision (CLI: pyquant mixed_precision) with a target",
     "BFPAttributes": "block floating point is not supported; use an integer type (8 or 16 bits)",
     "MXAttributes": "microscaling (MX) types are not supported; use an integer type (8 or 16 bits)",
     "MatMulNBitsParams": "weight-only MatMulNBits is onnxruntime's (onnxruntime.quantization.matmul_nbits_quantizer)",
@@ -801,7 +802,8 @@ FIELDS: Dict[str, Handler] = {
                                   "include_cle"),
     "include_rotation": same_as_pyquant(False, place="field", refuse="rotation (QuaRot) is not available"),
     "include_cle": _field("cross_layer_equalization"),
-    "include_auto_mp": same_as_pyquant(False, place="field", refuse="automatic mixed precision is not available"),
+    "include_auto_mp": same_as_pyquant(False, place="field", refuse="Quark's automatic mixed precision is not translated; use "
+                                    "pyquant.analysis.auto_mixed_precision (CLI: pyquant mixed_precision)"),
     "include_fast_ft": lambda k, v: {"include_fast_ft": _bool(k, v, "field")},
     "enable_npu_cnn": _field("enable_npu_cnn"),
     "enable_npu_transformer": same_as_pyquant(False, place="field", refuse="pyquant's NPU rules are for CNNs "

@@ -82,7 +82,7 @@ def test_random_strategy_keeps_the_starting_point_and_is_seeded():
     ({"dimensions": {"preset": "XINT8"}}, "non-empty list"),
     ({"dimensions": {"preset": ["XINT8"]}, "strategy": "bayes"}, "strategy"),
     ({"dimensions": {"preset": ["XINT8"]}, "max_trial": 3}, "unknown search space key"),
-    ({"dimensions": {"mixed_precision": [None, {"min_sqnr_db": 30}]}}, "automatic mixed precision"),
+    ({"dimensions": {"mixed_precision": [None, {"min_sqnr_db": 30, "max_metric_drop": -1}]}}, "max_metric_drop"),
     ({"dimensions": {"mixed_precision": [{"min_sqnr": 30}]}}, "unknown mixed_precision key"),
 ])
 def test_a_wrong_space_is_refused_with_what_is_wrong(spec, message):
@@ -209,3 +209,22 @@ def test_the_readme_lists_every_search_dimension():
     direct = {d for d in valid_dimensions() if "." not in d}
     assert listed == direct, (listed ^ direct)
     assert "`cle.OPTION` (CLEOptions)" in section and "`fast_finetune.OPTION`" in section
+
+
+def test_a_mixed_precision_target_runs_automatic_mixed_precision_in_the_trial(setup, tmp_path):
+    """The dimension's target goes to pyquant.analysis.auto_mixed_precision: a demanding
+    SQNR target promotes layers to 16-bit activations (int16 zero points in the model),
+    the trial without a target has none."""
+    model, calib, objective = setup
+    space = SearchSpace.from_dict({"dimensions": {"preset": ["XINT8"],
+                                                  "mixed_precision": [None, {"min_sqnr_db": 45.0}]}})
+    result = run_search(model, calib, space, objective, tmp_path / "exp", executor=LocalExecutor())
+    assert result.ran == 2 and not any("error" in r for r in result.records)
+
+    def int16_points(record):
+        trial = onnx.load(tmp_path / "exp" / "trials" / f"{record['trial_id']}.onnx")
+        return sum(t.data_type == onnx.TensorProto.INT16 for t in trial.graph.initializer
+                   if t.name.endswith("_zero_point"))
+    plain, promoted = result.records
+    assert int16_points(plain) == 0 and int16_points(promoted) > 0
+    assert promoted["score"] <= plain["score"]  # KL to float: lower is better

@@ -30,6 +30,7 @@ import json
 import random
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..analysis.mixed_precision import PrecisionTarget
 from ..config import (CalibrationMethod, CLEOptions, FastFinetuneOptions, FinetuneAlgorithm, PowerOfTwoMethod,
                       QuantConfig, QuantType, get_preset)
 from ..errors import ConfigError
@@ -210,13 +211,9 @@ def config_for(params: Mapping[str, Any]) -> Tuple[QuantConfig, Optional[Dict[st
 
 def mixed_precision_target(target: Any) -> Optional[Dict[str, Any]]:
     """A mixed precision dimension's value, checked: None, or the keyword arguments of
-    pyquant.analysis.mixed_precision.PrecisionTarget that a JSON space can give.
-
-    Running a trial with a target needs ``auto_mixed_precision`` (pyquant.analysis), which
-    is not part of this build: a space with a target is refused here, before any trial,
-    rather than accepted and ignored. Wiring it is one call in pyquant.search.trial
-    (``quantize_trial``): auto_mixed_precision(model, calib_data, config,
-    PrecisionTarget(**target, evaluator=objective)) in place of quantize_detailed."""
+    pyquant.analysis.mixed_precision.PrecisionTarget that a JSON space can give (a trial
+    with one runs auto_mixed_precision; max_metric_drop is measured with the search's
+    objective)."""
     if target is None:
         return None
     if not isinstance(target, Mapping) or not target:
@@ -225,8 +222,10 @@ def mixed_precision_target(target: Any) -> Optional[Dict[str, Any]]:
     unknown = sorted(set(target) - set(MIXED_PRECISION_FIELDS))
     if unknown:
         raise ConfigError(f"unknown mixed_precision key(s) {', '.join(unknown)}; valid: {', '.join(MIXED_PRECISION_FIELDS)}")
-    raise ConfigError("mixed_precision targets need automatic mixed precision (pyquant.analysis.mixed_precision), "
-                      "which this build does not have: use [null] for that dimension")
+    checked = dict(target)
+    # PrecisionTarget checks the values; the objective stands in for the evaluator here
+    PrecisionTarget(**checked, evaluator=(lambda model: 0.0) if checked.get("max_metric_drop") is not None else None)
+    return checked
 
 
 def _field_value(name: str, value: Any) -> Any:

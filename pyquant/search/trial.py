@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import onnx
 from onnx import ModelProto
 
 from .. import threads
+from ..analysis.mixed_precision import PrecisionTarget, auto_mixed_precision
 from ..api import quantize_detailed
 from ..config import QuantConfig
 from ..datasource import DataSource
@@ -21,11 +22,16 @@ from .space import Trial
 
 
 def quantize_trial(model: ModelProto, calib: DataSource, config: QuantConfig, thread_count: Optional[int],
-                   mixed_precision: Optional[Dict[str, Any]]) -> ModelProto:
-    """The trial's quantized model. A mixed precision target would go through
-    pyquant.analysis.mixed_precision.auto_mixed_precision here (not in this build:
-    search.space.mixed_precision_target refuses a space with a target)."""
-    return quantize_detailed(model, calib.reader(), config, threads=thread_count).model
+                   mixed_precision: Optional[Dict[str, Any]],
+                   evaluator: Optional[Callable[[ModelProto], float]] = None) -> ModelProto:
+    """The trial's quantized model; with a mixed precision target, the one automatic mixed
+    precision makes (pyquant.analysis.mixed_precision: its most sensitive layers promoted
+    until the target holds on the calibration data; ``evaluator``, higher is better, measures
+    a max_metric_drop)."""
+    if not mixed_precision:
+        return quantize_detailed(model, calib.reader(), config, threads=thread_count).model
+    target = PrecisionTarget(**mixed_precision, evaluator=evaluator if "max_metric_drop" in mixed_precision else None)
+    return auto_mixed_precision(model, calib.reader(), config, target, threads=thread_count).model
 
 
 def run_trial(model_bytes, calib: DataSource, trial: Trial, objective, prepared,
@@ -40,7 +46,10 @@ def run_trial(model_bytes, calib: DataSource, trial: Trial, objective, prepared,
     start = time.perf_counter()
     try:
         config = dataclasses.replace(trial.config, threads=thread_count)
-        quantized = quantize_trial(model, calib, config, thread_count, trial.mixed_precision)
+        def evaluator(candidate: ModelProto) -> float:  # higher is better, as PrecisionTarget reads it
+            value = objective.score(candidate, prepared)
+            return value if objective.higher_is_better else -value
+        quantized = quantize_trial(model, calib, config, thread_count, trial.mixed_precision, evaluator)
         record["quantize_seconds"] = time.perf_counter() - start
         t0 = time.perf_counter()
         with threads.budget(thread_count):
