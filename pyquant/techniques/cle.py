@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+import onnx
 from onnx import ModelProto, NodeProto, helper
 
 from .. import kernels
@@ -229,21 +230,23 @@ def measure_activation_ranges(model: ModelProto, pairs: Sequence[Pair],
                               feeds: Sequence[Dict[str, np.ndarray]]) -> None:
     """Set each pair's activation_range: per channel max |x| of the tensor its second layer
     reads, over ``feeds``, with the model as it is now (before any rescaling)."""
-    _observe(model, pairs, feeds, ranges=True, check=0)
+    _observe(model, pairs, feeds, ranges=True, check=0, probes=False)
 
 
 def _observe(model: ModelProto, pairs: Sequence[Pair], feeds: Sequence[Dict[str, np.ndarray]], ranges: bool,
-             check: int) -> List[Dict[str, np.ndarray]]:
-    """One session of ``model`` over ``feeds`` (the first ``check`` of them if ranges are
-    not measured): with ``ranges``, each pair's activation_range; returned, for each of the
-    first ``check`` feeds, what check_equivalence compares (the model's outputs and each
-    pair's second layer's output)."""
+             check: int, probes: bool) -> List[Dict[str, np.ndarray]]:
+    """One session of ``model`` over ``feeds`` (only the first ``check`` of them without
+    ``ranges``): with ``ranges``, each pair's activation_range; returned, for each of the
+    first ``check`` feeds, the model's outputs, and with ``probes`` each pair's second
+    layer's output too. The session's extra outputs are the range tensors (and the probes):
+    the same session, hence the same bits, as a range measurement alone."""
     names = list(dict.fromkeys(p.second.input[0] for p in pairs)) if ranges else []
-    compared = list(dict.fromkeys([o.name for o in model.graph.output] + [p.second.output[0] for p in pairs]))
+    extra = list(dict.fromkeys(names + ([p.second.output[0] for p in pairs] if probes else [])))
+    compared = list(dict.fromkeys([o.name for o in model.graph.output] + extra[len(names):]))
     feeds = list(feeds) if ranges else list(feeds)[:check]
     if not feeds or not (names or check):
         return []
-    session = make_session(model, list(dict.fromkeys(names + compared)))
+    session = make_session(model, extra)
     found: Dict[str, np.ndarray] = {}
     kept: List[Dict[str, np.ndarray]] = []
     for index, feed in enumerate(feeds):
@@ -334,7 +337,10 @@ def equalize(model: ModelProto, options: CLEOptions = CLEOptions(),
     _own_weights(model, view, pairs)
     if options.replace_clip_with_relu:
         _replace_clips_with_relu(model, pairs)
-    expected = _observe(model, pairs, feeds, ranges=options.activation_weight > 0, check=check_feeds)
+    # The original's outputs on the checked feeds come from the range pass; its serialized
+    # form is kept only to name the pair that broke, should the check fail.
+    original = model.SerializeToString() if check_feeds and feeds else None
+    expected = _observe(model, pairs, feeds, ranges=options.activation_weight > 0, check=check_feeds, probes=False)
     change, sweeps = 0.0, 0
     tensors = _Initializers(view)
     for sweeps in range(1, options.steps + 1):
@@ -349,7 +355,9 @@ def equalize(model: ModelProto, options: CLEOptions = CLEOptions(),
     log.info("CLE: %d pairs, %d sweeps (last max scale change %.2g), %d Clip rewritten", len(pairs), sweeps,
              change, rewritten)
     if expected:
-        _compare(expected, model, feeds[:len(expected)], EQUIVALENCE_RTOL, pairs)
+        _compare(expected, model, feeds[:len(expected)], EQUIVALENCE_RTOL, pairs,
+                 lambda: _observe(onnx.load_from_string(original), pairs, feeds, ranges=False,
+                                  check=len(expected), probes=True))
     return CLEReport(pairs, len(pairs), sweeps, change, rewritten, skipped)
 
 
@@ -362,23 +370,28 @@ def check_equivalence(original: ModelProto, equalized: ModelProto, feeds: Sequen
     """Largest relative difference between the outputs of the two float models on ``feeds``.
     Above ``rtol``: ModelError naming the first pair whose second layer's output differs
     (each pair's second layer must reproduce its original output exactly)."""
-    return _compare(_observe(original, pairs, feeds, ranges=False, check=len(feeds)), equalized, feeds, rtol, pairs)
+    expected = _observe(original, pairs, feeds, ranges=False, check=len(feeds), probes=True)
+    return _compare(expected, equalized, feeds, rtol, pairs, lambda: expected)
 
 
 def _compare(expected: Sequence[Dict[str, np.ndarray]], equalized: ModelProto,
-             feeds: Sequence[Dict[str, np.ndarray]], rtol: float, pairs: Sequence[Pair]) -> float:
-    """check_equivalence against the original's values ``expected`` (from _observe)."""
+             feeds: Sequence[Dict[str, np.ndarray]], rtol: float, pairs: Sequence[Pair],
+             original_probes: Callable[[], Sequence[Dict[str, np.ndarray]]]) -> float:
+    """check_equivalence against the original's outputs ``expected`` (from _observe);
+    ``original_probes()`` gives them with the pairs' outputs, to name a pair that broke."""
     probes = [p.second.output[0] for p in pairs]
     session = make_session(equalized, probes)
     final = [o.name for o in equalized.graph.output]
     worst = 0.0
-    for want, feed in zip(expected, feeds):
+    for index, (want, feed) in enumerate(zip(expected, feeds)):
         names = list(want)
-        results = {name: (want[name], got) for name, got in zip(names, session.run(names, feed))}
-        errors = {name: _relative_error(*results[name]) for name in final}
+        errors = {name: _relative_error(want[name], got)
+                  for name, got in zip(names, session.run(names, feed)) if name in final}
         worst = max([worst, *errors.values()])
         if worst <= rtol:
             continue
+        want = original_probes()[index]
+        results = {name: (want[name], got) for name, got in zip(probes, session.run(probes, feed))}
         for pair, probe in zip(pairs, probes):
             if not _relative_error(*results[probe]) <= rtol:
                 raise ModelError(f"cross-layer equalization of {pair.describe()} changed its output by "
