@@ -4,9 +4,11 @@ stem at batch 8, against numpy (OpenBLAS) doing only the Gram products P^T P of 
 patches (im2col made beforehand, not timed), in the same process. Prints one markdown
 table and the load average. Not collected by pytest.
 
-    python benchmarks/window_gram.py [--repeats 5] [--isa LEVEL] [--threads N]
+    python benchmarks/window_gram.py [--repeats 5] [--isa LEVEL] [--threads N] [--cpu-time]
 
-The ratio "kernel / numpy products" is the kernel's whole work (patches from NCHW, the
+With ``--cpu-time`` the times are the process's CPU time (all threads), which a busy
+machine disturbs less than wall time; use it with ``--threads 1`` (numpy's BLAS then runs
+on one thread too). The ratio "kernel / numpy products" is the kernel's whole work (patches from NCHW, the
 upper triangle of every group's Gram in the fixed float32 order, float64 sums) over numpy's
 bare batched matmul of the prepared patches.
 """
@@ -18,7 +20,7 @@ import time
 
 import numpy as np
 
-from pyquant import kernels, reference
+from pyquant import kernels, reference, threads
 
 # (name, n, channels, h, w, groups, kernel, stride, pad)
 LAYERS = [
@@ -30,12 +32,12 @@ LAYERS = [
 ]
 
 
-def best_of(repeats: int, fn) -> float:
+def best_of(repeats: int, fn, clock=time.perf_counter) -> float:
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return min(times)
 
 
@@ -44,13 +46,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--isa", choices=kernels.supported_isas(), help="force an ISA level (default: the best)")
     parser.add_argument("--threads", type=int, help="kernel threads (default: the CPUs of the affinity mask)")
+    parser.add_argument("--cpu-time", action="store_true", help="time by process CPU time, not wall time")
     args = parser.parse_args()
     if args.isa:
         kernels.set_isa(args.isa)
     if args.threads:
         kernels.set_num_threads(args.threads)
+        if args.threads == 1 and getattr(threads, "set_blas_threads", None):
+            threads.set_blas_threads(1)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     print(f"ISA level {kernels.isa()}, {kernels.get_num_threads()} kernel threads, "
-          f"load average {os.getloadavg()[0]:.2f}\n")
+          f"{'CPU' if args.cpu_time else 'wall'} time, load average {os.getloadavg()[0]:.2f}\n")
     print("| layer | window_gram ms | numpy products ms | kernel / numpy products |")
     print("|---|---|---|---|")
     rng = np.random.default_rng(0)
@@ -65,8 +71,8 @@ def main() -> None:
                                 np.zeros((groups, kk)), empty2)
 
         patches = reference.im2col(x, groups, *geo).astype(np.float32)  # [groups, positions, K]
-        ours = best_of(args.repeats, kernel)
-        ref = best_of(args.repeats, lambda: np.matmul(patches.transpose(0, 2, 1), patches))
+        ours = best_of(args.repeats, kernel, clock)
+        ref = best_of(args.repeats, lambda: np.matmul(patches.transpose(0, 2, 1), patches), clock)
         print(f"| {name} | {1e3 * ours:.1f} | {1e3 * ref:.1f} | {ours / ref:.2f} |")
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
