@@ -259,6 +259,7 @@ def _observe(model: ModelProto, pairs: Sequence[Pair], feeds: Sequence[Dict[str,
             # channel axis 1 of [N, C, ...]: the kernel's view [1, N, C, rest]
             m = kernels.channel_abs_max(value.reshape(1, value.shape[0], value.shape[1], -1))
             found[name] = np.maximum(found[name], m) if name in found else m
+        values = value = None  # one batch of activations alive at a time
     if ranges:
         for pair in pairs:
             pair.activation_range = found[pair.second.input[0]].astype(np.float64)
