@@ -9,6 +9,14 @@ script as a baseline. "KL to float" is the mean KL divergence (nats) of each row
 distribution from the float model's on val: it counts every change of the outputs, not only
 those that flip the top class, so it tells close rows apart where top-1 on 500 images
 cannot (one image is 0.2 points). Not collected by pytest.
+
+The floor is float inference over calib/ through the same image reader, with decoding in
+two threads reading ahead while onnxruntime runs (row "floor"); "floor_serial" is the
+previous definition (decode a batch, then run it). On a shared machine the load moves
+during a run, so the floor rows are measured again after every other row, and each row's
+"x floor" divides its time by the mean of the floors measured just before and just after
+it; the floor rows show the median of all their runs. The 1-minute load average after
+each row is printed with it.
 """
 from __future__ import annotations
 
@@ -34,7 +42,8 @@ ORT_PERCENTILE_IMAGES = 96
 
 ROWS = {
     "float": "float model",
-    "floor": "float inference over calib/ (the floor for calibration)",
+    "floor": "float inference over calib/, decoding in 2 threads overlapping inference (the floor)",
+    "floor_serial": "float inference over calib/, decode then infer each batch (the previous floor)",
     "xint8": "pyquant XINT8",
     "xint8_nobc": "pyquant XINT8 without bias correction",
     "xint8_4x": "pyquant XINT8, calib/ repeated 4x (2000 images)",
@@ -143,9 +152,32 @@ def ort_row(row: str, shared: Path, model_path: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
+FLOORS = ("floor", "floor_serial")
+
+
+def floor_seconds(row: str, shared: Path, model_path: Path) -> float:
+    """Decode, preprocess and run the float model over calib/ (onnxruntime's default session
+    options but for spin-waiting, which beside other load cost this loop 1.5-1.8x: 17.5 and
+    16.6 s against 11.5 and 9.3 s on 120 images at load average 16). "floor": two decoding
+    threads read ahead of inference (pyquant.runtime.prefetch); "floor_serial": each batch
+    decoded, then run."""
+    import onnxruntime as ort
+    from pyquant.runtime import prefetch
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    calib = reader(shared, "calib")
+    if row == "floor":
+        calib.workers = 2
+    start = time.perf_counter()
+    for feed in (prefetch(calib) if row == "floor" else iter(calib.get_next, None)):
+        session.run(None, feed)
+    return time.perf_counter() - start
+
+
 def worker(row: str, shared: Path, model_path: Path, logits_out: Optional[Path] = None) -> dict:
     """Run one row; print its JSON result. ``logits_out``: where to save the val logits (.npy)."""
-    import onnxruntime as ort
     from pyquant.evaluation import evaluate
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -154,13 +186,8 @@ def worker(row: str, shared: Path, model_path: Path, logits_out: Optional[Path] 
         result = {"row": row}
         if row == "float":
             evaluated = model_path
-        elif row == "floor":  # onnxruntime's default session options: its best plain inference
-            session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-            calib = reader(shared, "calib")
-            start = time.perf_counter()
-            while (feed := calib.get_next()) is not None:
-                session.run(None, feed)
-            return {"row": row, "seconds": time.perf_counter() - start, "rss": peak_rss_mb()}
+        elif row in FLOORS:
+            return {"row": row, "seconds": floor_seconds(row, shared, model_path), "rss": peak_rss_mb()}
         elif row == "float_cle":
             from pyquant.graph.model_io import load_model, save_model
             from pyquant.config import CLEOptions
@@ -228,32 +255,74 @@ def main() -> None:
         parser.error(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
     if "float" not in rows:
         rows.insert(0, "float")
-    results = {}
+    floors = [r for r in rows if r in FLOORS]
+    results, floor_runs, loads = {}, {r: [] for r in floors}, {}
+    start_load = os.getloadavg()[0]
+
+    def run(row: str, logits_dir: Path) -> Optional[dict]:
+        try:
+            result = run_worker(row, args.shared, logits_dir)
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            return None
+        loads[row] = os.getloadavg()[0]
+        print(f"done: {row} {result.get('seconds', 0):.1f} s (load average {loads[row]:.2f})", file=sys.stderr)
+        return result
+
+    def measure_floors(logits_dir: Path) -> None:
+        for f in floors:
+            result = run(f, logits_dir)
+            if result is not None:
+                results.setdefault(f, result)
+                floor_runs[f].append(result["seconds"])
+
+    ratios = {}  # row -> {floor row: time / mean of the floors before and after it}
     with tempfile.TemporaryDirectory() as logits_dir:
+        measure_floors(Path(logits_dir))
         for row in rows:
-            try:
-                results[row] = run_worker(row, args.shared, Path(logits_dir))
-            except RuntimeError as e:
-                print(e, file=sys.stderr)
+            if row in FLOORS:
                 continue
-            print(f"done: {row}", file=sys.stderr)
+            before = {f: runs[-1] for f, runs in floor_runs.items() if runs}
+            result = run(row, Path(logits_dir))
+            if result is None:
+                continue
+            results[row] = result
+            if "seconds" in result and floors:
+                measure_floors(Path(logits_dir))
+                ratios[row] = {f: result["seconds"] / ((before[f] + floor_runs[f][-1]) / 2)
+                               for f in floors if f in before}
+    for f in floors:
+        if floor_runs[f]:
+            results[f]["seconds"] = float(np.median(floor_runs[f]))
     float_pred = results["float"]["predictions"]
-    floor = results.get("floor", {}).get("seconds")
+    serial = "floor_serial" in floors
     print("| configuration | top-1 % | top-5 % | top-1 agreement with float % | KL to float | size MB | quantize s "
-          "| x floor | finetune s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for row, r in results.items():
-        if row == "floor":
-            print(f"| {ROWS[row]} | | | | | | {r['seconds']:.1f} | 1.0 | | {r['rss']:.0f} |")
+          "| x floor |" + (" x serial floor |" if serial else "") + " finetune s | peak RSS MB | load |")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if serial else "") + "---|---|---|")
+    order = ["float"] + floors + [r for r in results if r not in floors and r != "float"]
+    for row in order:
+        if row not in results:
+            continue
+        r = results[row]
+        if row in FLOORS:
+            ones = " 1.0 |" if row == "floor" else " |"
+            ones += (" 1.0 |" if row == "floor_serial" else " |") if serial else ""
+            runs = ", ".join(f"{x:.2f}" for x in floor_runs[row])
+            print(f"| {ROWS[row]} (median of {len(floor_runs[row])}: {runs}) | | | | | | {r['seconds']:.1f} |{ones} "
+                  f"| {r['rss']:.0f} | {loads.get(row, 0):.1f} |")
             continue
         agree = 100 * sum(a == b for a, b in zip(r["predictions"], float_pred)) / len(float_pred)
         secs = f"{r['seconds']:.1f}" if "seconds" in r else ""
-        ratio = f"{r['seconds'] / floor:.1f}" if "seconds" in r and floor else ""
+        ratio = f"{ratios[row]['floor']:.2f}" if "floor" in ratios.get(row, {}) else ""
+        ratio_serial = f" {ratios[row]['floor_serial']:.2f} |" if "floor_serial" in ratios.get(row, {}) else " |"
         rss = f"{r['rss']:.0f}" if "seconds" in r else ""
         ft = f"{r['finetune_seconds']:.1f}" if r.get("finetune_seconds") is not None else ""
         kl = kl_to_float(r, results["float"])
         print(f"| {ROWS[row]} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} | {agree:.1f} | {kl} | {r['size_mb']:.2f} "
-              f"| {secs} | {ratio} | {ft} | {rss} |")
+              f"| {secs} | {ratio} |{ratio_serial if serial else ''} {ft} | {rss} | {loads.get(row, 0):.1f} |")
+    print(f"\nLoad average (1 min) at the start {start_load:.2f}; after each row in the last column "
+          f"({os.cpu_count()} CPUs). x floor: the row's time over the mean of the floors measured just "
+          "before and after it.")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,17 @@ The budget (default: the CPUs in this process's affinity mask, which is what a c
     benchmarks/kernel_threads.py), and OpenMP waits passively (pyquant.kernels);
   * image decoding overlaps inference in one prefetch thread, with
     ``max(1, budget // 2)`` decoder threads, so that decoding and inference together
-    stay within about 1.5x the budget at their peak.
+    stay within about 1.5x the budget at their peak;
+  * numpy's BLAS (OpenBLAS in numpy's wheels) runs on one thread inside a run: its worker
+    threads spin while they wait, and beside two CPU hogs the pointwise Gram products of
+    fast finetune took 3.2-3.5 s wall with 2 threads against 0.43-0.53 s with one (same
+    bits: OpenBLAS splits a product by output blocks, not along the sum). The callers that
+    have independent products run them in ``kernels`` Python threads instead.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import os
 import threading
@@ -65,6 +71,39 @@ class ThreadBudget:
         return max(1, self.total // 2)
 
 
+def _openblas_controls() -> Optional[tuple]:
+    """(get, set) of the thread count of the OpenBLAS loaded in this process (numpy's), or
+    None (another BLAS, or a platform without /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                return get, put
+    return None
+
+
+_BLAS = _openblas_controls()
+
+
+def set_blas_threads(n: int) -> Optional[int]:
+    """Set numpy's BLAS thread count; returns the previous one (None: not controllable)."""
+    if _BLAS is None:
+        return None
+    previous = int(_BLAS[0]())
+    _BLAS[1](int(n))
+    return previous
+
+
 _lock = threading.Lock()
 _active: Optional[ThreadBudget] = None
 
@@ -84,9 +123,12 @@ def budget(threads: Optional[int] = None) -> Iterator[ThreadBudget]:
         previous, previous_kernels = _active, kernels.get_num_threads()
         _active = chosen
         kernels.set_num_threads(chosen.kernels)
+        previous_blas = set_blas_threads(1)
     try:
         yield chosen
     finally:
         with _lock:
             _active = previous
             kernels.set_num_threads(previous_kernels)
+            if previous_blas is not None:
+                set_blas_threads(previous_blas)

@@ -262,6 +262,21 @@ def test_check_equivalence_names_the_broken_pair():
         cle.check_equivalence(model, eq, [{"x": x}], 1e-3, report.pair_list)
 
 
+@pytest.mark.parametrize("activation_weight", [0.25, 0.0])  # ranges measured in the same pass, or not at all
+def test_equalize_checks_against_the_original_it_observed(activation_weight, monkeypatch):
+    """equalize(check_feeds=1) compares with the outputs it took before rescaling (no copy of
+    the original): a correct transform passes, a transform that changes the function (Clip
+    bounds left unscaled) is named."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 4, 10, 10)).astype(np.float32)
+    options = cle.CLEOptions(activation_weight=activation_weight)
+    report = cle.equalize(inverted_residual(rng), options, [{"x": x}], check_feeds=1)
+    assert report.pairs > 0
+    monkeypatch.setattr(cle, "_rewrite_clips", lambda model, view, pairs: 0)
+    with pytest.raises(ModelError, match="cross-layer equalization"):
+        cle.equalize(inverted_residual(np.random.default_rng(4)), options, [{"x": x}], check_feeds=1)
+
+
 class _Batches:
     def __init__(self, n, size):
         self.batches = [{"x": np.full((size, 1), i, np.float32)} for i in range(n)]

@@ -137,6 +137,79 @@ def test_window_gram_matches_reference(geometry, with_f):
     assert_within(acc[0], 2 * want.qq, 2 * outer(abs_q, abs_q), WINDOW_GRAM_RTOL)
 
 
+def lane_order_sums(patches: np.ndarray):
+    """window_gram's documented float32 order over positions [M, K] (csrc/kernels/window_gram.cc):
+    per block of 512 positions, 16 lanes (position i into lane i % 16), the tail positions
+    summed first, then the lanes in order; each block's sum added in float64."""
+    k = patches.shape[1]
+    gram, total = np.zeros((k, k)), np.zeros(k)
+    for c0 in range(0, patches.shape[0], 512):
+        block = patches[c0:c0 + 512]
+        full = block.shape[0] // 16 * 16
+        lanes_g, lanes_t = np.zeros((16, k, k), np.float32), np.zeros((16, k), np.float32)
+        for i in range(0, full, 16):
+            step = block[i:i + 16]
+            lanes_g += step[:, :, None] * step[:, None, :]
+            lanes_t += step
+        s_g, s_t = np.zeros((k, k), np.float32), np.zeros(k, np.float32)
+        for j in range(full, block.shape[0]):
+            s_g += block[j, :, None] * block[j, None, :]
+            s_t += block[j]
+        for lane in range(16):
+            s_g += lanes_g[lane]
+            s_t += lanes_t[lane]
+        gram += s_g.astype(np.float64)
+        total += s_t.astype(np.float64)
+    return gram, total
+
+
+# (n, c, h, w, groups, kernel, stride, dilation, pads): blocks of 512 with tails, K = 25, 27
+# and 18 (tiles of 4 and 2 with remainders), 1 and 4
+ORDER_GEOMETRIES = {
+    "depthwise 5x5, 3 images (all images of a group together)": (3, 8, 23, 23, 8, 5, 1, 1, (2, 2, 2, 2)),
+    "full 3x3 (per-image partials)": (2, 3, 30, 31, 1, 3, 1, 1, (1, 1, 1, 1)),
+    "2 groups stride 2": (3, 4, 21, 20, 2, 3, 2, 1, (1, 0, 1, 1)),
+    "one channel 1x1 kernel stride 2": (1, 1, 9, 9, 1, 1, 2, 1, (0, 0, 0, 0)),
+    "depthwise 2x2 kernel": (2, 4, 5, 5, 4, 2, 1, 1, (0, 0, 0, 0)),
+}
+
+
+@pytest.mark.parametrize("geometry", ORDER_GEOMETRIES)
+def test_window_gram_without_f_sums_in_its_documented_order(geometry, restore_isa):
+    """Bit for bit (every ISA level): the tiled accumulation computes each pair's sum in the
+    order of the one-pair dot product it replaced, so Grams, and fast finetune, are unchanged."""
+    n, c, h, w, groups, k, stride, dilation, pads = ORDER_GEOMETRIES[geometry]
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    q[q < -1] = 0  # a ReLU-like share of zeros
+    geo = ((k, k), (stride, stride), (dilation, dilation), pads)
+    patches = reference.im2col(q, groups, *geo).astype(np.float32)  # [g, n * m, K], exact
+    kk = patches.shape[2]
+    m = patches.shape[1] // n
+    want_g, want_t = np.zeros((groups, kk, kk)), np.zeros((groups, kk))
+    for gi in range(groups):
+        if groups >= 4:  # a group's patches of all images as one sequence
+            want_g[gi], want_t[gi] = lane_order_sums(patches[gi])
+        else:  # per image, the images' float64 partial sums added in image order
+            for img in range(n):
+                g_img, t_img = lane_order_sums(patches[gi, img * m:(img + 1) * m])
+                want_g[gi] += g_img
+                want_t[gi] += t_img
+    for level in kernels.supported_isas():
+        kernels.set_isa(level)
+        acc = accumulators(groups, kk, False)
+        kernels.window_gram(q, None, groups, *geo, *acc)
+        np.testing.assert_array_equal(acc[0], want_g, err_msg=level)
+        np.testing.assert_array_equal(acc[3], want_t, err_msg=level)
+
+
+@pytest.fixture
+def restore_isa():
+    before = kernels.isa()
+    yield
+    kernels.set_isa(before)
+
+
 @pytest.mark.parametrize("geometry", [g for g in GEOMETRIES if "1e6" not in g])
 def test_reference_im2col_reproduces_the_convolution(geometry):
     """The reference's patches times a weight give onnxruntime's Conv output."""

@@ -10,6 +10,9 @@ namespace pyquant {
 namespace {
 
 // Patches of one image and one group as rows: p[k * stride + pos], k = (channel, i, j).
+// For each kernel column j the output columns whose input column lies inside the image
+// are one range [lo, hi): zeros left and right of it, a copy (or a strided gather) inside;
+// no bounds test per value.
 void fill_patches(const float* x, int64_t h, int64_t w, int64_t cg, const ConvGeometry& g, float* p,
                   int64_t stride) {
   const int64_t m = stride;
@@ -19,6 +22,10 @@ void fill_patches(const float* x, int64_t h, int64_t w, int64_t cg, const ConvGe
     for (int64_t i = 0; i < g.kh; ++i) {
       for (int64_t j = 0; j < g.kw; ++j, ++k) {
         float* row = p + k * m;
+        // input column of output column ox: ox * stride_w + shift, inside when 0 <= . < w
+        const int64_t shift = j * g.dil_w - g.pad_left;
+        const int64_t lo = std::min(g.out_w, shift >= 0 ? 0 : (-shift + g.stride_w - 1) / g.stride_w);
+        const int64_t hi = std::max(lo, std::min(g.out_w, w - shift <= 0 ? 0 : (w - shift - 1) / g.stride_w + 1));
         for (int64_t oy = 0; oy < g.out_h; ++oy) {
           const int64_t y = oy * g.stride_h + i * g.dil_h - g.pad_top;
           float* out = row + oy * g.out_w;
@@ -27,10 +34,13 @@ void fill_patches(const float* x, int64_t h, int64_t w, int64_t cg, const ConvGe
             continue;
           }
           const float* src = plane + y * w;
-          for (int64_t ox = 0; ox < g.out_w; ++ox) {
-            const int64_t xx = ox * g.stride_w + j * g.dil_w - g.pad_left;
-            out[ox] = (xx >= 0 && xx < w) ? src[xx] : 0.0f;
+          std::fill(out, out + lo, 0.0f);
+          if (g.stride_w == 1) {
+            std::copy(src + (lo + shift), src + (hi + shift), out + lo);
+          } else {
+            for (int64_t ox = lo; ox < hi; ++ox) out[ox] = src[ox * g.stride_w + shift];
           }
+          std::fill(out + hi, out + g.out_w, 0.0f);
         }
       }
     }
@@ -76,8 +86,9 @@ constexpr int64_t kGroupParallelMinGroups = 4;
 constexpr int64_t kBlock = 512;
 
 // Adds one image's patches of one group (pq, pf: [K, m]) to the accumulators. Without float
-// patches (pf null) only qq and sq are touched; qf, ff and sf may then be null.
-PYQUANT_INLINE void accumulate_body(const float* pq, const float* pf, int64_t K, int64_t m, double* qq, double* qf,
+// patches (pf null) only qq and sq are touched; qf, ff and sf may then be null (the tiled
+// accumulate_q below computes that case, in the same order).
+PYQUANT_INLINE void accumulate_qf_body(const float* pq, const float* pf, int64_t K, int64_t m, double* qq, double* qf,
                                     double* ff, double* sq, double* sf) {
   for (int64_t c0 = 0; c0 < m; c0 += kBlock) {
     const int64_t len = std::min(kBlock, m - c0);
@@ -103,10 +114,109 @@ PYQUANT_INLINE void accumulate_body(const float* pq, const float* pf, int64_t K,
   }
 }
 
-PYQUANT_CLONES(void, accumulate,
+PYQUANT_CLONES(void, accumulate_qf,
                (const float* pq, const float* pf, int64_t K, int64_t m, double* qq, double* qf, double* ff,
                 double* sq, double* sf),
                (pq, pf, K, m, qq, qf, ff, sq, sf))
+
+// Without float patches: the same sums as accumulate_body (each pair's dot product in the
+// same order: 16 float lanes over the block, the tail, then the lanes in order; one double
+// add per block), computed for a tile of T x T pairs at a time. The 16 lanes of a pair are
+// one vector (one AVX-512 register; two AVX2 or four SSE registers) and the tile's rows are
+// loaded once per step for all its pairs, instead of two loads per pair and step: the
+// one-pair loop was bound by loads. A diagonal tile computes its upper triangle only.
+typedef float Lanes __attribute__((vector_size(64)));
+
+PYQUANT_INLINE Lanes load_lanes(const float* p) {
+  Lanes v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <int R, int C, bool kDiagonal>
+PYQUANT_INLINE void tile_sums(const float* pq, int64_t m, int64_t len, int64_t a0, int64_t b0, int64_t K,
+                              double* qq) {
+  Lanes acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Lanes{};
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    Lanes x[R], y[C];
+    for (int r = 0; r < R; ++r) x[r] = load_lanes(pq + (a0 + r) * m + i);
+    for (int c = 0; c < C; ++c) y[c] = kDiagonal ? x[c] : load_lanes(pq + (b0 + c) * m + i);
+    for (int r = 0; r < R; ++r)
+      for (int c = kDiagonal ? r : 0; c < C; ++c) acc[r][c] += x[r] * y[c];
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = kDiagonal ? r : 0; c < C; ++c) {
+      const int64_t a = a0 + r, b = b0 + c;
+      const float* qa = pq + a * m;
+      const float* qb = pq + b * m;
+      float s = 0.0f;
+      for (int64_t j = i; j < len; ++j) s += qa[j] * qb[j];
+      for (int l = 0; l < 16; ++l) s += acc[r][c][l];
+      const double v = s;
+      qq[a * K + b] += v;
+      if (b > a) qq[b * K + a] += v;
+    }
+  }
+}
+
+// Rows [a0, a0 + R) against rows [b0, K) in tiles of C; b0 == a0 starts with the diagonal tile.
+template <int T, int R>
+PYQUANT_INLINE void tile_row(const float* pq, int64_t m, int64_t len, int64_t a0, int64_t K, double* qq) {
+  tile_sums<R, R, true>(pq, m, len, a0, a0, K, qq);
+  int64_t b0 = a0 + R;
+  for (; b0 + T <= K; b0 += T) tile_sums<R, T, false>(pq, m, len, a0, b0, K, qq);
+  switch (K - b0) {  // 0 <= K - b0 < T <= 4
+    case 3: tile_sums<R, 3, false>(pq, m, len, a0, b0, K, qq); break;
+    case 2: tile_sums<R, 2, false>(pq, m, len, a0, b0, K, qq); break;
+    case 1: tile_sums<R, 1, false>(pq, m, len, a0, b0, K, qq); break;
+    default: break;
+  }
+}
+
+template <int T>
+PYQUANT_INLINE void accumulate_tiled_body(const float* pq, int64_t K, int64_t m, double* qq, double* sq) {
+  static_assert(T >= 1 && T <= 4, "tiles of up to 4 x 4 pairs");
+  for (int64_t c0 = 0; c0 < m; c0 += kBlock) {
+    const int64_t len = std::min(kBlock, m - c0);
+    const float* block = pq + c0;
+    for (int64_t a = 0; a < K; ++a) sq[a] += total(block + a * m, len);
+    int64_t a0 = 0;
+    for (; a0 + T <= K; a0 += T) tile_row<T, T>(block, m, len, a0, K, qq);
+    switch (K - a0) {
+      case 3: tile_row<T, 3>(block, m, len, a0, K, qq); break;
+      case 2: tile_row<T, 2>(block, m, len, a0, K, qq); break;
+      case 1: tile_row<T, 1>(block, m, len, a0, K, qq); break;
+      default: break;
+    }
+  }
+}
+
+// Tiles of 4 x 4 pairs fill 16 of AVX-512's 32 registers; AVX2 and SSE hold a pair's lanes
+// in 2 and 4 of their 16 registers, so 2 x 2.
+PYQUANT_TARGET_AVX512 void accumulate_q_avx512(const float* pq, int64_t K, int64_t m, double* qq, double* sq) {
+  accumulate_tiled_body<4>(pq, K, m, qq, sq);
+}
+PYQUANT_TARGET_AVX2 void accumulate_q_avx2(const float* pq, int64_t K, int64_t m, double* qq, double* sq) {
+  accumulate_tiled_body<2>(pq, K, m, qq, sq);
+}
+void accumulate_q_baseline(const float* pq, int64_t K, int64_t m, double* qq, double* sq) {
+  accumulate_tiled_body<2>(pq, K, m, qq, sq);
+}
+
+void accumulate(const float* pq, const float* pf, int64_t K, int64_t m, double* qq, double* qf, double* ff,
+                double* sq, double* sf) {
+  if (pf == nullptr) {
+    switch (::pyquant::active_isa()) {
+      case Isa::Avx512: return accumulate_q_avx512(pq, K, m, qq, sq);
+      case Isa::Avx2: return accumulate_q_avx2(pq, K, m, qq, sq);
+      default: return accumulate_q_baseline(pq, K, m, qq, sq);
+    }
+  }
+  accumulate_qf(pq, pf, K, m, qq, qf, ff, sq, sf);
+}
 
 // Where one group's sums live in a block of doubles: qq [K, K] and sum_q [K], then with
 // float inputs qf [K, K], ff [K, K] and sum_f [K].

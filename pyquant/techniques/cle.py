@@ -32,16 +32,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+import onnx
 from onnx import ModelProto, NodeProto, helper
 
 from .. import kernels
 from ..config import CLE_MAX_SCALE, CLEOptions
 from ..errors import ModelError
 from ..graph.view import GraphView, attribute
-from ..runtime import make_session, tensors_over
+from ..runtime import make_session
 from .base import QuantState, Stage, Technique
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ class CLEReport:
     max_scale_change: float  # of the last sweep
     rewritten_clips: int
     skipped: Dict[str, str]
+
+    def summary(self) -> str:
+        return (f"{self.pairs} pairs equalized in {self.sweeps} sweeps (last max scale change "
+                f"{self.max_scale_change:.2g}), {self.rewritten_clips} Clip rewritten, {len(self.skipped)} layers left alone")
 
 
 # ---- weight views -------------------------------------------------------------------
@@ -225,40 +230,80 @@ def measure_activation_ranges(model: ModelProto, pairs: Sequence[Pair],
                               feeds: Sequence[Dict[str, np.ndarray]]) -> None:
     """Set each pair's activation_range: per channel max |x| of the tensor its second layer
     reads, over ``feeds``, with the model as it is now (before any rescaling)."""
-    names = list(dict.fromkeys(p.second.input[0] for p in pairs))
-    if not names or not feeds:
-        return
-    ranges: Dict[str, np.ndarray] = {}
-    for values in tensors_over(model, names, feeds):
-        for name, value in zip(names, values):
-            value = np.ascontiguousarray(value, dtype=np.float32)
+    _observe(model, pairs, feeds, ranges=True, check=0, probes=False)
+
+
+def _observe(model: ModelProto, pairs: Sequence[Pair], feeds: Sequence[Dict[str, np.ndarray]], ranges: bool,
+             check: int, probes: bool) -> List[Dict[str, np.ndarray]]:
+    """One session of ``model`` over ``feeds`` (only the first ``check`` of them without
+    ``ranges``): with ``ranges``, each pair's activation_range; returned, for each of the
+    first ``check`` feeds, the model's outputs, and with ``probes`` each pair's second
+    layer's output too. The session's extra outputs are the range tensors (and the probes):
+    the same session, hence the same bits, as a range measurement alone."""
+    names = list(dict.fromkeys(p.second.input[0] for p in pairs)) if ranges else []
+    extra = list(dict.fromkeys(names + ([p.second.output[0] for p in pairs] if probes else [])))
+    compared = list(dict.fromkeys([o.name for o in model.graph.output] + extra[len(names):]))
+    feeds = list(feeds) if ranges else list(feeds)[:check]
+    if not feeds or not (names or check):
+        return []
+    session = make_session(model, extra)
+    found: Dict[str, np.ndarray] = {}
+    kept: List[Dict[str, np.ndarray]] = []
+    for index, feed in enumerate(feeds):
+        fetch = list(dict.fromkeys(names + compared)) if index < check else names
+        values = dict(zip(fetch, session.run(fetch, feed)))
+        if index < check:
+            kept.append({name: values[name] for name in compared})
+        for name in names:
+            value = np.ascontiguousarray(values[name], dtype=np.float32)
             # channel axis 1 of [N, C, ...]: the kernel's view [1, N, C, rest]
             m = kernels.channel_abs_max(value.reshape(1, value.shape[0], value.shape[1], -1))
-            ranges[name] = np.maximum(ranges[name], m) if name in ranges else m
-    for pair in pairs:
-        pair.activation_range = ranges[pair.second.input[0]].astype(np.float64)
+            found[name] = np.maximum(found[name], m) if name in found else m
+        values = value = None  # one batch of activations alive at a time
+    if ranges:
+        for pair in pairs:
+            pair.activation_range = found[pair.second.input[0]].astype(np.float64)
+    return kept
 
 
-def _equalize_pair(view: GraphView, pair: Pair, scale_append_bias: bool, activation_weight: float) -> float:
+class _Initializers:
+    """The pairs' weights and biases as float32 arrays while the sweeps run, written into the
+    model once at the end: converting every tensor to and from its TensorProto at each step
+    of each sweep cost more than the arithmetic (the values are the same either way)."""
+
+    def __init__(self, view: GraphView) -> None:
+        self.view = view
+        self.arrays: Dict[str, np.ndarray] = {}
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.arrays:
+            self.arrays[name] = np.ascontiguousarray(self.view.constant_value(name).astype(np.float32))
+        return self.arrays[name]
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        self.arrays[name] = value
+
+    def write(self) -> None:
+        for name, value in self.arrays.items():
+            self.view.replace_initializer(name, value)
+
+
+def _equalize_pair(tensors: _Initializers, pair: Pair, scale_append_bias: bool, activation_weight: float) -> float:
     """One equalization of a pair in place; returns max |s - 1| of this step."""
-    w1 = view.constant_value(pair.first.input[1]).astype(np.float32)
-    w2 = view.constant_value(pair.second.input[1]).astype(np.float32)
+    w1 = tensors.get(pair.first.input[1])
+    w2 = tensors.get(pair.second.input[1])
     has_bias = len(pair.first.input) > 2 and pair.first.input[2]
-    b1 = view.constant_value(pair.first.input[2]).astype(np.float32) if has_bias else None
+    b1 = tensors.get(pair.first.input[2]) if has_bias else None
     r1 = kernels.channel_abs_max(_output_view(pair.first, w1))
     if scale_append_bias and b1 is not None:
         r1 = np.maximum(r1, np.abs(b1))
     r2 = kernels.channel_abs_max(_input_view(pair.second, w2))
     act = pair.activation_range
     s = kernels.equalization_scales(r1, r2, MAX_SCALE, act, activation_weight)  # act None: weights only
-    w1 = np.ascontiguousarray(w1)
-    w2 = np.ascontiguousarray(w2)
     kernels.scale_channels(_output_view(pair.first, w1), s, divide=True)
     kernels.scale_channels(_input_view(pair.second, w2), s, divide=False)
-    view.replace_initializer(pair.first.input[1], w1)
-    view.replace_initializer(pair.second.input[1], w2)
     if b1 is not None:
-        view.replace_initializer(pair.first.input[2], (b1 / s).astype(np.float32))
+        tensors.set(pair.first.input[2], (b1 / s).astype(np.float32))
     pair.total_scale = (pair.total_scale * s).astype(np.float32)
     if act is not None:
         pair.activation_range = act / s
@@ -281,28 +326,39 @@ def _own_weights(model: ModelProto, view: GraphView, pairs: Sequence[Pair]) -> N
 
 
 def equalize(model: ModelProto, options: CLEOptions = CLEOptions(),
-             feeds: Sequence[Dict[str, np.ndarray]] = ()) -> CLEReport:
+             feeds: Sequence[Dict[str, np.ndarray]] = (), check_feeds: int = 0) -> CLEReport:
     """Cross-layer equalize ``model`` in place (run after BatchNormalization folding).
     ``feeds``: calibration batches for activation-aware scales (without them, or with
-    activation_weight 0, the scales depend on the weights only)."""
+    activation_weight 0, the scales depend on the weights only). ``check_feeds`` > 0: the
+    equalized model must reproduce the original's outputs on that many of ``feeds``
+    (check_equivalence, EQUIVALENCE_RTOL); the original's outputs are taken in the same
+    inference pass as the activation ranges, so no copy of the original is needed."""
     pairs, skipped = find_pairs(model)
     view = GraphView(model)
     _own_weights(model, view, pairs)
     if options.replace_clip_with_relu:
         _replace_clips_with_relu(model, pairs)
-    if options.activation_weight > 0 and feeds:
-        measure_activation_ranges(model, pairs, feeds)
+    # The original's outputs on the checked feeds come from the range pass; its serialized
+    # form is kept only to name the pair that broke, should the check fail.
+    original = model.SerializeToString() if check_feeds and feeds else None
+    expected = _observe(model, pairs, feeds, ranges=options.activation_weight > 0, check=check_feeds, probes=False)
     change, sweeps = 0.0, 0
+    tensors = _Initializers(view)
     for sweeps in range(1, options.steps + 1):
-        change = max((_equalize_pair(view, p, options.scale_append_bias, options.activation_weight)
+        change = max((_equalize_pair(tensors, p, options.scale_append_bias, options.activation_weight)
                       for p in pairs), default=0.0)
         if change <= options.tolerance:
             break
+    tensors.write()
     rewritten = 0 if options.replace_clip_with_relu else _rewrite_clips(model, view, pairs)
     for name, reason in skipped.items():
         log.info("CLE leaves %s alone: %s", name, reason)
     log.info("CLE: %d pairs, %d sweeps (last max scale change %.2g), %d Clip rewritten", len(pairs), sweeps,
              change, rewritten)
+    if expected:
+        _compare(expected, model, feeds[:len(expected)], EQUIVALENCE_RTOL, pairs,
+                 lambda: _observe(onnx.load_from_string(original), pairs, feeds, ranges=False,
+                                  check=len(expected), probes=True))
     return CLEReport(pairs, len(pairs), sweeps, change, rewritten, skipped)
 
 
@@ -315,17 +371,28 @@ def check_equivalence(original: ModelProto, equalized: ModelProto, feeds: Sequen
     """Largest relative difference between the outputs of the two float models on ``feeds``.
     Above ``rtol``: ModelError naming the first pair whose second layer's output differs
     (each pair's second layer must reproduce its original output exactly)."""
+    expected = _observe(original, pairs, feeds, ranges=False, check=len(feeds), probes=True)
+    return _compare(expected, equalized, feeds, rtol, pairs, lambda: expected)
+
+
+def _compare(expected: Sequence[Dict[str, np.ndarray]], equalized: ModelProto,
+             feeds: Sequence[Dict[str, np.ndarray]], rtol: float, pairs: Sequence[Pair],
+             original_probes: Callable[[], Sequence[Dict[str, np.ndarray]]]) -> float:
+    """check_equivalence against the original's outputs ``expected`` (from _observe);
+    ``original_probes()`` gives them with the pairs' outputs, to name a pair that broke."""
     probes = [p.second.output[0] for p in pairs]
-    a, b = make_session(original, probes), make_session(equalized, probes)
-    names = [o.name for o in a.get_outputs()]
-    final = [o.name for o in original.graph.output]
+    session = make_session(equalized, probes)
+    final = [o.name for o in equalized.graph.output]
     worst = 0.0
-    for feed in feeds:
-        results = dict(zip(names, zip(a.run(names, feed), b.run(names, feed))))
-        errors = {name: _relative_error(*results[name]) for name in final}
+    for index, (want, feed) in enumerate(zip(expected, feeds)):
+        names = list(want)
+        errors = {name: _relative_error(want[name], got)
+                  for name, got in zip(names, session.run(names, feed)) if name in final}
         worst = max([worst, *errors.values()])
         if worst <= rtol:
             continue
+        want = original_probes()[index]
+        results = {name: (want[name], got) for name, got in zip(probes, session.run(probes, feed))}
         for pair, probe in zip(pairs, probes):
             if not _relative_error(*results[probe]) <= rtol:
                 raise ModelError(f"cross-layer equalization of {pair.describe()} changed its output by "
@@ -354,11 +421,5 @@ class CrossLayerEqualization(Technique):
         return self.options.activation_samples
 
     def apply(self, state: QuantState) -> None:
-        original = ModelProto()  # the function CLE must preserve
-        original.CopyFrom(state.model)
-        if self.options.replace_clip_with_relu:
-            replace_clips_with_relu(original)
-        report = equalize(state.model, self.options, state.samples)
-        if state.samples:  # on a real batch, before any statistics are taken
-            check_equivalence(original, state.model, state.samples[:1], EQUIVALENCE_RTOL, report.pair_list)
-        state.reports[self.name] = report
+        # checked on a real batch, before any statistics are taken
+        state.reports[self.name] = equalize(state.model, self.options, state.samples, check_feeds=1)

@@ -23,12 +23,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from onnx import ModelProto
 
-from ... import kernels
+from ... import kernels, threads
 from ...config import FastFinetuneOptions, FinetuneAlgorithm, QuantConfig
 from ...errors import DataError
 from ...graph.plan import QuantPlan
@@ -131,25 +132,36 @@ def _collect(qmodel, plan, layers, reader, options, report, progress) -> Dict[st
     if options.data_batches is not None and total is not None:
         total = min(total, options.data_batches)
     samples = batches = 0
-    for feed in prefetch(reader):
-        t0 = time.perf_counter()
-        values = dict(zip(fetch, runner.run(feed))) if runner else {}
-        for n in names:
-            if n in graph_inputs:
-                values[n] = np.asarray(feed[n], dtype=np.float32)
-        t1 = time.perf_counter()
-        for layer in layers:
-            accumulators[layer.name].update_layer(layer, values[source_of[layer.name]])
-        report.seconds_inference += t1 - t0
-        report.seconds_gram += time.perf_counter() - t1
-        del values
-        samples += batch_samples(feed)
-        batches += 1
-        if progress is not None:
-            progress(batches, total)
-        if (options.data_size is not None and samples >= options.data_size) or \
-                (options.data_batches is not None and batches >= options.data_batches):
-            break
+    # Dense and pointwise layers (numpy products on one BLAS thread, pyquant.threads) run
+    # side by side in the kernels' share of threads; window Grams are parallel inside.
+    dense = [layer for layer in layers if layer.kernel is None or layer.is_pointwise]
+    windowed = [layer for layer in layers if not (layer.kernel is None or layer.is_pointwise)]
+    pool = ThreadPoolExecutor(max_workers=threads.current().kernels, thread_name_prefix="pyquant-gram")
+    try:
+        for feed in prefetch(reader):
+            t0 = time.perf_counter()
+            values = dict(zip(fetch, runner.run(feed))) if runner else {}
+            for n in names:
+                if n in graph_inputs:
+                    values[n] = np.asarray(feed[n], dtype=np.float32)
+            t1 = time.perf_counter()
+            for done in [pool.submit(accumulators[layer.name].update_layer, layer, values[source_of[layer.name]])
+                         for layer in dense]:
+                done.result()
+            for layer in windowed:
+                accumulators[layer.name].update_layer(layer, values[source_of[layer.name]])
+            report.seconds_inference += t1 - t0
+            report.seconds_gram += time.perf_counter() - t1
+            del values
+            samples += batch_samples(feed)
+            batches += 1
+            if progress is not None:
+                progress(batches, total)
+            if (options.data_size is not None and samples >= options.data_size) or \
+                    (options.data_batches is not None and batches >= options.data_batches):
+                break
+    finally:
+        pool.shutdown()
     if samples == 0:
         raise DataError("the calibration data reader produced no batch after rewind()")
     report.samples = samples
@@ -180,7 +192,7 @@ def _fit_layer(layer: LinearLayer, use, acc: GramAccumulator, view: GraphView, f
 
     def relative_error(qq: np.ndarray) -> float:
         wt = scale[..., None] * qq
-        e = np.einsum("grk,grk->gr", wt, np.einsum("grk,gkj->grj", wt, a) - 2 * target) + const
+        e = np.einsum("grk,grk->gr", wt, np.matmul(wt, a) - 2 * target) + const  # (reported only)
         return float(max(e.sum(), 0.0) / max(const.sum(), 1e-30))
 
     if layer.bias_input is not None:
