@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +76,18 @@ def ray_local():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local instance: no token needed
     started = not ray.is_initialized()
     if started:
-        # address="local": a new instance of its own, even beside a cluster started with ray start
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        # address="local": a new instance of its own, even beside a cluster started with ray start.
+        # Started from a temporary folder: Ray's workers run in the driver's working directory
+        # with it on their path, and from a source checkout (CI runs pytest in the clone) they
+        # would import the uncompiled pyquant/ there instead of the installed package.
+        here, elsewhere = os.getcwd(), tempfile.mkdtemp(prefix="pyquant-ray-")
+        os.chdir(elsewhere)
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        finally:
+            os.chdir(here)
     yield ray
     if started:
         ray.shutdown()
+        shutil.rmtree(elsewhere, ignore_errors=True)
