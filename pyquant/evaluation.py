@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from onnx import ModelProto
@@ -60,13 +60,11 @@ def evaluate(model: Union[ModelProto, os.PathLike, str], reader, provider: str =
             break
         images, labels = item
         logits = session.run(None, {input_name: images})[0]
-        if logits.ndim != 2:
-            raise DataError(f"model output has shape {logits.shape}; evaluation needs [N, classes] logits")
-        top5 = np.argsort(-logits, axis=1)[:, :5]
-        correct1 += int((top5[:, 0] == labels).sum())
-        correct5 += int((top5 == labels[:, None]).any(axis=1).sum())
+        top1, hits1, hits5 = top5_hits(logits, labels)
+        correct1 += hits1
+        correct5 += hits5
         n += len(labels)
-        predictions.append(top5[:, 0])
+        predictions.append(top1)
         if keep_logits:
             kept.append(np.asarray(logits, dtype=np.float32))
         batches += 1
@@ -88,6 +86,14 @@ def evaluate_npu_sim(model: Union[ModelProto, os.PathLike, str], reader, generat
     emulation = emulate(proto, generation, rounding)
     result = evaluate(emulation.model, reader, progress=progress, keep_logits=keep_logits)
     return dataclasses.replace(result, size_mb=model_size_mb(model), provider=emulation.describe())
+
+
+def top5_hits(logits: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, int, int]:
+    """(top-1 class per sample, top-1 hits, top-5 hits) of a batch of [N, classes] logits."""
+    if logits.ndim != 2:
+        raise DataError(f"model output has shape {logits.shape}; evaluation needs [N, classes] logits")
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    return top5[:, 0], int((top5[:, 0] == labels).sum()), int((top5 == labels[:, None]).any(axis=1).sum())
 
 
 def agreement(a: Sequence[int], b: Sequence[int]) -> float:

@@ -24,6 +24,7 @@ from onnx import ModelProto
 
 from .errors import ConfigError, DataError
 from .graph.model_io import write_text_atomic
+from .graph.view import node_name
 from .runtime import Feed, make_session
 
 # A way to run the network: a feed in, the values of the tensors it knows out.
@@ -206,8 +207,8 @@ class LayerReport:
             [f"{s} cosine" for s in self.series] + extra + ["notes"]
         parts = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
         for r in rows:
-            cells = [str(r.position)] + [f"<td class='l'>{html.escape(x)}</td>" for x in (r.tensor, r.node, r.op_type)]
-            cells = [f"<td>{cells[0]}</td>"] + cells[1:]
+            cells = [f"<td>{r.position}</td>"]
+            cells += [f"<td class='l'>{html.escape(x)}</td>" for x in (r.tensor, r.node, r.op_type)]
             cells += [f"<td>{_fmt(r.metric(s))}</td>" for s in self.series]
             cells += [f"<td>{_fmt(r.metric(s, 'cosine'))}</td>" for s in self.series]
             cells += [f"<td>{_fmt(r.values.get(k, math.nan))}</td>" for k in extra]
@@ -226,7 +227,7 @@ def topological_tensors(model: ModelProto) -> List[Tuple[str, str, str]]:
     for node in model.graph.node:
         for name in node.output:
             if name:
-                out.append((name, node.name or f"{node.op_type}({node.output[0]})", node.op_type))
+                out.append((name, node_name(node), node.op_type))
     return out
 
 

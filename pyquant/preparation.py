@@ -35,7 +35,7 @@ from .graph.rewrites.constants import constants_to_initializers
 from .graph.rewrites.opset import MIN_OPSET, upgrade_opset
 from .graph.subgraphs import BRANCHES, CONTROL_FLOW_OPS, InlinedBranch, flatten_taken_branches
 from .graph.validate import check_definitions, check_not_quantized
-from .graph.view import GraphView
+from .graph.view import GraphView, node_name
 from .runtime import Feed, check_feed, make_session
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def prepare_graph(model: ModelProto, feeds: Sequence[Feed] = (), min_opset: int 
     left: Dict[str, str] = {}
     if any(n.op_type in CONTROL_FLOW_OPS for n in prepared.graph.node):
         if feed is None:
-            left = {n.name or n.op_type: "no calibration batch to choose its branch"
+            left = {node_name(n): "no calibration batch to choose its branch"
                     for n in prepared.graph.node if n.op_type in CONTROL_FLOW_OPS}
         else:
             prepared, inlined, left = flatten_taken_branches(prepared, feed,

@@ -24,7 +24,7 @@ from .calibrate.sharded import ShardedCalibration
 from .datasource import DataSource, shard_ranges
 from .distributed import LocalExecutor, resolve_shared
 from .errors import DataError
-from .evaluation import model_size_mb
+from .evaluation import model_size_mb, top5_hits
 from .graph.model_io import check_output_path, load_model, save_model
 from .pipeline import QuantizeResult, quantize_model
 from .runtime import make_provider_session
@@ -76,14 +76,11 @@ def evaluate_shard(model_bytes, source: DataSource, start: int, stop: int,
             if item is None:
                 break
             images, labels = item
-            logits = session.run(None, {input_name: images})[0]
-            if logits.ndim != 2:
-                raise DataError(f"model output has shape {logits.shape}; evaluation needs [N, classes] logits")
-            top5 = np.argsort(-logits, axis=1)[:, :5]  # as pyquant.evaluation.evaluate
-            correct1 += int((top5[:, 0] == labels).sum())
-            correct5 += int((top5 == labels[:, None]).any(axis=1).sum())
+            top1, hits1, hits5 = top5_hits(session.run(None, {input_name: images})[0], labels)
+            correct1 += hits1
+            correct5 += hits5
             n += len(labels)
-            predictions.append(top5[:, 0])
+            predictions.append(top1)
     return correct1, correct5, n, np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
 
 

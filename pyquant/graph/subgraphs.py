@@ -27,7 +27,7 @@ from onnx import GraphProto, ModelProto, NodeProto, helper
 
 from ..errors import ModelError
 from ..runtime import Feed, check_feed, make_session
-from .view import node_reads, outer_references, subgraphs
+from .view import node_name, node_reads, outer_references, subgraphs
 
 CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
 BRANCHES = {True: "then_branch", False: "else_branch"}
@@ -47,7 +47,7 @@ class InlinedBranch:
 
     @property
     def name(self) -> str:
-        return self.node.name or f"If({self.node.output[0]})"
+        return node_name(self.node)
 
     @property
     def cond(self) -> str:
@@ -169,15 +169,14 @@ def flatten_taken_branches(model: ModelProto, feed: Feed, keep: Iterable[str] = 
     left: Dict[str, str] = {}
     for _ in range(MAX_NESTING):
         candidates = [(i, n) for i, n in enumerate(flat.graph.node)
-                      if n.op_type == "If" and (n.name or f"If({n.output[0]})") not in keep
-                      and (n.name or f"If({n.output[0]})") not in left]
+                      if n.op_type == "If" and node_name(n) not in keep and node_name(n) not in left]
         if not candidates:
             break
         values = _conditions(flat, [n.input[0] for _, n in candidates], feed)
         chosen = []
         for (i, n), v in zip(candidates, values):
             v = np.asarray(v)
-            name = n.name or f"If({n.output[0]})"
+            name = node_name(n)
             if v.size != 1:
                 left[name] = f"its condition has {v.size} values"
                 continue
@@ -185,7 +184,7 @@ def flatten_taken_branches(model: ModelProto, feed: Feed, keep: Iterable[str] = 
         for i, v in sorted(chosen, reverse=True):  # from the back: the indices before stay valid
             inlined.append(inline_branch(flat, i, v))
     for n in flat.graph.node:
-        name = n.name or f"{n.op_type}({n.output[0]})"
+        name = node_name(n)
         if n.op_type in CONTROL_FLOW_OPS and name not in left:
             left[name] = ("excluded by the configuration" if name in keep else
                           f"{n.op_type} bodies run once per iteration; their tensors cannot be calibrated")

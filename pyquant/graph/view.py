@@ -72,7 +72,7 @@ class GraphView:
         return None
 
     def node_name(self, node: NodeProto) -> str:
-        return node.name or f"{node.op_type}({node.output[0]})"
+        return node_name(node)
 
     def replace_initializer(self, name: str, array: np.ndarray) -> None:
         new = numpy_helper.from_array(array, name)
@@ -105,6 +105,11 @@ def image_input(model: ModelProto) -> ImageInput:
         raise ModelError(f"input {name!r} has rank {len(dims)}; image data needs [N, C, H, W] or [N, H, W, C]")
     layout = "NHWC" if dims[3] == 3 and dims[1] != 3 else "NCHW"
     return ImageInput(name, layout, dims[2] if layout == "NCHW" else dims[1])
+
+
+def node_name(node: NodeProto) -> str:
+    """A node's name in messages and reports: its own, or ``OpType(first output)``."""
+    return node.name or f"{node.op_type}({node.output[0]})"
 
 
 def subgraphs(node: NodeProto) -> List[onnx.GraphProto]:

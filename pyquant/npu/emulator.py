@@ -38,7 +38,7 @@ import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import ModelError
-from ..graph.view import attribute
+from ..graph.view import attribute, node_name
 from .rules import NpuRules, Rounding, generation as generation_rules
 
 F64 = TensorProto.DOUBLE
@@ -366,7 +366,7 @@ class _Rewriter:
 
     def in_float(self, node: NodeProto, why: str) -> None:
         """The node as in the QDQ model, its float inputs cast down and outputs cast up."""
-        self.float_nodes[node.name or f"{node.op_type}({node.output[0]})"] = why
+        self.float_nodes[node_name(node)] = why
         inputs = [self.tmp("Cast", [self.f64(n)], "f32", to=TensorProto.FLOAT)
                   if self.is_float(n) and n not in self.inits else n for n in node.input]
         outputs = []
