@@ -143,6 +143,21 @@ def test_window_gram_matches_im2col(c, o, groups, kernel, stride, pad, dilation)
         np.testing.assert_allclose(getattr(fast, name), getattr(slow, name), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("groups,m,k", [(1, 300, 37), (1, 1, 5), (1, 0, 4), (3, 50, 9)])
+def test_gram_accumulator_sums_patch_products_in_float64(groups, m, k):
+    rng = np.random.default_rng(4)
+    batches = [rng.standard_normal((groups, m, k)).astype(np.float32) * scale for scale in (1.0, 1e3)]
+    acc = GramAccumulator(groups, k)
+    for pq in batches:
+        acc.update(pq)
+    want = sum(np.einsum("gmi,gmj->gij", pq.astype(np.float64), pq.astype(np.float64)) for pq in batches)
+    # float32 products of each batch: errors relative to the largest entry (cancellation)
+    np.testing.assert_allclose(acc.qq, want, rtol=0, atol=1e-5 * max(np.abs(want).max(), 1.0))
+    np.testing.assert_array_equal(acc.qq, acc.qq.transpose(0, 2, 1))  # both triangles written
+    np.testing.assert_allclose(acc.sum_q, sum(pq.sum(axis=1, dtype=np.float64) for pq in batches), rtol=1e-6)
+    assert acc.count == 2 * m
+
+
 def test_im2col_patches_reproduce_the_convolution():
     layer = conv_layer(8, 8, 8, 5, 2, 2, seed=2)
     x = np.random.default_rng(3).standard_normal((2, 8, 11, 11)).astype(np.float32)

@@ -106,6 +106,22 @@ def test_tensor_quant_errors_match_reference(rows, cols, kind, dtype):
     np.testing.assert_allclose(got, want, rtol=SUM_RTOL, atol=0)
 
 
+@pytest.mark.parametrize("zero_point,qmin,qmax", [(0, -128, 127), (128, 0, 255), (3, 0, 255), (-7, -128, 127)])
+def test_tensor_quant_errors_round_ties_to_even_and_clamp_with_a_zero_point(zero_point, qmin, qmax):
+    # halves round to even (QuantizeLinear), values far beyond the grid saturate
+    scale = 0.25
+    halves = (np.arange(-300, 300) + 0.5) * scale
+    x = np.concatenate([halves, [1e150, -1e150, 3e15, -3e15, 0.0]]).reshape(1, -1)
+    got = kernels.tensor_quant_errors(x, [scale], float(zero_point), qmin, qmax)
+    want = reference.tensor_quant_errors(x, [scale], float(zero_point), qmin, qmax)
+    np.testing.assert_allclose(got, want, rtol=SUM_RTOL, atol=0)
+    finite = x[:, :-5]
+    q = np.clip(np.round(finite / scale) + zero_point, qmin, qmax)  # numpy rounds half to even
+    exact = np.sum((finite - scale * (q - zero_point)) ** 2)
+    np.testing.assert_allclose(kernels.tensor_quant_errors(finite, [scale], float(zero_point), qmin, qmax),
+                               [[exact]], rtol=1e-12)
+
+
 def test_tensor_quant_errors_skip_non_finite():
     x = np.array([[0.5, np.nan, np.inf, 1.0]], np.float32)
     got = kernels.tensor_quant_errors(x, [0.3], 0, -128, 127)
