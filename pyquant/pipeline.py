@@ -16,6 +16,7 @@ of them by name.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -37,7 +38,7 @@ from .graph.subgraphs import fold_branches, if_outputs
 from .qparams import QuantTable
 from .report import RunReport, run_report
 from .preparation import prepare_graph
-from .runtime import Feed, PeekedReader, RebatchedReader, require_rewind
+from .runtime import Feed, PeekedReader, RebatchedReader, SpillingReader, require_rewind
 from .techniques import Callbacks, QuantState, Stage, techniques_for
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,14 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
     rereaders = [t.name for t in techniques if t.rereads_data]
     if rereaders:  # before any work, on the reader as given
         require_rewind(reader, " and ".join(rereaders))
-    with threads.budget(config.threads):
+    with threads.budget(config.threads), contextlib.ExitStack() as cleanup:
         # a look at real data before calibration: one batch checks the graph preparation,
         # the GRAPH techniques ask for more; the batches are replayed to calibration
         samples = max([1] + [t.samples_needed() for t in graph_stage])
-        peeked = PeekedReader(_calibration_reader(reader, config), samples)
+        source = _calibration_reader(reader, config)
+        if rereaders:  # the second pass replays the first one's batches from a file
+            source = cleanup.enter_context(contextlib.closing(SpillingReader(source)))
+        peeked = PeekedReader(source, samples)
         prepared, preparation = prepare_graph(model, peeked.peeked[:1], config.min_opset,
                                               keep_control_flow=config.nodes_to_exclude)
         state = QuantState(prepared, config, peeked, callbacks, samples=peeked.peeked)
