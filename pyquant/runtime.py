@@ -299,14 +299,14 @@ class SpillingReader:
     batches would exceed ``max_bytes`` (and a quarter of the free space of the temporary
     folder). Only an index of (name, dtype, shape, offset) per batch stays in memory."""
 
-    def __init__(self, reader, max_bytes: int = SPILL_MAX_BYTES) -> None:
+    def __init__(self, reader, max_bytes: Optional[int] = None) -> None:
         self.reader = reader
         self._file = tempfile.TemporaryFile(prefix="pyquant-batches-")  # no name: gone when closed
         try:
             free = shutil.disk_usage(tempfile.gettempdir()).free
         except OSError:
             free = 0
-        self.max_bytes = min(max_bytes, free // 4)
+        self.max_bytes = min(SPILL_MAX_BYTES if max_bytes is None else max_bytes, free // 4)
         self._index: Optional[List[List[tuple]]] = []  # per batch: (name, dtype, shape, offset); None: gave up
         self._size = 0
         self._complete = False

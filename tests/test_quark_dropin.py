@@ -19,7 +19,7 @@ from onnxruntime.quantization.quant_utils import QuantFormat
 from onnxruntime.quantization.quant_utils import QuantType as OrtQuantType
 
 import pyquant
-from pyquant import compat
+from pyquant import compat, runtime
 from pyquant.config import CalibrationMethod, FastFinetuneOptions, PowerOfTwoMethod, QuantType, get_preset
 from pyquant.errors import ConfigError, DataError
 from pyquant.graph.view import GraphView
@@ -404,8 +404,13 @@ def test_replay_cache_is_bounded_and_says_which_option_needs_more(tiny_model, ti
     assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(again, first))
     with pytest.raises(DataError, match="fast_finetune reads the calibration data twice.*first 3 batches.*DataSize"):
         reader.get_next()
-    # through ModelQuantizer: fails only when the second pass needs more than was kept
+    # through ModelQuantizer: the pipeline's file copy of the first pass (runtime.SpillingReader)
+    # replays all of it, so the memory copy's limit is not reached
     monkeypatch.setattr(compat, "REPLAY_CACHE_BYTES", 3 * batch_bytes)
+    source = OrtReader(tiny_data)
+    pyquant.ModelQuantizer(finetune_config()).quantize_model(tiny_model, None, source)
+    # beyond both budgets it fails only when the second pass needs more than was kept
+    monkeypatch.setattr(runtime, "SPILL_MAX_BYTES", 3 * batch_bytes)
     with pytest.raises(DataError, match="FastFinetune DataSize"):
         pyquant.ModelQuantizer(finetune_config()).quantize_model(tiny_model, None, OrtReader(tiny_data))
     limited = pyquant.ModelQuantizer(finetune_config(DataSize=16)).quantize_model(
