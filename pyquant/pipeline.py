@@ -39,7 +39,7 @@ from .config import QuantConfig
 from .errors import ModelError
 from .graph.plan import NEAR_INFINITE, QuantPlan
 from .graph.qdq import write_qdq
-from .graph.loops import LoopBody, extract_bodies, restore_bodies
+from .graph.loops import NESTED_REASON, LoopBody, extract_bodies, restore_bodies
 from .graph.subgraphs import defined_names, fold_branches, if_outputs
 from .qparams import QuantTable
 from .report import RunReport, run_report
@@ -163,7 +163,8 @@ def _report_bodies(plan: QuantPlan, bodies: Sequence[LoopBody], body_states: Seq
     for body, body_state in zip(bodies, body_states):
         if body.name in quantized:
             plan.skipped.pop(body.name, None)
-            plan.skipped.update({f"{body.name}/{n}": why for n, why in body_state.plan.skipped.items()})
+            plan.skipped.update({f"{body.name}/{n}": NESTED_REASON if n in body.nested else why
+                                 for n, why in body_state.plan.skipped.items()})
             plan.float_tensors.update(body_state.plan.float_tensors)
 
 

@@ -300,3 +300,71 @@ def test_a_body_of_carried_state_only_is_stepped_and_left_as_it_is():
     assert "recurrent state stays float" in result.report.float_tensors["acc_out"]
     x = {"x": data[0]}
     assert sqnr_db(run(model, x)[0], run(result.model, x)[0]) > MIN_SQNR_DB
+
+
+def gated_loop_model() -> onnx.ModelProto:
+    """x -> Conv -> Relu -> feat; If(sum(x) > -1e9) then [Loop(3) of h = Loop(2)[h / 2](h +
+    Relu(Conv(feat))) -> Conv] else [Conv]: a Loop in an If branch, whose body reads a
+    main-graph activation and holds a Loop of its own."""
+    rng = np.random.default_rng(8)
+    inner = helper.make_graph([helper.make_node("Identity", ["ci"], ["co"]),
+                               helper.make_node("Mul", ["z_in", "half"], ["z_out"])], "inner", [
+        helper.make_tensor_value_info("j", TensorProto.INT64, []),
+        helper.make_tensor_value_info("ci", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("z_in", TensorProto.FLOAT, [1, 4, 6, 6])], [
+        helper.make_tensor_value_info("co", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("z_out", TensorProto.FLOAT, [1, 4, 6, 6])])
+    body = helper.make_graph([
+        helper.make_node("Conv", ["feat", "w_body"], ["fc"]),
+        helper.make_node("Relu", ["fc"], ["fr"]),
+        helper.make_node("Add", ["h_in", "fr"], ["s"]),
+        helper.make_node("Loop", ["two", "", "s"], ["h_out"], name="inner_loop", body=inner),
+        helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body", [
+        helper.make_tensor_value_info("i", TensorProto.INT64, []),
+        helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [1, 4, 6, 6])], [
+        helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, 4, 6, 6])])
+    then = helper.make_graph([helper.make_node("Loop", ["trips", "", "feat"], ["h_final"], name="steps", body=body),
+                              helper.make_node("Conv", ["h_final", "w_head"], ["yt"])], "then", [],
+                             [helper.make_tensor_value_info("yt", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Conv", ["feat", "w_head"], ["ye"])], "else", [],
+                              [helper.make_tensor_value_info("ye", TensorProto.FLOAT, None)])
+    graph = helper.make_graph([
+        helper.make_node("Conv", ["x", "w0"], ["c0"]), helper.make_node("Relu", ["c0"], ["feat"]),
+        helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0),
+        helper.make_node("Greater", ["sx", "floor"], ["flag"]),
+        helper.make_node("If", ["flag"], ["y"], name="gate", then_branch=then, else_branch=other)], "gated",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [const("w0", rng.normal(size=(4, 2, 1, 1))), const("w_body", rng.normal(size=(4, 4, 1, 1)) * 0.3),
+         const("w_head", rng.normal(size=(3, 4, 1, 1))), const("half", 0.5), const("floor", -1e9),
+         const("trips", 3, np.int64), const("two", 2, np.int64)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_loop_in_an_if_branch_reading_the_main_graph_with_a_nested_loop():
+    model = gated_loop_model()
+    result = quantize_detailed(model, image_feeds(8), U8S8)
+    q = result.model
+    onnx.checker.check_model(q, full_check=True)
+    gate = next(n for n in q.graph.node if n.op_type == "If")
+    then = next(a.g for a in gate.attribute if a.name == "then_branch")
+    body = next(n for n in then.node if n.op_type == "Loop").attribute[0].g
+    assert "feat" in quantized_inputs(body)  # the main-graph activation, quantized where the body reads it
+    assert "h_in" not in quantized_inputs(body)
+    assert "only top-level bodies are stepped" in result.report.float_nodes["steps/inner_loop"]
+    for feed in image_feeds(3, seed=5):
+        assert sqnr_db(run(model, feed)[0], run(q, feed)[0]) > MIN_SQNR_DB
+
+
+def test_a_body_whose_stepping_does_not_reproduce_the_node_stays_float(monkeypatch):
+    monkeypatch.setattr("pyquant.calibrate.loops.STATE_MATCH_RTOL", -1.0)  # no final state can match
+    model = loop_model()
+    result = quantize_detailed(model, image_feeds(4), U8S8)
+    assert result.report.float_nodes["steps"] == (
+        "Loop body stays float: stepping its body did not reproduce its output 'h_final' in calibration batch 0 "
+        "(after 3 iterations)")
+    assert list(body_of(result.model, "steps").node) == list(body_of(model, "steps").node)

@@ -17,7 +17,7 @@ tensors whose values reach those outputs unchanged (the rule of If outputs,
 pyquant.graph.subgraphs.value_preserving_ancestry): rounding fed back on every iteration
 compounds. Naming such a tensor in ``QuantConfig.tensor_types`` quantizes it anyway.
 
-Bodies nested in another body stay float, reported.
+Control flow nested in a body (an If or a Loop inside a Loop) stays float, reported.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from .subgraphs import defined_names, rename_graph, unique_name, value_preservin
 from .view import GraphView, attribute, drop_unused_initializers, node_name, outer_references
 
 LOOP_OPS = ("Loop", "Scan")
+NESTED_REASON = "control flow inside a Loop/Scan body stays float (only top-level bodies are stepped)"
 
 
 @dataclasses.dataclass
@@ -69,6 +70,11 @@ class LoopBody:
         return len(self.node.input) - int(attribute(self.node, "num_scan_inputs"))
 
     @property
+    def nested(self) -> Set[str]:
+        """Names of the control-flow nodes inside the body (they stay float)."""
+        return {node_name(n) for n in self.model.graph.node if n.op_type in ("If",) + LOOP_OPS}
+
+    @property
     def node_names(self) -> Set[str]:
         """Names (as reports write them) of the body's nodes."""
         return {node_name(n) for n in self.model.graph.node} | {n.name for n in self.model.graph.node if n.name}
@@ -86,7 +92,7 @@ def _state_reasons(node: NodeProto, body: onnx.GraphProto) -> Dict[str, str]:
     name = node_name(node)
     if node.op_type == "Loop":
         carried = len(node.input) - 2
-        state_in, state_out = list(body.input)[2:], list(body.output)[1:1 + carried]
+        state_in, state_out = list(body.input)[2:2 + carried], list(body.output)[1:1 + carried]
         scan_out = list(body.output)[1 + carried:]
     else:
         carried = len(node.input) - int(attribute(node, "num_scan_inputs"))
