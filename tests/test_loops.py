@@ -368,3 +368,17 @@ def test_a_body_whose_stepping_does_not_reproduce_the_node_stays_float(monkeypat
         "Loop body stays float: stepping its body did not reproduce its output 'h_final' in calibration batch 0 "
         "(after 3 iterations)")
     assert list(body_of(result.model, "steps").node) == list(body_of(model, "steps").node)
+
+
+def test_a_body_declared_for_batch_1_is_stepped_on_batches_of_4():
+    """onnxruntime's Loop runs a body whose declared sizes are the export's (batch 1) on
+    any batch; the standalone body keeps the ranks and frees the sizes."""
+    model = loop_model()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    rng = np.random.default_rng(9)
+    feeds = [{"x": rng.normal(size=(4, 2, 6, 6)).astype(np.float32)} for _ in range(4)]
+    result = quantize_detailed(model, feeds, U8S8)
+    assert "steps" not in result.report.float_nodes
+    assert "QuantizeLinear" in [n.op_type for n in body_of(result.model, "steps").node]
+    assert sqnr_db(run(model, feeds[0])[0], run(result.model, feeds[0])[0]) > MIN_SQNR_DB

@@ -120,6 +120,13 @@ def _standalone(model: ModelProto, node: NodeProto) -> Tuple[ModelProto, List[st
         raise ModelError(f"its body reads {unknown[0]!r} from the main graph, whose type is unknown")
     graph = onnx.GraphProto()
     graph.CopyFrom(body)
+    # onnxruntime's Loop does not hold a body to its declared sizes (a batch-1 export runs
+    # batches of 8), a session of the body alone does: keep the ranks, free the sizes
+    for value in list(graph.input) + list(graph.output):
+        for k, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value"):
+                dim.dim_param = f"{value.name}_dim{k}"
+    del graph.value_info[:]
     graph.input.extend(helper.make_tensor_value_info(r, view.elem_type[r], None) for r in outer)
     graph.initializer.extend(onnx.numpy_helper.from_array(view.constant_value(r), r) for r in copied)
     standalone = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
