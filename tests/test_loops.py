@@ -16,9 +16,11 @@ from pyquant.api import as_reader, quantize_detailed
 from pyquant.calibrate.loops import BodyCalibration
 from pyquant.calibrate.runner import collect
 from pyquant.config import QuantType, get_preset
+from pyquant.datasource import ArraySource
 from pyquant.graph.loops import extract_bodies
 from pyquant.graph.plan import plan_for
 from pyquant.preparation import prepare_graph
+from pyquant.sharded import quantize_sharded
 
 U8S8 = get_preset("U8S8")
 # Quantized models against float on these tiny models, measured 36-43 dB (U8S8), 28-33 dB
@@ -382,3 +384,11 @@ def test_a_body_declared_for_batch_1_is_stepped_on_batches_of_4():
     assert "steps" not in result.report.float_nodes
     assert "QuantizeLinear" in [n.op_type for n in body_of(result.model, "steps").node]
     assert sqnr_db(run(model, feeds[0])[0], run(result.model, feeds[0])[0]) > MIN_SQNR_DB
+
+
+def test_sharded_calibration_leaves_the_body_float_with_the_reason():
+    data = np.concatenate([f["x"] for f in image_feeds(8)])
+    result = quantize_sharded(loop_model(), ArraySource(data, "x", batch_size=1), "U8S8", shards=2)
+    assert result.report.float_nodes["steps"] == \
+        "Loop body stays float: sharded calibration does not step Loop/Scan bodies"
+    assert "QuantizeLinear" not in [n.op_type for n in body_of(result.model, "steps").node]
