@@ -110,17 +110,19 @@ def _keep_outlier_dominated_in_float(state: QuantState) -> None:
 
 def _scoped_configs(config: QuantConfig, bodies: Sequence[LoopBody]) -> Tuple[QuantConfig, List[QuantConfig]]:
     """``config`` for the main graph and for each body: each plan sees the node exclusions
-    and tensor types that name its own nodes and tensors (names are unique across scopes)."""
-    scopes = [(body.node_names, defined_names(body.model.graph)) for body in bodies]
+    and tensor types that name its own nodes and tensors (names are unique across scopes;
+    a main-graph activation a body reads is the main graph's and that body's)."""
+    own = [defined_names(body.model.graph) - set(body.outer) - set(body.copied) for body in bodies]
 
     def scoped(keep_node, keep_tensor) -> QuantConfig:
         return dataclasses.replace(
             config, nodes_to_exclude=frozenset(n for n in config.nodes_to_exclude if keep_node(n)),
             tensor_types={t: q for t, q in config.tensor_types.items() if keep_tensor(t)})
 
-    main = scoped(lambda n: not any(n in nodes for nodes, _ in scopes),
-                  lambda t: not any(t in tensors for _, tensors in scopes))
-    return main, [scoped(nodes.__contains__, tensors.__contains__) for nodes, tensors in scopes]
+    main = scoped(lambda n: not any(n in body.node_names for body in bodies),
+                  lambda t: not any(t in tensors for tensors in own))
+    return main, [scoped(body.node_names.__contains__, lambda t, mine=tensors, outer=set(body.outer):
+                         t in mine or t in outer) for body, tensors in zip(bodies, own)]
 
 
 def _body_states(state: QuantState, bodies: Sequence[LoopBody]) -> List[QuantState]:

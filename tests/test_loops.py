@@ -392,3 +392,18 @@ def test_sharded_calibration_leaves_the_body_float_with_the_reason():
     assert result.report.float_nodes["steps"] == \
         "Loop body stays float: sharded calibration does not step Loop/Scan bodies"
     assert "QuantizeLinear" not in [n.op_type for n in body_of(result.model, "steps").node]
+
+
+def test_tensor_types_of_a_main_graph_activation_reach_the_body_that_reads_it():
+    """'feat' is computed in the main graph and read inside the Loop body: a type given
+    to it applies in both (its pair in the main graph sits in the If branch after folding,
+    the body's pair on it is 16-bit too)."""
+    config = dataclasses.replace(get_preset("XINT8"), tensor_types={"feat": QuantType.QInt16})
+    q = quantize_detailed(gated_loop_model(), image_feeds(8), config).model
+    gate = next(n for n in q.graph.node if n.op_type == "If")
+    then = next(a.g for a in gate.attribute if a.name == "then_branch")
+    body = next(n for n in then.node if n.op_type == "Loop").attribute[0].g
+    scales = {t.name: t for g in (q.graph, then, body) for t in g.initializer}
+    for graph in (then, body):
+        pair = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "feat")
+        assert scales[pair.input[2]].data_type == TensorProto.INT16
