@@ -28,7 +28,7 @@ import onnx
 from onnx import ModelProto, NodeProto, helper
 
 from ..errors import ModelError
-from .subgraphs import defined_names, rename_graph, unique_name, value_preserving_ancestry
+from .subgraphs import EXCLUDED_REASON, defined_names, rename_graph, unique_name, value_preserving_ancestry
 from .view import GraphView, attribute, drop_unused_initializers, node_name, outer_references
 
 LOOP_OPS = ("Loop", "Scan")
@@ -145,7 +145,7 @@ def extract_bodies(model: ModelProto, left: Mapping[str, str]) -> Tuple[List[Loo
     reasons: Dict[str, str] = {}
     for node in model.graph.node:
         name = node_name(node)
-        if node.op_type not in LOOP_OPS or name not in left or left[name] == "excluded by the configuration":
+        if node.op_type not in LOOP_OPS or name not in left or left[name] == EXCLUDED_REASON:
             continue
         try:
             standalone, outer, copied = _standalone(model, node)

@@ -31,6 +31,8 @@ from .view import node_name, node_reads, outer_references, subgraphs
 
 CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
 BRANCHES = {True: "then_branch", False: "else_branch"}
+# Why a control-flow node named in nodes_to_exclude is left as it is
+EXCLUDED_REASON = "excluded by the configuration"
 # Rounds of inlining: each round inlines the Ifs at the top of what is left (nesting depth).
 MAX_NESTING = 16
 
@@ -186,7 +188,7 @@ def flatten_taken_branches(model: ModelProto, feed: Feed, keep: Iterable[str] = 
     for n in flat.graph.node:
         name = node_name(n)
         if n.op_type in CONTROL_FLOW_OPS and name not in left:
-            left[name] = ("excluded by the configuration" if name in keep else
+            left[name] = (EXCLUDED_REASON if name in keep else
                           f"{n.op_type} body: calibrated by stepping it (pyquant.graph.loops) or reported there")
     return flat, inlined, left
 
