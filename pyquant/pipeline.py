@@ -196,7 +196,9 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
                                               keep_control_flow=config.nodes_to_exclude)
         state = QuantState(prepared, config, peeked, callbacks, samples=peeked.peeked)
         state.reports["preparation"] = preparation
-        state.keep_float.update(if_outputs(prepared, preparation.inlined))
+        # If outputs stay float, but those the user gave a type (tensor_types)
+        state.keep_float.update({t: why for t, why in if_outputs(prepared, preparation.inlined).items()
+                                 if t not in config.tensor_types})
         for technique in graph_stage:
             technique.apply(state)
         state.samples = []

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import pyquant
 from pyquant.api import quantize_detailed
-from pyquant.config import get_preset
+from pyquant.config import QuantType, get_preset
 from pyquant.errors import CalibrationError
 from pyquant.graph.subgraphs import flatten_taken_branches, fold_branches
 
@@ -139,3 +139,17 @@ def test_data_taking_both_branches_is_a_clear_error_or_the_if_is_excluded():
         pyquant.quantize(vad_like(), data, "U8S8")
     result = quantize_detailed(vad_like(), data, dataclasses.replace(get_preset("U8S8"), nodes_to_exclude={"rate_if"}))
     assert result.report.float_nodes["rate_if"] == "excluded by the configuration"
+
+
+def test_the_state_carried_to_an_if_output_is_quantized_when_tensor_types_names_it():
+    model = vad_like(nested=False)
+    state = {"then_sum": QuantType.QInt8, "then_state": QuantType.QInt8, "state_out": QuantType.QInt8}
+    q = quantize_detailed(model, feeds(16), dataclasses.replace(get_preset("XINT8"), tensor_types=state)).model
+    onnx.checker.check_model(q, full_check=True)
+    quantized = {n.input[0] for n in branch(q, "rate_if", "then_branch").node if n.op_type == "QuantizeLinear"}
+    assert {"then_sum", "then_state", "state_out_float"} <= quantized  # (a graph output's producer writes _float)
+    f = feeds(1)[0]
+    np.testing.assert_allclose(run(q, f)[1], run(model, f)[1], rtol=0.05, atol=0.05)
+    for f in feeds(2, 8000):  # the untaken branch computes as before
+        for a, b in zip(run(model, f), run(q, f)):
+            np.testing.assert_array_equal(a, b)

@@ -11,7 +11,7 @@ the calibration pass checks on every batch that each inlined condition keeps its
 back: the written nodes that only the branch needs become the taken branch's body (its
 QDQ pairs included), the other branch is the original float one, so the model still
 computes both. The If outputs themselves stay float (a recurrent state fed back to the
-next call, a final score).
+next call, a final score), unless QuantConfig.tensor_types names them.
 
 Loop and Scan bodies run once per iteration: they are not inlined but calibrated by
 running them iteration by iteration (pyquant.graph.loops, pyquant.calibrate.loops).
