@@ -237,7 +237,9 @@ def quantize_model(model: ModelProto, reader, config: QuantConfig, callbacks: Ca
         onnx.checker.check_model(quantized)
     except onnx.checker.ValidationError as e:  # a bug of ours, not of the user's model
         raise ModelError(f"internal error: the quantized model is invalid: {str(e).splitlines()[0]}") from None
-    report = run_report(state.model, state.plan, state.reports)
+    written_names = {body.name for body, _ in written}
+    report = run_report(state.model, state.plan, state.reports,
+                        [s.plan for b, s in zip(bodies, body_states) if b.name in written_names])
     report.log()
     return QuantizeResult(quantized, state.plan, state.table, state.reports, report, seconds_calibration,
                           time.perf_counter() - start, float_model)

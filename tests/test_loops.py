@@ -147,6 +147,8 @@ def test_the_body_is_quantized_and_the_model_stays_close_to_float(case, preset):
     assert not quantized_inputs(body) & {"h_in", "h_out", "y_t"}
     assert "recurrent state stays float" in result.report.float_tensors["h_out"]
     assert node not in result.report.float_nodes  # the node's body is quantized
+    assert result.report.weights > len(result.plan.weights)  # the body's weights counted in
+    assert result.report.activations > len(result.plan.activations)
     for feed in make_feeds(4, seed=1):
         for reference, value in zip(run(model, feed), run(q, feed)):
             assert sqnr_db(reference, value) > MIN_SQNR_DB
