@@ -327,8 +327,8 @@ def _run_quantize(args) -> int:
     if args.report is not None:
         result.report.write_json(args.report)
     if not args.quiet:
-        print(f"wrote {args.model_output} ({args.config.upper()}, {len(result.plan.activations)} activations, "
-              f"{len(result.plan.weights)} weights) in {time.perf_counter() - start:.1f} s")
+        print(f"wrote {args.model_output} ({args.config.upper()}, {result.report.activations} activations, "
+              f"{result.report.weights} weights) in {time.perf_counter() - start:.1f} s")
     return 0
 
 

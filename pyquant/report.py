@@ -9,7 +9,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from onnx import ModelProto
 
@@ -60,15 +60,20 @@ class RunReport:
         write_text_atomic(path, json.dumps(self.as_dict(), indent=2) + "\n")
 
 
-def run_report(model: ModelProto, plan: QuantPlan, reports: Dict[str, Any]) -> RunReport:
+def run_report(model: ModelProto, plan: QuantPlan, reports: Dict[str, Any],
+               body_plans: Sequence[QuantPlan] = ()) -> RunReport:
     """The report of one run: ``model`` is the prepared float model ``plan`` was made from,
-    ``reports`` the techniques' reports by name (each may have a ``summary()``)."""
+    ``reports`` the techniques' reports by name (each may have a ``summary()``);
+    ``body_plans``: the plans of the Loop/Scan bodies quantized, counted in (their float
+    nodes and tensors are in ``plan`` already, pyquant.pipeline)."""
     compute = [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
     names = {id(n): n.name or f"{n.op_type}({n.output[0]})" for n in compute}
     compute_float = [names[id(n)] for n in compute if names[id(n)] in plan.skipped]
     summaries = {name: (r.summary() if callable(getattr(r, "summary", None)) else str(r))
                  for name, r in reports.items() if name != "preparation"}
     preparation = reports.get("preparation")
-    return RunReport(len(plan.activations), len(plan.weights), len(plan.biases), dict(plan.skipped),
+    plans = [plan, *body_plans]
+    return RunReport(sum(len(p.activations) for p in plans), sum(len(p.weights) for p in plans),
+                     sum(len(p.biases) for p in plans), dict(plan.skipped),
                      dict(plan.float_tensors), len(compute), compute_float,
                      preparation.summary() if preparation is not None else "", summaries)

@@ -1,7 +1,7 @@
 """If bodies are quantized by the main graph's rules with the calibration of the branch
 the data takes (pyquant.graph.subgraphs); the other branch stays float; the If outputs,
-and what reaches them unchanged (a recurrent state), stay float; Loop bodies stay float,
-reported."""
+and what reaches them unchanged (a recurrent state), stay float. (Loop and Scan bodies:
+tests/test_loops.py.)"""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import pyquant
 from pyquant.api import quantize_detailed
-from pyquant.config import get_preset
+from pyquant.config import QuantType, get_preset
 from pyquant.errors import CalibrationError
 from pyquant.graph.subgraphs import flatten_taken_branches, fold_branches
 
@@ -141,26 +141,15 @@ def test_data_taking_both_branches_is_a_clear_error_or_the_if_is_excluded():
     assert result.report.float_nodes["rate_if"] == "excluded by the configuration"
 
 
-def test_loop_bodies_stay_float_with_the_reason():
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("Mul", ["acc_in", "two"], ["acc_out"])], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1, 3, 4, 4])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1, 3, 4, 4])])
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
-             helper.make_node("Loop", ["trips", "", "c"], ["looped"], name="twice", body=body),
-             helper.make_node("Relu", ["looped"], ["y"])]
-    graph = helper.make_graph(nodes, "loop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
-                              [const("w", RNG.normal(size=(3, 2, 1, 1))), const("two", 2.0),
-                               numpy_helper.from_array(np.array(2, np.int64), "trips")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model, full_check=True)
-    data = RNG.normal(size=(8, 1, 2, 4, 4)).astype(np.float32)
-    result = quantize_detailed(model, [{"x": d} for d in data], get_preset("U8S8"))
-    assert "cannot be calibrated" in result.report.float_nodes["twice"]
-    x = {"x": data[0]}
-    assert np.abs(run(result.model, x)[0] - run(model, x)[0]).max() < 0.1
+def test_the_state_carried_to_an_if_output_is_quantized_when_tensor_types_names_it():
+    model = vad_like(nested=False)
+    state = {"then_sum": QuantType.QInt8, "then_state": QuantType.QInt8, "state_out": QuantType.QInt8}
+    q = quantize_detailed(model, feeds(16), dataclasses.replace(get_preset("XINT8"), tensor_types=state)).model
+    onnx.checker.check_model(q, full_check=True)
+    quantized = {n.input[0] for n in branch(q, "rate_if", "then_branch").node if n.op_type == "QuantizeLinear"}
+    assert {"then_sum", "then_state", "state_out_float"} <= quantized  # (a graph output's producer writes _float)
+    f = feeds(1)[0]
+    np.testing.assert_allclose(run(q, f)[1], run(model, f)[1], rtol=0.05, atol=0.05)
+    for f in feeds(2, 8000):  # the untaken branch computes as before
+        for a, b in zip(run(model, f), run(q, f)):
+            np.testing.assert_array_equal(a, b)

@@ -17,6 +17,7 @@ from ..graph.subgraphs import BRANCHES, InlinedBranch
 from ..graph.view import GraphView
 from ..runtime import BoundRunner, batch_count, check_feed, make_session, prefetch
 from .collector import ChannelMeanCollector, NonFiniteValues, TensorCollector
+from .loops import BodyCalibration, BodyMismatch, BodyStepper
 
 ProgressCallback = Callable[[int, Optional[int]], None]  # (batches done, total or None)
 
@@ -42,15 +43,21 @@ class Statistics:
     ranges: Dict[str, TensorCollector]  # every planned activation
     channel_means: Dict[str, ChannelMeanCollector]  # the tensors asked for
     batches: int
+    # Loop/Scan node -> its body's planned activations (pyquant.calibrate.loops), for the
+    # bodies stepped on every batch; the others: node -> why its body stays float
+    bodies: Dict[str, Dict[str, TensorCollector]] = dataclasses.field(default_factory=dict)
+    bodies_left: Dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
             request: StatisticsRequest = StatisticsRequest(),
             progress: Optional[ProgressCallback] = None,
-            conditions: Sequence[InlinedBranch] = ()) -> Statistics:
+            conditions: Sequence[InlinedBranch] = (), loops: Sequence[BodyCalibration] = ()) -> Statistics:
     """Statistics of every planned activation over all batches of ``reader``, and those of
     ``request`` (each channel-mean tensor must be a planned activation). ``conditions``:
-    the If nodes graph preparation inlined; each batch must take the branch inlined."""
+    the If nodes graph preparation inlined; each batch must take the branch inlined.
+    ``loops``: Loop/Scan bodies whose planned activations are collected by stepping them
+    on each batch (pyquant.calibrate.loops)."""
     view = GraphView(model)
     histogram = config.needs_histogram
     collectors = {name: TensorCollector(config.num_bins, histogram) for name in plan.activations}
@@ -64,8 +71,12 @@ def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
     inputs = set(view.graph_inputs)
     fed = [n for n in plan.activations if n in inputs]  # read from the feed, not the session
     names = [n for n in plan.activations if n not in constants and n not in inputs]
-    session = make_session(model, names)
-    runner = BoundRunner(session, names)
+    steppers, bodies_left = _steppers(view, loops, config)
+    # what the bodies need from the main graph: extra outputs of the same run
+    stepped = sorted({n for s in steppers for n in s.needs if not view.is_constant(n)} - set(names) - inputs)
+    run_names = names + stepped
+    session = make_session(model, run_names, output_types={n: view.elem_type[n] for n in stepped})
+    runner = BoundRunner(session, run_names)
     total = batch_count(reader)
     batches = 0
     check_branches = BranchCheck(model, conditions) if conditions else None
@@ -75,7 +86,8 @@ def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
             check_branches(feed, batches)
         # Graph inputs first, then in graph order: a NaN is reported where it first appears.
         # (a model whose only quantized activations are its inputs needs no inference)
-        values = [feed[n] for n in fed] + (runner.run(feed) if names else [])
+        computed = runner.run(feed) if run_names else []
+        values = [feed[n] for n in fed] + computed[:len(names)]
         for name, value in zip(fed + names, values):
             try:
                 collectors[name].update(value)
@@ -85,13 +97,44 @@ def collect(model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
                 raise CalibrationError(f"tensor {name!r}{where} has {e} in calibration batch {batches}") from None
             if name in means:
                 means[name].update(value)
-        del values
+        if steppers:
+            known = dict(zip(run_names, computed))
+            known.update(feed)
+            for stepper in list(steppers):
+                try:
+                    stepper.run({n: known[n] if n in known else view.constant_value(n) for n in stepper.needs},
+                                batches)
+                except BodyMismatch as e:
+                    bodies_left[stepper.body.name] = f"{stepper.body.op_type} body stays float: {e}"
+                    steppers.remove(stepper)
+            del known
+        del values, computed
         batches += 1
         if progress is not None:
             progress(batches, total)
     if batches == 0:
         raise DataError("the calibration data reader produced no batch")
-    return Statistics(collectors, means, batches)
+    return Statistics(collectors, means, batches, {s.body.name: s.calibration.collectors for s in steppers},
+                      bodies_left)
+
+
+def _steppers(view: GraphView, loops: Sequence[BodyCalibration], config: QuantConfig):
+    """A BodyStepper per body that loads by itself, and {node: why not} for the others."""
+    steppers, left = [], {}
+    for calibration in loops:
+        name = calibration.body.name
+        try:
+            stepper = BodyStepper(calibration, config.num_bins, config.needs_histogram)
+        except Exception as e:  # onnxruntime's errors have several types: any means "cannot load it"
+            left[name] = (f"{calibration.body.op_type} body stays float: onnxruntime cannot load it by itself "
+                          f"({str(e).strip().splitlines()[0]})")
+            continue
+        unknown = [n for n in stepper.needs if n not in view.elem_type and not view.is_constant(n)]
+        if unknown:
+            left[name] = f"{calibration.body.op_type} body stays float: the type of {unknown[0]!r} is unknown"
+            continue
+        steppers.append(stepper)
+    return steppers, left
 
 
 class BranchCheck:

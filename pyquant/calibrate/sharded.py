@@ -126,7 +126,10 @@ class ShardedCalibration:
 
     def __call__(self, model: ModelProto, plan: QuantPlan, reader, config: QuantConfig,
                  request: StatisticsRequest = StatisticsRequest(),
-                 progress: Optional[ProgressCallback] = None, conditions: Sequence = ()) -> Statistics:
+                 progress: Optional[ProgressCallback] = None, conditions: Sequence = (),
+                 loops: Sequence = ()) -> Statistics:
+        """``loops`` (Loop/Scan bodies, pyquant.calibrate.loops) are not stepped on the
+        shards: they stay float, reported."""
         view = GraphView(model)
         missing = set(request.channel_means) - set(plan.activations)
         if missing:
@@ -171,7 +174,10 @@ class ShardedCalibration:
                     mean.sums += batch_total
             mean.count = collectors[name].count // len(mean.sums) if mean.sums is not None and len(mean.sums) else 0
             means[name] = mean
-        return Statistics({n: collectors[n] for n in plan.activations}, means, sum(p.batches for p in parts))
+        left = {c.body.name: f"{c.body.op_type} body stays float: sharded calibration does not step Loop/Scan bodies"
+                for c in loops}
+        return Statistics({n: collectors[n] for n in plan.activations}, means, sum(p.batches for p in parts),
+                          bodies_left=left)
 
     @staticmethod
     def _collectors(parts: Sequence[ShardStatistics], grids: Optional[Mapping[str, Grid]],

@@ -11,10 +11,10 @@ the calibration pass checks on every batch that each inlined condition keeps its
 back: the written nodes that only the branch needs become the taken branch's body (its
 QDQ pairs included), the other branch is the original float one, so the model still
 computes both. The If outputs themselves stay float (a recurrent state fed back to the
-next call, a final score).
+next call, a final score), unless QuantConfig.tensor_types names them.
 
-Loop and Scan bodies run once per iteration: their tensors are neither observable nor
-inlinable, and they stay float, reported.
+Loop and Scan bodies run once per iteration: they are not inlined but calibrated by
+running them iteration by iteration (pyquant.graph.loops, pyquant.calibrate.loops).
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from .view import node_name, node_reads, outer_references, subgraphs
 
 CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
 BRANCHES = {True: "then_branch", False: "else_branch"}
+# Why a control-flow node named in nodes_to_exclude is left as it is
+EXCLUDED_REASON = "excluded by the configuration"
 # Rounds of inlining: each round inlines the Ifs at the top of what is left (nesting depth).
 MAX_NESTING = 16
 
@@ -104,7 +106,7 @@ def inline_branch(model: ModelProto, index: int, value: bool) -> InlinedBranch:
     existing = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
     existing |= {o for n in model.graph.node for o in n.output if o}
     defined = [t.name for t in initializers] + [o for n in body for o in n.output if o]
-    renamed = {name: _unique(name, existing | set(defined)) for name in defined if name in existing}
+    renamed = {name: unique_name(name, existing | set(defined)) for name in defined if name in existing}
     if renamed:
         for t in initializers:
             t.name = renamed.get(t.name, t.name)
@@ -120,7 +122,7 @@ def inline_branch(model: ModelProto, index: int, value: bool) -> InlinedBranch:
     return inlined
 
 
-def _unique(name: str, taken: Set[str]) -> str:
+def unique_name(name: str, taken: Set[str]) -> str:
     k = 1
     while f"{name}__inlined{k}" in taken:
         k += 1
@@ -136,10 +138,10 @@ def _rename(node: NodeProto, renamed: Dict[str, str]) -> None:
     for i, name in enumerate(node.output):
         node.output[i] = renamed.get(name, name)
     for g in subgraphs(node):
-        _rename_graph(g, renamed)
+        rename_graph(g, renamed)
 
 
-def _rename_graph(graph: GraphProto, renamed: Dict[str, str]) -> None:
+def rename_graph(graph: GraphProto, renamed: Dict[str, str]) -> None:
     for n in graph.node:
         _rename(n, renamed)
     for values in (graph.input, graph.output, graph.value_info, graph.initializer):
@@ -147,13 +149,13 @@ def _rename_graph(graph: GraphProto, renamed: Dict[str, str]) -> None:
             v.name = renamed.get(v.name, v.name)
 
 
-def _defined(graph: GraphProto) -> Set[str]:
+def defined_names(graph: GraphProto) -> Set[str]:
     """Every name a graph and the bodies in it define."""
     names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     for n in graph.node:
         names |= {o for o in n.output if o}
         for g in subgraphs(n):
-            names |= _defined(g)
+            names |= defined_names(g)
     return names
 
 
@@ -186,8 +188,8 @@ def flatten_taken_branches(model: ModelProto, feed: Feed, keep: Iterable[str] = 
     for n in flat.graph.node:
         name = node_name(n)
         if n.op_type in CONTROL_FLOW_OPS and name not in left:
-            left[name] = ("excluded by the configuration" if name in keep else
-                          f"{n.op_type} bodies run once per iteration; their tensors cannot be calibrated")
+            left[name] = (EXCLUDED_REASON if name in keep else
+                          f"{n.op_type} body: calibrated by stepping it (pyquant.graph.loops) or reported there")
     return flat, inlined, left
 
 
@@ -196,24 +198,34 @@ VALUE_PRESERVING = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "T
                     "Concat")
 
 
+def value_preserving_ancestry(graph: GraphProto, names: Iterable[str]) -> Dict[str, str]:
+    """{tensor: the tensor of ``names`` it reaches}: ``names`` themselves and the tensors of
+    ``graph`` whose values reach one of them unchanged (through Identity, Reshape, Concat, ...)."""
+    producer = {o: n for n in graph.node for o in n.output if o}
+    found: Dict[str, str] = {}
+    for origin in names:
+        stack = [origin]
+        while stack:
+            name = stack.pop()
+            if name in found:
+                continue
+            found[name] = origin
+            node = producer.get(name)
+            if node is not None and node.op_type in VALUE_PRESERVING:
+                stack.extend(i for i in (node.input if node.op_type == "Concat" else node.input[:1]) if i)
+    return found
+
+
 def if_outputs(model: ModelProto, inlined: Sequence[InlinedBranch]) -> Dict[str, str]:
     """{tensor: why it stays float} in the flat ``model``: each inlined If's outputs, and the
     tensors whose values reach one unchanged (through Identity, Reshape, Concat, ...): a
     recurrent state fed back to the next call, or a final score, leaves the branch as the
     float model computes it."""
-    producer = {o: n for n in model.graph.node for o in n.output if o}
     out: Dict[str, str] = {}
     for b in inlined:
         why = f"reaches an output of If node {b.name} unchanged (control-flow outputs stay float)"
-        stack = [o for o in b.node.output if o]
-        while stack:
-            name = stack.pop()
-            if name in out:
-                continue
-            out[name] = why
-            node = producer.get(name)
-            if node is not None and node.op_type in VALUE_PRESERVING:
-                stack.extend(i for i in (node.input if node.op_type == "Concat" else node.input[:1]) if i)
+        for name in value_preserving_ancestry(model.graph, [o for o in b.node.output if o]):
+            out.setdefault(name, why)
     return out
 
 
@@ -302,9 +314,9 @@ def _fold_one(model: ModelProto, b: InlinedBranch) -> None:
         if a.name == BRANCHES[b.value]:
             a.g.CopyFrom(body_graph)
         elif a.name == BRANCHES[not b.value]:
-            clashes = sorted(_defined(a.g) & outer)
-            taken = outer | _defined(a.g)
-            _rename_graph(a.g, {name: _unique(name, taken) for name in clashes})
+            clashes = sorted(defined_names(a.g) & outer)
+            taken = outer | defined_names(a.g)
+            rename_graph(a.g, {name: unique_name(name, taken) for name in clashes})
     outside = [n for n in nodes if id(n) not in body_ids]
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     del graph.node[:]
