@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pyquant.config import get_preset
 from pyquant.data import ArrayReader
 from pyquant.pipeline import quantize_model
-from pyquant.techniques.bias_correction import _output_shift
+from pyquant.techniques.bias_correction import output_shift
 
 
 def conv_model(weight, bias=None, group=1):
@@ -37,7 +37,7 @@ def test_output_shift_equals_convolving_a_constant_image(group, c_in, c_out):
     error = rng.standard_normal((c_out, c_in // group, 3, 3))
     mean = rng.standard_normal(c_in)
     node = helper.make_node("Conv", ["x", "w"], ["y"], group=group)
-    shift = _output_shift(node, error, mean)
+    shift = output_shift(node, error, mean)
     image = np.broadcast_to(mean[None, :, None, None], (1, c_in, 12, 12)).astype(np.float32)
     brute = run(conv_model(error, group=group), image)[0, :, 6, 6]  # an interior position: no padding involved
     np.testing.assert_allclose(shift, brute, rtol=1e-4, atol=1e-4)
@@ -48,8 +48,8 @@ def test_gemm_shift_for_both_weight_layouts():
     error, mean = rng.standard_normal((4, 6)), rng.standard_normal(6)  # [N, K]
     trans = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
     plain = helper.make_node("Gemm", ["x", "w"], ["y"])
-    np.testing.assert_allclose(_output_shift(trans, error, mean), error @ mean)
-    np.testing.assert_allclose(_output_shift(plain, error.T, mean), error @ mean)
+    np.testing.assert_allclose(output_shift(trans, error, mean), error @ mean)
+    np.testing.assert_allclose(output_shift(plain, error.T, mean), error @ mean)
 
 
 @pytest.mark.parametrize("preset,group", [("XINT8", 8), ("XINT8", 1), ("U8S8", 8)])
