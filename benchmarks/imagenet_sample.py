@@ -64,6 +64,8 @@ ROWS = {
     "u8s8": "pyquant U8S8 per-tensor",
     "u8s8_pc": "pyquant U8S8 per-channel",
     "u8s8_pc_ebc": "pyquant U8S8 per-channel + empirical bias correction (1 pass)",
+    "u8s8_pc_minmax": "pyquant U8S8 per-channel, MinMax activation ranges",
+    "u8s8_pc_minmax_ebc": "pyquant U8S8 per-channel, MinMax activation ranges + empirical bias correction (1 pass)",
     "u8s8_pc_uint8_logits": "pyquant U8S8 per-channel, logits rounded to uint8 too (--quantize_region_outputs)",
     "u8u8": "pyquant U8S8 with asymmetric uint8 weights (Quark's U8U8_AAWA), per-tensor",
     "u8u8_pc": "pyquant U8S8 with asymmetric uint8 weights, per-channel",
@@ -99,7 +101,7 @@ def repeated_folder(src: Path, times: int, tmp: Path) -> Path:
 
 
 def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path) -> float:
-    from pyquant.config import CLEOptions, FastFinetuneOptions, QuantType, get_preset
+    from pyquant.config import CalibrationMethod, CLEOptions, FastFinetuneOptions, QuantType, get_preset
     from pyquant.graph.model_io import load_model, save_model
     from pyquant.pipeline import quantize_model
 
@@ -125,6 +127,9 @@ def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path)
         "u8s8": ("U8S8", {}),
         "u8s8_pc": ("U8S8", {"per_channel": True}),
         "u8s8_pc_ebc": ("U8S8", {"per_channel": True, "empirical_bias_correction": 1}),
+        "u8s8_pc_minmax": ("U8S8", {"per_channel": True, "calibrate_method": CalibrationMethod.MinMax}),
+        "u8s8_pc_minmax_ebc": ("U8S8", {"per_channel": True, "calibrate_method": CalibrationMethod.MinMax,
+                                        "empirical_bias_correction": 1}),
         "u8s8_pc_uint8_logits": ("U8S8", {"per_channel": True, "quantize_region_outputs": True}),
         "u8u8": ("U8S8", {"weight_type": QuantType.QUInt8}),
         "u8u8_pc": ("U8S8", {"weight_type": QuantType.QUInt8, "per_channel": True}),

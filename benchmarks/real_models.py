@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402  (the sibling script)
 import pyquant  # noqa: E402
 from pyquant.api import quantize_detailed  # noqa: E402
-from pyquant.config import get_preset  # noqa: E402
+from pyquant.config import CalibrationMethod as RangeMethod, get_preset  # noqa: E402
 from pyquant.graph.rewrites.batchnorm import fold_batch_norm  # noqa: E402
 from pyquant.pipeline import prepare  # noqa: E402
 from pyquant.techniques.cle import find_pairs  # noqa: E402
@@ -116,6 +116,9 @@ CONFIGS: Dict[str, Config] = {
                             per_channel=True, empirical_bias_correction=1),
     "u8s8_pc_ebc2": _pyquant("pyquant U8S8 per-channel + empirical bias correction (2 passes)", "U8S8",
                              per_channel=True, empirical_bias_correction=2),
+    "u8s8_pc_minmax_ebc": _pyquant("pyquant U8S8 per-channel, MinMax ranges + empirical bias correction (1 pass)",
+                                   "U8S8", per_channel=True, calibrate_method=RangeMethod.MinMax,
+                                   empirical_bias_correction=1),
     "u8s8_ebc": _pyquant("pyquant U8S8 + empirical bias correction (1 pass)", "U8S8", empirical_bias_correction=1),
     "xint8_ebc": _pyquant("pyquant XINT8 + empirical bias correction (1 pass)", "XINT8", empirical_bias_correction=1),
     "u8s8": _pyquant("pyquant U8S8", "U8S8"),

@@ -132,3 +132,16 @@ def test_needs_a_reader_that_rewinds():
 
     with pytest.raises(Exception, match="rewind"):
         quantize_model(model, Once(), dataclasses.replace(get_preset("U8S8"), empirical_bias_correction=1))
+
+
+@pytest.mark.parametrize("preset", ["U8S8", "XINT8"])  # the first layer's output: float / quantized graph output
+def test_a_layer_output_that_is_also_a_model_output(preset):
+    rng = np.random.default_rng(2)
+    model = silu_model(rng)
+    model.graph.output.append(helper.make_tensor_value_info("c1", TensorProto.FLOAT, ["N", 8, 8, 8]))
+    x = calibration(rng)
+    config = dataclasses.replace(get_preset(preset), empirical_bias_correction=1)
+    result = quantize_model(model, ArrayReader(x, "x", 8), config)
+    assert result.reports["empirical_bias_correction"].layers == 2
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["y", "c1"]

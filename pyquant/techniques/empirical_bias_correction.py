@@ -77,10 +77,10 @@ def corrected_layers(plan: QuantPlan) -> Dict[str, NodeProto]:
     return layers
 
 
-def _pre_qdq_name(tensor: str, graph_outputs) -> str:
-    """The name of a planned activation before its QDQ pair in the QDQ model: write_qdq
-    renames a graph output's producer output to ``<name>_float``."""
-    return f"{tensor}_float" if tensor in graph_outputs else tensor
+def _pre_qdq_name(tensor: str, graph_outputs, planned) -> str:
+    """The name of a tensor before its QDQ pair (if any) in the QDQ model: write_qdq renames
+    the producer output of a quantized graph output to ``<name>_float``."""
+    return f"{tensor}_float" if tensor in graph_outputs and tensor in planned else tensor
 
 
 def channel_means(model: ModelProto, names: List[str], reader) -> Dict[str, np.ndarray]:
@@ -148,7 +148,8 @@ def local_correction(state: QuantState, float_model: ModelProto) -> Dict[str, np
     planned = set(state.plan.activations)
     qmodel = write_qdq(state.model, state.plan, state.table, state.config)
     graph_outputs = set(GraphView(qmodel).graph_outputs)
-    boundary = {use.node.output[0]: _pre_qdq_name(use.node.output[0], graph_outputs) for use in state.plan.weights}
+    boundary = {use.node.output[0]: _pre_qdq_name(use.node.output[0], graph_outputs, planned)
+                for use in state.plan.weights}
     qmodel = with_float_path(qmodel, state.model, boundary)
     inputs = {o: n.input[0] for o, n in layers.items()}
     graph_inputs = set(GraphView(qmodel).graph_inputs)
