@@ -186,6 +186,8 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per_channel", action="store_true", help="per-channel weight scales (not with XINT8)")
     p.add_argument("--cross_layer_equalization", action="store_true", help="add cross-layer equalization")
     p.add_argument("--fast_finetune", action="store_true", help="add fast finetune (AdaRound)")
+    p.add_argument("--empirical_bias_correction", type=int, default=None, metavar="PASSES",
+                   help="passes of empirical bias correction, as for quantize")
     p.add_argument("--quantize_region_outputs", action=argparse.BooleanOptionalAction, default=None,
                    help="QDQ pairs on model outputs (default: the preset's choice)")
     _add_common(p)
