@@ -76,3 +76,29 @@ def test_layer_without_bias_gets_one():
     conv = next(n for n in q.graph.node if n.op_type == "Conv")
     assert len(conv.input) == 3 and conv.input[2]
     onnx.checker.check_model(q)
+
+
+def test_layers_sharing_one_bias_initializer_get_a_corrected_bias_each():
+    """Two convolutions reading one bias initializer: each correction is its own (writing
+    one shared corrected initializer would give the first layer the second's)."""
+    rng = np.random.default_rng(6)
+    w1, w2 = rng.standard_normal((4, 3, 3, 3)), rng.standard_normal((4, 3, 3, 3)) * 0.05
+    inits = [numpy_helper.from_array(w1.astype(np.float32), "w1"), numpy_helper.from_array(w2.astype(np.float32), "w2"),
+             numpy_helper.from_array(np.full(4, 0.1, np.float32), "b")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b"], ["y1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w2", "b"], ["y2"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4, 12, 12]) for n in ("y1", "y2")],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = (rng.uniform(0, 1, (16, 3, 12, 12)) + 1).astype(np.float32)
+    q = quantize_model(model, ArrayReader(x, "x", 8), get_preset("U8S8")).model
+    init = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    producer = {n.output[0]: n for n in q.graph.node}
+
+    def bias(conv):  # the dequantized int32 bias (zero point 0)
+        dq = producer[conv.input[2]]
+        return init[dq.input[0]] * init[dq.input[1]]
+
+    first, second = [n for n in q.graph.node if n.op_type == "Conv"]
+    assert not np.allclose(bias(first), bias(second), atol=1e-3), (bias(first), bias(second))

@@ -107,7 +107,7 @@ def test_a_layer_without_bias_gains_one_and_further_passes_converge():
     x = calibration(rng)
     config = dataclasses.replace(get_preset("U8S8"), per_channel=True, empirical_bias_correction=3)
     result = quantize_model(model, ArrayReader(x, "x", 8), config)
-    steps = result.reports["empirical_bias_correction"].mean_abs_shift
+    steps = result.reports["empirical_bias_correction"].mean_bias_step
     assert len(steps) == 3 and steps[2] < steps[0], steps
     last = [n for n in result.model.graph.node if n.op_type == "Conv"][-1]
     assert len(last.input) == 3 and last.input[2]

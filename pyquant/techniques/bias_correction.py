@@ -64,7 +64,8 @@ def add_to_bias(view: GraphView, node: NodeProto, shift: np.ndarray, suffix: str
     if bias.shape != shift.shape:
         log.info("%s skips %s: bias shape %s is not [%d]", suffix, view.node_name(node), bias.shape, shift.shape[0])
         return False
-    if has_bias:  # a bias this suffix already named is replaced, not renamed again
+    shared = has_bias and len(view.consumers.get(node.input[2], [])) > 1  # each layer gets a bias of its own
+    if has_bias and not shared:  # a bias this suffix already named is replaced, not renamed again
         name = node.input[2] if node.input[2].endswith(f"_{suffix}") else f"{node.input[2]}_{suffix}"
     else:
         name = f"{node.output[0]}_{suffix}"

@@ -6,24 +6,29 @@ shift of a layer's own weight rounding, (W - W_q) E[x] with the float network's 
 does not see activation quantization: clipping and rounding a tensor moves its mean (a
 SiLU's negative lobe, -0.28..0, gets a handful of uint8 steps when the positive range is
 large, so the mean of every SiLU output moves), and those shifts add up along the network.
-Here the QDQ model itself is run on the calibration data and, for each Conv/Gemm whose
-input a is quantized to QDQ(a), the per-channel means of a (before its QDQ pair) and of
-QDQ(a) are streamed, and the bias becomes
+Here the QDQ model itself is run on the calibration data beside a float copy of the ops
+between weighted layers (with_float_path: fed with the weighted layers' outputs as the
+quantized network computes them, no QDQ pairs). For each Conv/Gemm, with a its input on
+that float copy and QDQ(x) its input in the quantized network, the per-channel means are
+streamed and the bias becomes
 
-    b = b_float + W E[a] - W_q E[QDQ(a)],
+    b = b_float + W E[a] - W_q E[QDQ(x)],
 
-so that the layer's mean output on the quantized network's data is what its float weights
-would give on that data before the input's clipping and rounding: the shift is removed
-where it arises, not carried on. All layers are measured in one pass; a correction changes
-the inputs of the layers after it, so a further pass measures again with the corrected
-biases in place (a fixed-point iteration; ``passes``).
+so that the layer's mean output is what its float weights give on the float ops applied to
+the quantized network's previous layer outputs: every clipping and rounding since those
+layers (a SiLU's input and output pairs, a Concat's shared scale, ...) and the layer's own
+weight rounding are removed where they arise, not carried on. All layers are measured in
+one pass; a correction changes the inputs of the layers after it, so a further pass
+measures again with the corrected biases in place (a fixed-point iteration; ``passes``).
 
 Measured and rejected (YOLOv8n, U8S8 per-channel, detection F1 against float 0.864): the
 textbook form b += E[y_float] - E[y_quantized] for every layer from one pass (F1 0.452;
 two passes 0.000: each layer also absorbs the upstream shift the layers before it are
 correcting, and the over-correction grows with depth); that form on the last weighted
-layers before the outputs only (0.851; with this correction first, 0.864): the mean over
-all anchors is the background's, and matching it moves the foreground logits.
+layers before the outputs only (0.851): the mean over all anchors is the background's, and
+matching it moves the foreground logits; a taken as the input before its own QDQ pair only
+(no float copy: the pairs further up, e.g. before a SiLU, go uncorrected): 0.876, 30.1 dB,
+against 0.883, 30.2 dB with the float copy (0.888, 30.5 dB with two passes).
 
 Streaming: per-channel sums only (C + 1 numbers per tensor), one batch alive at a time.
 Cost: one inference pass of the QDQ model over the calibration data per pass.
@@ -57,11 +62,11 @@ class EmpiricalBiasReport:
     passes: int
     # per pass: how far the pass moved the biases, |new bias - bias before| averaged over
     # each layer's channels, then over the layers (the fixed-point iteration's step)
-    mean_abs_shift: List[float]
+    mean_bias_step: List[float]
 
     def summary(self) -> str:
-        shifts = ", ".join(f"{s:.4g}" for s in self.mean_abs_shift)
-        return f"empirical bias correction: {self.layers} layers, {self.passes} passes, mean |shift| per pass {shifts}"
+        steps = ", ".join(f"{s:.4g}" for s in self.mean_bias_step)
+        return f"empirical bias correction: {self.layers} layers, {self.passes} passes, mean |bias step| per pass {steps}"
 
 
 def corrected_layers(plan: QuantPlan) -> Dict[str, NodeProto]:
@@ -194,7 +199,7 @@ def apply_empirical_bias_correction(state: QuantState, float_model: ModelProto, 
     report = EmpiricalBiasReport(0, passes, [])
     for _ in range(passes):
         shifts = local_correction(state, float_model)
-        report.mean_abs_shift.append(float(np.mean([np.abs(s).mean() for s in shifts.values()])) if shifts else 0.0)
+        report.mean_bias_step.append(float(np.mean([np.abs(s).mean() for s in shifts.values()])) if shifts else 0.0)
         report.layers = _apply(state, shifts)
     log.info(report.summary())
     return report
