@@ -46,12 +46,14 @@ ROWS = {
     "floor_serial": "float inference over calib/, decode then infer each batch (the previous floor)",
     "xint8": "pyquant XINT8",
     "xint8_nobc": "pyquant XINT8 without bias correction",
+    "xint8_ebc": "pyquant XINT8 + empirical bias correction (1 pass)",
     "xint8_4x": "pyquant XINT8, calib/ repeated 4x (2000 images)",
     "float_cle": "float model after pyquant CLE (must equal float; time = CLE transform)",
     "int8_cle": "pyquant INT8_CLE (XINT8 + CLE + bias correction)",
     "int8_cle_datafree": "pyquant INT8_CLE with data-free CLE (weights-only scales, activation_weight 0)",
     "int8_cle_hba": "pyquant INT8_CLE + high-bias absorption",
     "int8_cle_nobc": "pyquant XINT8 + CLE without bias correction",
+    "int8_cle_ebc": "pyquant INT8_CLE + empirical bias correction (1 pass)",
     "int8_cle_relu": "pyquant XINT8 + CLE, ReLU6 replaced by ReLU (reference behaviour)",
     "xint8_ft": "pyquant XINT8 + fast finetune (AdaRound)",
     "int8_cnn_accurate": "pyquant INT8_CNN_ACCURATE (CLE + Percentile 99.9999 + AdaRound)",
@@ -61,6 +63,9 @@ ROWS = {
     "a8w8": "pyquant A8W8",
     "u8s8": "pyquant U8S8 per-tensor",
     "u8s8_pc": "pyquant U8S8 per-channel",
+    "u8s8_pc_ebc": "pyquant U8S8 per-channel + empirical bias correction (1 pass)",
+    "u8s8_pc_minmax": "pyquant U8S8 per-channel, MinMax activation ranges",
+    "u8s8_pc_minmax_ebc": "pyquant U8S8 per-channel, MinMax activation ranges + empirical bias correction (1 pass)",
     "u8s8_pc_uint8_logits": "pyquant U8S8 per-channel, logits rounded to uint8 too (--quantize_region_outputs)",
     "u8u8": "pyquant U8S8 with asymmetric uint8 weights (Quark's U8U8_AAWA), per-tensor",
     "u8u8_pc": "pyquant U8S8 with asymmetric uint8 weights, per-channel",
@@ -96,7 +101,7 @@ def repeated_folder(src: Path, times: int, tmp: Path) -> Path:
 
 
 def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path) -> float:
-    from pyquant.config import CLEOptions, FastFinetuneOptions, QuantType, get_preset
+    from pyquant.config import CalibrationMethod, CLEOptions, FastFinetuneOptions, QuantType, get_preset
     from pyquant.graph.model_io import load_model, save_model
     from pyquant.pipeline import quantize_model
 
@@ -105,11 +110,13 @@ def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path)
     configs = {
         "xint8": ("XINT8", {}),
         "xint8_nobc": ("XINT8", {"bias_correction": False}),
+        "xint8_ebc": ("XINT8", {"empirical_bias_correction": 1}),
         "xint8_4x": ("XINT8", {}),
         "int8_cle": ("INT8_CLE", {}),
         "int8_cle_datafree": ("INT8_CLE", {"cle": CLEOptions(activation_weight=0.0)}),
         "int8_cle_hba": ("INT8_CLE", {"cle": CLEOptions(high_bias_absorption=True)}),
         "int8_cle_nobc": ("INT8_CLE", {"bias_correction": False}),
+        "int8_cle_ebc": ("INT8_CLE", {"empirical_bias_correction": 1}),
         "int8_cle_relu": ("INT8_CLE", {"cle": CLEOptions(replace_clip_with_relu=True)}),
         "xint8_ft": ("XINT8", {"fast_finetune": ft}),
         "int8_cnn_accurate": ("INT8_CNN_ACCURATE", {}),
@@ -119,6 +126,10 @@ def quantize_row(row: str, shared: Path, model_path: Path, out: Path, tmp: Path)
         "a8w8": ("A8W8", {}),
         "u8s8": ("U8S8", {}),
         "u8s8_pc": ("U8S8", {"per_channel": True}),
+        "u8s8_pc_ebc": ("U8S8", {"per_channel": True, "empirical_bias_correction": 1}),
+        "u8s8_pc_minmax": ("U8S8", {"per_channel": True, "calibrate_method": CalibrationMethod.MinMax}),
+        "u8s8_pc_minmax_ebc": ("U8S8", {"per_channel": True, "calibrate_method": CalibrationMethod.MinMax,
+                                        "empirical_bias_correction": 1}),
         "u8s8_pc_uint8_logits": ("U8S8", {"per_channel": True, "quantize_region_outputs": True}),
         "u8u8": ("U8S8", {"weight_type": QuantType.QUInt8}),
         "u8u8_pc": ("U8S8", {"weight_type": QuantType.QUInt8, "per_channel": True}),

@@ -22,7 +22,7 @@ quantizer. Prints two markdown tables: one row per model x configuration, then t
   model) and on pyquant.pipeline.prepare(model), checked on the first calibration feed.
 
     python benchmarks/real_models.py [--models minilm,yolov8n,...]
-        [--configs u8s8_pc,u8s8,xint8,ort_pc,int8_cle] [--cle-models ppocr-det|all]
+        [--configs u8s8_pc,u8s8,xint8,ort_pc,int8_cle,u8s8_pc_ebc,...] [--cle-models ppocr-det|all]
         [--before-python /tmp/basevenv/bin/python]
 
 int8_cle (pyquant INT8_CLE: XINT8 with cross-layer equalization) runs only on the models of
@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402  (the sibling script)
 import pyquant  # noqa: E402
 from pyquant.api import quantize_detailed  # noqa: E402
-from pyquant.config import get_preset  # noqa: E402
+from pyquant.config import CalibrationMethod as RangeMethod, get_preset  # noqa: E402
 from pyquant.graph.rewrites.batchnorm import fold_batch_norm  # noqa: E402
 from pyquant.pipeline import prepare  # noqa: E402
 from pyquant.techniques.cle import find_pairs  # noqa: E402
@@ -102,13 +102,25 @@ class Config:
     per_channel: bool = False
 
 
-def _pyquant(label: str, preset: str, per_channel: bool = False) -> Config:
-    config = lambda: dataclasses.replace(get_preset(preset), per_channel=True) if per_channel else get_preset(preset)
-    return Config(label, lambda: pyquant_quantizer(config()), preset, per_channel)
+def _pyquant(label: str, preset: str, per_channel: bool = False, **fields) -> Config:
+    """A pyquant configuration: the preset, per-channel if asked, with ``fields`` replaced
+    (such rows have no --before-python run: the old pyquant lacks the fields)."""
+    config = lambda: dataclasses.replace(get_preset(preset), per_channel=per_channel or get_preset(preset).per_channel,
+                                         **fields)
+    return Config(label, lambda: pyquant_quantizer(config()), None if fields else preset, per_channel)
 
 
 CONFIGS: Dict[str, Config] = {
     "u8s8_pc": _pyquant("pyquant U8S8 per-channel", "U8S8", per_channel=True),
+    "u8s8_pc_ebc": _pyquant("pyquant U8S8 per-channel + empirical bias correction (1 pass)", "U8S8",
+                            per_channel=True, empirical_bias_correction=1),
+    "u8s8_pc_ebc2": _pyquant("pyquant U8S8 per-channel + empirical bias correction (2 passes)", "U8S8",
+                             per_channel=True, empirical_bias_correction=2),
+    "u8s8_pc_minmax_ebc": _pyquant("pyquant U8S8 per-channel, MinMax ranges + empirical bias correction (1 pass)",
+                                   "U8S8", per_channel=True, calibrate_method=RangeMethod.MinMax,
+                                   empirical_bias_correction=1),
+    "u8s8_ebc": _pyquant("pyquant U8S8 + empirical bias correction (1 pass)", "U8S8", empirical_bias_correction=1),
+    "xint8_ebc": _pyquant("pyquant XINT8 + empirical bias correction (1 pass)", "XINT8", empirical_bias_correction=1),
     "u8s8": _pyquant("pyquant U8S8", "U8S8"),
     "xint8": _pyquant("pyquant XINT8", "XINT8"),
     "ort_pc": Config("onnxruntime quantize_static QDQ U8S8 per-channel MinMax", lambda: ort_quantize),

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add cross-layer equalization to the preset (INT8_CLE has it)")
     q.add_argument("--fast_finetune", action="store_true",
                    help="add fast finetune (AdaRound) to the preset (INT8_CNN_ACCURATE has it)")
+    q.add_argument("--empirical_bias_correction", type=int, default=None, metavar="PASSES",
+                   help="passes of empirical bias correction: run the QDQ model on the calibration data and "
+                        "correct each Conv/Gemm bias for the mean shift of activation quantization too "
+                        "(one inference pass each; default: the preset's, 0)")
     q.add_argument("--quantize_region_outputs", action=argparse.BooleanOptionalAction, default=None,
                    help="QDQ pairs on model outputs and on tensors read only by ops left in float "
                         "(default: the preset's choice; off keeps a classifier's logits in float)")
@@ -182,6 +186,8 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per_channel", action="store_true", help="per-channel weight scales (not with XINT8)")
     p.add_argument("--cross_layer_equalization", action="store_true", help="add cross-layer equalization")
     p.add_argument("--fast_finetune", action="store_true", help="add fast finetune (AdaRound)")
+    p.add_argument("--empirical_bias_correction", type=int, default=None, metavar="PASSES",
+                   help="passes of empirical bias correction, as for quantize")
     p.add_argument("--quantize_region_outputs", action=argparse.BooleanOptionalAction, default=None,
                    help="QDQ pairs on model outputs (default: the preset's choice)")
     _add_common(p)
@@ -296,6 +302,8 @@ def quant_config_from_args(args):
         config = dataclasses.replace(config, quantize_region_outputs=args.quantize_region_outputs)
     if args.fast_finetune and config.fast_finetune is None:
         config = dataclasses.replace(config, fast_finetune=FastFinetuneOptions())
+    if args.empirical_bias_correction is not None:
+        config = dataclasses.replace(config, empirical_bias_correction=args.empirical_bias_correction)
     return config
 
 

@@ -269,6 +269,12 @@ class QuantConfig:
             every weight within one rounding step.
         bias_correction: correct each Conv/Gemm bias for the mean output shift caused by
             weight rounding (pyquant.techniques.bias_correction); on in every preset.
+        empirical_bias_correction: passes of empirical bias correction
+            (pyquant.techniques.empirical_bias_correction): run the QDQ model on the
+            calibration data and move each Conv/Gemm bias by its per-channel output mean,
+            float minus quantized, which also removes the mean shift that activation
+            clipping and rounding build up; each pass is one more inference pass over the
+            calibration data (the first also runs the float model). 0: off.
         cross_layer_equalization: equalize weight ranges of consecutive layers before
             calibration (pyquant.techniques.cle), with ``cle`` options.
         fast_finetune: fit each layer's integer weights (AdaRound/AdaQuant) to reproduce
@@ -301,6 +307,7 @@ class QuantConfig:
     threads: Optional[int] = None
     weight_scale_mse: bool = True
     bias_correction: bool = True
+    empirical_bias_correction: int = 0
     cross_layer_equalization: bool = False
     cle: CLEOptions = CLEOptions()
     fast_finetune: Optional[FastFinetuneOptions] = None
@@ -345,7 +352,7 @@ class QuantConfig:
             raise ConfigError(f"num_bins must be in [{MIN_NUM_BINS}, {MAX_NUM_BINS}], got {self.num_bins}")
         if self.fast_finetune is not None and not isinstance(self.fast_finetune, FastFinetuneOptions):
             raise ConfigError(f"fast_finetune must be FastFinetuneOptions or None, got {self.fast_finetune!r}")
-        for name in ("calib_batch_size", "threads", "num_bins"):
+        for name in ("calib_batch_size", "threads", "num_bins", "empirical_bias_correction"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
@@ -353,6 +360,8 @@ class QuantConfig:
             raise ConfigError(f"calib_batch_size must be at least 1, got {self.calib_batch_size}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        if self.empirical_bias_correction < 0:
+            raise ConfigError(f"empirical_bias_correction (passes) must be >= 0, got {self.empirical_bias_correction}")
         if not self.int32_bias and not self.power_of_two:
             raise ConfigError("int32_bias=False (int8 biases with their own power-of-two position) needs "
                               f"power-of-two scales; calibrate_method is {self.calibrate_method.name}")

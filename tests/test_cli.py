@@ -68,6 +68,22 @@ def test_quantize_region_outputs_flag_overrides_the_preset(tmp_path, tiny_model_
     assert producer["y"] == ("DequantizeLinear" if rounded else "Gemm")
 
 
+def test_empirical_bias_correction_flag_reaches_the_config(tmp_path, tiny_model_path, tiny_data, caplog):
+    np.save(tmp_path / "calib.npy", tiny_data)
+    out = tmp_path / "q.onnx"
+    caplog.set_level("INFO", logger="pyquant.techniques.empirical_bias_correction")
+    assert main(quantize_args(tiny_model_path, out, tmp_path / "calib.npy", "--config", "U8S8",
+                              "--empirical_bias_correction", "2")) == 0
+    assert "empirical bias correction:" in caplog.text and "2 passes" in caplog.text
+
+
+def test_negative_empirical_bias_correction_is_a_usage_error(tmp_path, tiny_model_path, tiny_data, capsys):
+    np.save(tmp_path / "calib.npy", tiny_data)
+    expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
+                                       "--empirical_bias_correction", "-1"), 2, "empirical_bias_correction")
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_corrupt_image_is_skipped_with_a_count(tmp_path, tiny_model_path, image_folder, caplog):
     (image_folder / "n001" / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "q.onnx"

@@ -88,6 +88,7 @@ EFFECTS: Dict[str, tuple] = {
     "threads": (U8S8, threads.available_cpus() + 1, "kernel_threads"),
     "weight_scale_mse": (U8S8, False, "model"),
     "bias_correction": (U8S8, False, "model"),
+    "empirical_bias_correction": (U8S8, 1, "model"),
     "cross_layer_equalization": (U8S8, True, "model"),
     "fast_finetune": (U8S8, FastFinetuneOptions(iterations=60), "model"),
     "nodes_to_exclude": (U8S8, frozenset({"Conv(c3)"}), "model"),

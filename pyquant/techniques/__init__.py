@@ -11,6 +11,7 @@ from .base import Callbacks, QuantState, Stage, Technique
 from .bias_absorption import HighBiasAbsorption
 from .bias_correction import BiasCorrection
 from .cle import CrossLayerEqualization
+from .empirical_bias_correction import EmpiricalBiasCorrection
 from .fast_finetune.finetune import FastFinetune
 from .npu_positions import NpuBiasPositions, NpuPositions
 
@@ -20,6 +21,7 @@ REGISTRY: List[Type[Technique]] = [
     NpuPositions,  # PARAMETERS: NPU shift limits, jointly over the graph, before anything uses the scales
     BiasCorrection,  # PARAMETERS: biases absorb the mean error of weight rounding
     FastFinetune,  # PARAMETERS: learned rounding, with the corrected biases of the other layers
+    EmpiricalBiasCorrection,  # PARAMETERS: biases absorb the measured mean shift of the QDQ model, once weights are final
     NpuBiasPositions,  # PARAMETERS: int8 bias positions, once the biases are final
 ]
 

@@ -44,8 +44,8 @@ def needed_means(plan: QuantPlan) -> Dict[str, int]:
     return needed
 
 
-def _output_shift(node: NodeProto, weight_error: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """(W - W_q) E[x] per output channel."""
+def output_shift(node: NodeProto, weight_error: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """(W - W_q) E[x] per output channel (any weight-shaped array in place of W - W_q: W E[x])."""
     if node.op_type == "Conv":
         groups = attribute(node, "group", 1)
         out_channels, in_per_group = weight_error.shape[:2]
@@ -53,6 +53,30 @@ def _output_shift(node: NodeProto, weight_error: np.ndarray, mean: np.ndarray) -
         per_input = per_input.reshape(groups, out_channels // groups, in_per_group)
         return np.einsum("goi,gi->go", per_input, mean.reshape(groups, in_per_group)).reshape(out_channels)
     return weight_error @ mean if attribute(node, "transB", 0) else mean @ weight_error
+
+
+def add_to_bias(view: GraphView, node: NodeProto, shift: np.ndarray, suffix: str) -> bool:
+    """Add ``shift`` (one value per output channel) to the bias of a Conv/Gemm ``node``,
+    as a new initializer named after the old bias (or the output) and ``suffix``; a layer
+    without a bias gains one. False (nothing changed) when the bias has another shape."""
+    has_bias = len(node.input) > 2 and node.input[2]
+    bias = view.constant_value(node.input[2]).astype(np.float64) if has_bias else np.zeros(shift.shape)
+    if bias.shape != shift.shape:
+        log.info("%s skips %s: bias shape %s is not [%d]", suffix, view.node_name(node), bias.shape, shift.shape[0])
+        return False
+    shared = has_bias and len(view.consumers.get(node.input[2], [])) > 1  # each layer gets a bias of its own
+    if has_bias and not shared:  # a bias this suffix already named is replaced, not renamed again
+        name = node.input[2] if node.input[2].endswith(f"_{suffix}") else f"{node.input[2]}_{suffix}"
+    else:
+        name = f"{node.output[0]}_{suffix}"
+    view.replace_initializer(name, (bias + shift).astype(np.float32))
+    if has_bias:
+        node.input[2] = name
+    else:
+        while len(node.input) < 2:
+            node.input.append("")
+        node.input.append(name)
+    return True
 
 
 def apply_bias_correction(model: ModelProto, plan: QuantPlan, means: Mapping[str, np.ndarray],
@@ -68,21 +92,9 @@ def apply_bias_correction(model: ModelProto, plan: QuantPlan, means: Mapping[str
             continue
         w = view.constant_value(node.input[use.input_index]).astype(np.float64)
         error = w - table.weight(use, per_channel).dequantized()
-        shift = _output_shift(node, error, means[node.input[0]])
-        has_bias = len(node.input) > 2 and node.input[2]
-        bias = view.constant_value(node.input[2]).astype(np.float64) if has_bias else np.zeros(shift.shape)
-        if bias.shape != shift.shape:
-            log.info("bias correction skips %s: bias shape %s is not [%d]", view.node_name(node), bias.shape,
-                     shift.shape[0])
+        shift = output_shift(node, error, means[node.input[0]])
+        if not add_to_bias(view, node, shift, "bias_corrected"):
             continue
-        name = f"{node.input[2]}_bias_corrected" if has_bias else f"{node.output[0]}_bias_corrected"
-        view.replace_initializer(name, (bias + shift).astype(np.float32))
-        if has_bias:
-            node.input[2] = name
-        else:
-            while len(node.input) < 2:
-                node.input.append("")
-            node.input.append(name)
         corrected += 1
     log.info("bias correction: %d layers", corrected)
     return corrected
