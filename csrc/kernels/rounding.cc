@@ -368,6 +368,15 @@ void gram_product_impl(const float* x, const float* a, int64_t rows, int64_t kp,
   }
 }
 
+PYQUANT_INLINE void update_rows_body(const float* delta, const int32_t* changed, const int64_t* count, int n,
+                                     const float* a, int64_t kp, float* g) {
+  update_block(delta, changed, count, n, a, kp, g);
+}
+
+PYQUANT_CLONES(void, update_rows, (const float* delta, const int32_t* changed, const int64_t* count, int n,
+                                   const float* a, int64_t kp, float* g),
+               (delta, changed, count, n, a, kp, g))
+
 int64_t padded(int64_t k) { return (k + kPad - 1) / kPad * kPad; }
 
 std::vector<float> pad_square(const float* a, int64_t k, int64_t kp) {
@@ -407,6 +416,29 @@ void gram_product(const float* x, const float* gram, int64_t rows, int64_t k, fl
   for (int64_t r = 0; r < rows; ++r) std::copy(x + r * k, x + (r + 1) * k, xp.begin() + r * kp);
   gram_product_impl(xp.data(), a.data(), rows, kp, op.data());
   for (int64_t r = 0; r < rows; ++r) std::copy(op.begin() + r * kp, op.begin() + r * kp + k, out + r * k);
+}
+
+void gram_product_update(const float* x_prev, const float* x, const float* gram, int64_t rows, int64_t k,
+                         float* g) {
+  if (rows <= 0 || k <= 0) return;
+  const int64_t kp = padded(k);
+  const std::vector<float> a = pad_square(gram, k, kp);
+  std::vector<float> delta(rows * kp, 0.f), gp(rows * kp, 0.f);
+  std::vector<int32_t> changed(rows * kp, 0);
+  std::vector<int64_t> count(rows, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < k; ++j) {
+      delta[r * kp + j] = x[r * k + j] - x_prev[r * k + j];
+      if (delta[r * kp + j] != 0.0f) changed[r * kp + count[r]++] = int32_t(j);
+    }
+    std::copy(g + r * k, g + (r + 1) * k, gp.begin() + r * kp);
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int n = int(std::min<int64_t>(kRowBlock, rows - r0));
+    update_rows(delta.data() + r0 * kp, changed.data() + r0 * kp, count.data() + r0, n, a.data(), kp,
+                gp.data() + r0 * kp);
+  }
+  for (int64_t r = 0; r < rows; ++r) std::copy(gp.begin() + r * kp, gp.begin() + r * kp + k, g + r * k);
 }
 
 }  // namespace pyquant
