@@ -12,6 +12,7 @@ less than its products alone would in numpy.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -58,7 +59,8 @@ def main() -> None:
         kernels.set_isa(args.isa)
     if args.threads:
         kernels.set_num_threads(args.threads)
-    print(f"ISA level {kernels.isa()}, {kernels.get_num_threads()} kernel threads\n")
+    print(f"ISA level {kernels.isa()}, {kernels.get_num_threads()} kernel threads, "
+          f"load average {os.getloadavg()[0]:.1f} at the start\n")
     print(f"| layer | fit_rounding s ({args.iterations} iterations) | numpy products s | fit / numpy products |")
     print("|---|---|---|---|")
     for name, groups, rows, k in LAYERS:
@@ -72,6 +74,7 @@ def main() -> None:
 
         ref = best_of(args.repeats, products)
         print(f"| {name} | {fit:.3f} | {ref:.3f} | {fit / ref:.2f} |")
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

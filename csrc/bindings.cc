@@ -508,6 +508,27 @@ PYBIND11_MODULE(_kernels, m) {
     pyquant::gram_product(px, pg, rows, k, po);
   }, py::arg("x"), py::arg("gram"), py::arg("out"), "out = x @ gram (the product inside fit_rounding).");
 
+  m.def("gram_product_update", [](const py::array& x_prev, const py::array& x, const py::array& gram, py::array& g) {
+    require<float>(x_prev, "x_prev", "float32", 2);
+    require<float>(x, "x", "float32", 2);
+    require<float>(gram, "gram", "float32", 2);
+    require<float>(g, "g", "float32", 2, true);
+    const int64_t rows = x.shape(0), k = x.shape(1);
+    if (x_prev.shape(0) != rows || x_prev.shape(1) != k)
+      throw py::value_error("x_prev must have the shape of x " + shape_of(x) + ", got " + shape_of(x_prev));
+    if (gram.shape(0) != k || gram.shape(1) != k)
+      throw py::value_error("gram must be (k, k) with k = x.shape[1] = " + std::to_string(k) + ", got " + shape_of(gram));
+    if (g.shape(0) != rows || g.shape(1) != k)
+      throw py::value_error("g must have the shape of x " + shape_of(x) + ", got " + shape_of(g));
+    const float* pp = static_cast<const float*>(x_prev.data());
+    const float* px = static_cast<const float*>(x.data());
+    const float* pg = static_cast<const float*>(gram.data());
+    float* po = static_cast<float*>(g.mutable_data());
+    py::gil_scoped_release release;
+    pyquant::gram_product_update(pp, px, pg, rows, k, po);
+  }, py::arg("x_prev"), py::arg("x"), py::arg("gram"), py::arg("g"),
+     "g += (x - x_prev) @ gram over the changed entries (fit_rounding's incremental product).");
+
   m.def("window_gram", [](const py::array& q, py::object f_or_none, int64_t groups, std::vector<int64_t> kernel,
                           std::vector<int64_t> strides, std::vector<int64_t> dilations, std::vector<int64_t> pads,
                           py::array& qq, py::array& qf, py::array& ff, py::array& sum_q, py::array& sum_f) {

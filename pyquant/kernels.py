@@ -31,7 +31,8 @@ __all__ = [
     "RangeStats", "CheckedAccumulate", "range_stats", "histogram_accumulate", "histogram_accumulate_if_in_range",
     "channel_sums", "channel_abs_max", "equalization_scales", "scale_channels", "histogram_rebin",
     "histogram_quant_errors", "tensor_quant_errors", "histogram_quantiles", "histogram_entropy_threshold",
-    "RoundingAlgorithm", "RoundingOptions", "FitRounding", "fit_rounding", "gram_product", "window_gram",
+    "RoundingAlgorithm", "RoundingOptions", "FitRounding", "fit_rounding", "gram_product", "gram_product_update",
+    "window_gram",
     "set_num_threads", "get_num_threads", "isa", "set_isa", "supported_isas", "MAX_BINS",
 ]
 
@@ -347,6 +348,19 @@ def gram_product(x: npt.ArrayLike, gram: npt.ArrayLike) -> np.ndarray:
     out = np.empty_like(x)
     _kernels.gram_product(x, gram, out)
     return out
+
+
+def gram_product_update(x_prev: npt.ArrayLike, x: npt.ArrayLike, gram: npt.ArrayLike, g: np.ndarray) -> None:
+    """g += (x - x_prev) @ gram in place, adding gram's rows only where x differs from
+    x_prev: fit_rounding's incremental product (for tests and benchmarks). g: a
+    C-contiguous float32 array [rows, k]."""
+    if not (isinstance(g, np.ndarray) and g.dtype == F32 and g.flags.c_contiguous):
+        raise TypeError("g must be a C-contiguous float32 numpy array (it is updated in place)")
+    x_prev, x = _real(x_prev, "gram_product_update", "x_prev"), _real(x, "gram_product_update", "x")
+    gram = _real(gram, "gram_product_update", "gram")
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D [rows, k], got shape {x.shape}")
+    _kernels.gram_product_update(x_prev, x, gram, g)
 
 
 def window_gram(q: np.ndarray, f: Optional[np.ndarray], groups: int, kernel: Tuple[int, int], strides: Tuple[int, int],

@@ -253,6 +253,12 @@ def gram_product(x, gram) -> np.ndarray:
     return np.asarray(x, np.float64) @ np.asarray(gram, np.float64)
 
 
+def gram_product_update(x_prev, x, gram, g) -> np.ndarray:
+    """g + (x - x_prev) @ gram in float64 (the kernel adds only the changed entries' rows)."""
+    delta = np.asarray(x, np.float64) - np.asarray(x_prev, np.float64)
+    return np.asarray(g, np.float64) + delta @ np.asarray(gram, np.float64)
+
+
 def conv_output_size(size: int, kernel: int, stride: int, dilation: int, pad_before: int, pad_after: int) -> int:
     return (size + pad_before + pad_after - (kernel - 1) * dilation - 1) // stride + 1
 

@@ -29,7 +29,7 @@ def _window_gram(groups, kernel=3, stride=1, dilation=1, pad=1, with_f=True, n=5
     return run
 
 
-def _fit_rounding(groups, rows, k, algorithm):
+def _fit_rounding(groups, rows, k, algorithm, iterations=40):
     def run():
         rng = np.random.default_rng(RNG_SEED)
         x = rng.standard_normal((groups, 3 * k, k))
@@ -39,7 +39,7 @@ def _fit_rounding(groups, rows, k, algorithm):
         scale = np.abs(w).max(axis=2) / 127 * 4
         lr = 0.1 if algorithm == kernels.RoundingAlgorithm.AdaRound else 1e-3
         fit = kernels.fit_rounding(w.astype(np.float32), scale.astype(np.float32), gram.astype(np.float32),
-                                   target.astype(np.float32), -128, 127, algorithm=algorithm, iterations=40,
+                                   target.astype(np.float32), -128, 127, algorithm=algorithm, iterations=iterations,
                                    learning_rate=lr, return_param=True)
         return [fit.q, fit.param]
     return run
@@ -89,6 +89,17 @@ def _gram_product(rows, k):
     return run
 
 
+def _gram_product_update(rows, k):
+    def run():
+        rng = np.random.default_rng(RNG_SEED)
+        x_prev = rng.standard_normal((rows, k)).astype(np.float32)
+        x = np.where(rng.random((rows, k)) < 0.3, rng.standard_normal((rows, k)), x_prev).astype(np.float32)
+        g = rng.standard_normal((rows, k)).astype(np.float32)
+        kernels.gram_product_update(x_prev, x, rng.standard_normal((k, k)).astype(np.float32), g)
+        return [g]
+    return run
+
+
 CASES = {
     "window_gram full conv": _window_gram(1),
     "window_gram full conv, no f": _window_gram(1, with_f=False),
@@ -99,6 +110,9 @@ CASES = {
     "window_gram depthwise, no f": _window_gram(12, with_f=False),
     "fit_rounding AdaRound": _fit_rounding(3, 21, 37, kernels.RoundingAlgorithm.AdaRound),
     "fit_rounding AdaQuant": _fit_rounding(2, 17, 20, kernels.RoundingAlgorithm.AdaQuant),
+    # long enough for saturation: incremental products, periodic full ones and the regulariser
+    "fit_rounding AdaRound, 300 iterations": _fit_rounding(2, 19, 70, kernels.RoundingAlgorithm.AdaRound, 300),
+    "gram_product_update": _gram_product_update(21, 83),
     "histogram and range": _histogram(1_000_003),
     "histogram and range, float64": _histogram(1_000_003, 100, np.float64),
     "channel_sums": _channel_sums((4, 96, 57, 31)),

@@ -55,4 +55,11 @@ void fit_rounding(const float* weight, const float* scale, const float* gram, co
 // tested and benchmarked against numpy.
 void gram_product(const float* x, const float* gram, int64_t rows, int64_t k, float* out);
 
+// g[rows, k] += (x - x_prev)[rows, k] @ gram[k, k], adding gram's rows only for the entries
+// where x differs from x_prev: the incremental product inside fit_rounding (whose saturated
+// entries do not change), exposed to be tested against numpy. Each row's changes are
+// summed in order of j, and the sum is added to g.
+void gram_product_update(const float* x_prev, const float* x, const float* gram, int64_t rows, int64_t k,
+                         float* g);
+
 }  // namespace pyquant

@@ -178,7 +178,8 @@ def _fit_layer(layer: LinearLayer, use, acc: GramAccumulator, view: GraphView, f
     centered = options.update_bias and layer.bias_input is not None
     w = layer.weight.astype(np.float64)
     a, mean_q = acc.moments(centered)
-    target = np.einsum("gkj,grj->grk", a, w)  # t_r = A w_r: the float weights' output on x_q
+    # t_r = A w_r: the float weights' output on x_q (matmul: BLAS, 3.5x numpy's einsum loop on the classifier)
+    target = np.matmul(w, np.swapaxes(a, 1, 2))
     const = np.einsum("grk,grk->gr", w, target)  # its (centered) second moment
     entry = table.weight(use, config.per_channel)
     qp = entry.qparams
