@@ -301,13 +301,14 @@ class SpillingReader:
 
     def __init__(self, reader, max_bytes: Optional[int] = None) -> None:
         self.reader = reader
-        self._file = tempfile.TemporaryFile(prefix="pyquant-batches-")  # no name: gone when closed
-        try:
-            free = shutil.disk_usage(tempfile.gettempdir()).free
-        except OSError:
-            free = 0
-        self.max_bytes = min(SPILL_MAX_BYTES if max_bytes is None else max_bytes, free // 4)
         self._index: Optional[List[List[tuple]]] = []  # per batch: (name, dtype, shape, offset); None: gave up
+        try:  # a copy that cannot be written is no error: the source is read again instead
+            self._file = tempfile.TemporaryFile(prefix="pyquant-batches-")  # no name: gone when closed
+            free = shutil.disk_usage(tempfile.gettempdir()).free
+        except OSError as e:
+            log.info("calibration batches are not copied for a second pass (%s): the reader is read again", e)
+            self._file, self._index, free = None, None, 0
+        self.max_bytes = min(SPILL_MAX_BYTES if max_bytes is None else max_bytes, free // 4)
         self._size = 0
         self._complete = False
         self._replay: Optional[int] = None  # next batch to replay, None while reading the source
@@ -320,11 +321,13 @@ class SpillingReader:
         return self._replay is not None
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def _give_up(self) -> None:
         self._index = None
-        self._file.truncate(0)
+        if self._file is not None:
+            self._file.truncate(0)
 
     def _spill(self, feed: Feed) -> None:
         entry = []
@@ -336,7 +339,12 @@ class SpillingReader:
                 self._give_up()
                 return
             entry.append((name, array.dtype, array.shape, self._size))
-            self._file.write(array.reshape(-1).view(np.uint8).data)
+            try:
+                self._file.write(array.reshape(-1).view(np.uint8).data)
+            except OSError as e:  # e.g. the disk filled up: read the source again instead
+                log.info("the copy of the calibration batches stopped (%s): the reader is read again", e)
+                self._give_up()
+                return
             self._size += array.nbytes
         self._index.append(entry)
 
@@ -350,9 +358,12 @@ class SpillingReader:
 
     def rewind(self) -> None:
         if self._index is not None and self._complete:
-            self._file.flush()
-            self._replay = 0
-            return
+            try:
+                self._file.flush()
+                self._replay = 0
+                return
+            except OSError as e:
+                log.info("the copy of the calibration batches could not be completed (%s): the reader is read again", e)
         require_rewind(self.reader, "this run")
         self._give_up()  # a pass that ended early: the copy is incomplete
         self._replay = None

@@ -3,6 +3,7 @@ file, bit for bit, and falls back to the source whenever the copy is not whole."
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 
 import numpy as np
 import pytest
@@ -118,3 +119,35 @@ def test_fast_finetune_reads_the_source_once(tiny_model, tiny_data):
     spilled = quantize_model(tiny_model, source, config)
     assert source.rewinds == 0 and source.reads == len(batches)
     assert spilled.reports["fast_finetune"].samples == len(tiny_data)
+
+
+class FullDisk:
+    """A temporary file whose writes fail as on a full disk."""
+
+    name = 3
+
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+    def truncate(self, size):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("failure", ["no temporary file", "disk full"])
+def test_a_copy_that_cannot_be_written_falls_back_to_the_source(failure, monkeypatch):
+    def broken(*args, **kwargs):
+        if failure == "no temporary file":
+            raise OSError(13, "Permission denied")
+        return FullDisk()
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", broken)
+    source = CountingReader(mixed_batches())
+    reader = SpillingReader(source)
+    assert_same_batches(read_all(reader), mixed_batches())
+    reader.rewind()
+    assert not reader.replaying and source.rewinds == 1
+    assert_same_batches(read_all(reader), mixed_batches())
+    reader.close()
