@@ -225,19 +225,20 @@ def with_requantized_layer_outputs(model: ModelProto) -> Tuple[ModelProto, int]:
             continue
         layer_out = node.output[0]
         first = view.single_consumer(layer_out)
-        source, step, quantize = layer_out, first, None
-        while step is not None and step.op_type in _CLAMP_OPS and _is_constant_clamp(view, step, source):
-            source = step.output[0]
-            step = view.single_consumer(source)
-        if step is None or step.op_type != "QuantizeLinear" or source == layer_out:
+        source, quantize = layer_out, first
+        while quantize is not None and quantize.op_type in _CLAMP_OPS and _is_constant_clamp(view, quantize, source):
+            source = quantize.output[0]
+            quantize = view.single_consumer(source)
+        if quantize is None or quantize.op_type != "QuantizeLinear" or source == layer_out:
             continue
-        quantize = step
         if len(quantize.input) < 3 or not all(view.is_constant(i) for i in quantize.input[1:3]) or \
                 np.size(view.constant_value(quantize.input[1])) != 1:
             continue
         if not all(_power_of_two_scale(view, name) for name in (node.input[0], node.input[1], quantize.output[0])):
             continue
         q_name, dq_name = f"{layer_out}_requantized", f"{layer_out}_requantized_dequantized"
+        # copies, not the QuantizeLinear's inputs: a Constant node producing those may come
+        # after the layer, where the new pair is placed
         scale = view.constant_value(quantize.input[1]).astype(np.float32)
         zero_point = view.constant_value(quantize.input[2])
         inits += [numpy_helper.from_array(scale, q_name + "_scale"),
