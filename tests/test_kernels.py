@@ -114,7 +114,7 @@ def test_accumulate_if_in_range_matches_reference(n, kind, grid, dtype):
 @pytest.mark.parametrize("n", [1023, 1024, 1025, 3 * 1024 + 17, 200_000])
 @pytest.mark.parametrize("grid", [(-1.0, 6.0), (0.5, 6.0), (-6.0, -0.5), (-2.0, 0.0)])
 def test_histogram_of_mostly_zero_values_matches_reference_at_every_level(level, n, grid):
-    # The AVX-512 copy counts the values in the bin of zero apart from the others; zero
+    # The AVX-512 and AVX2 copies count the values in the bin of zero apart from the others; zero
     # inside, below, above and on the edge of the grid, runs of zeros across block edges.
     rng = np.random.default_rng(n)
     x = np.maximum(rng.standard_normal(n), 0).astype(np.float32) * 3
