@@ -33,6 +33,7 @@ import enum
 import logging
 import re
 import sys
+import tempfile
 import warnings
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -42,7 +43,7 @@ from onnxruntime.quantization.calibrate import CalibrationMethod as OrtCalibrati
 from onnxruntime.quantization.quant_utils import QuantFormat
 from onnxruntime.quantization.quant_utils import QuantType as OrtQuantType
 
-from . import api, kernels
+from . import api, kernels, runtime
 from .config import (CalibrationMethod, CLEOptions, FastFinetuneOptions, FinetuneAlgorithm, PowerOfTwoMethod,
                      QuantConfig, QuantType, get_preset)
 from .errors import ConfigError, DataError
@@ -57,9 +58,6 @@ log = logging.getLogger(__name__)
 _DEFAULTS = QuantConfig()
 # Quark's AdaQuant learning rate is in units of the weights, AdaRound's in units of V.
 ADAQUANT_LEARNING_RATE = 1e-5
-# A reader without rewind() used by a technique that reads the data twice (fast finetune)
-# keeps copies of its batches up to this many bytes (ReplayReader).
-REPLAY_CACHE_BYTES = 1 << 30
 
 
 class VitisQuantType(enum.Enum):
@@ -1074,49 +1072,31 @@ def quark_default_config(name: str) -> QuantizationConfig:
 # ---- readers -------------------------------------------------------------------------------------
 
 class ReplayReader:
-    """A reader without rewind() made rewindable for a technique that reads the data twice:
-    each batch read is also kept (a copy) while the copies total at most ``max_bytes``;
-    rewind() replays them. A second pass that needs a batch beyond the kept ones raises
-    DataError naming ``needed_by`` (only then: fast finetune limited by DataSize may read
-    less than calibration did)."""
+    """A reader without rewind() made usable by a technique that reads the data twice. The
+    second pass is served by the pipeline's temporary-file copy of the first one
+    (runtime.SpillingReader), so no batch is kept here; rewind() only records that a second
+    pass began. If that copy could not be made (its budget, a full or unwritable temporary
+    folder) the pipeline reads the source again, and that raises DataError naming
+    ``needed_by`` and what to do."""
 
-    def __init__(self, reader, needed_by: str, max_bytes: int = REPLAY_CACHE_BYTES) -> None:
-        self.reader, self.needed_by, self.max_bytes = reader, needed_by, max_bytes
-        self._kept: List[Dict[str, np.ndarray]] = []
-        self._bytes = self._pos = 0
-        self._dropped = self._exhausted = self._rewound = False
+    def __init__(self, reader, needed_by: str) -> None:
+        self.reader, self.needed_by = reader, needed_by
+        self._rewound = False
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def rewind(self) -> None:
-        self._pos, self._rewound = 0, True
+        self._rewound = True
 
     def get_next(self) -> Optional[Dict[str, np.ndarray]]:
-        if self._pos < len(self._kept):
-            self._pos += 1
-            return self._kept[self._pos - 1]
-        if self._dropped and self._rewound:
-            raise DataError(f"{self.needed_by} reads the calibration data twice and the data reader has no rewind(): "
-                            f"pyquant kept the first {len(self._kept)} batches ({self._bytes / 2**20:.0f} MB, the "
-                            f"limit is {self.max_bytes / 2**20:.0f} MB) and needs more; give the reader a rewind() "
-                            "method, or limit FastFinetune DataSize")
-        if self._exhausted:
-            return None
-        batch = self.reader.get_next()
-        if batch is None:
-            self._exhausted = True
-            return None
-        if not self._dropped:
-            copy = {k: np.array(v) for k, v in batch.items()} if isinstance(batch, dict) else batch
-            size = sum(v.nbytes for v in copy.values()) if isinstance(copy, dict) else 0
-            if self._bytes + size <= self.max_bytes:
-                self._kept.append(copy)
-                self._bytes += size
-                self._pos += 1
-                return copy
-            self._dropped = True
-        return batch
+        if self._rewound:
+            raise DataError(f"{self.needed_by} reads the calibration data twice and the data reader has no "
+                            "rewind(): pyquant replays the first pass from a temporary file, which could not be "
+                            f"made (it is limited to {runtime.SPILL_MAX_BYTES >> 30} GiB and a quarter of the free "
+                            f"space in {tempfile.gettempdir()}); give the reader a rewind() method, or free space "
+                            "there (TMPDIR chooses the folder)")
+        return self.reader.get_next()
 
 
 def replayable(reader, config: QuantConfig):
@@ -1125,9 +1105,9 @@ def replayable(reader, config: QuantConfig):
     rereaders = [t.name for t in techniques_for(config) if t.rereads_data]
     if not rereaders or not hasattr(reader, "get_next") or callable(getattr(reader, "rewind", None)):
         return reader
-    log.info("the data reader has no rewind(): %s reads the data twice, its batches are kept (up to %d MB)",
-             " and ".join(rereaders), REPLAY_CACHE_BYTES >> 20)
-    return ReplayReader(reader, " and ".join(rereaders), REPLAY_CACHE_BYTES)
+    log.info("the data reader has no rewind(): %s reads the data twice, the second pass replays the first "
+             "from a temporary file", " and ".join(rereaders))
+    return ReplayReader(reader, " and ".join(rereaders))
 
 
 # ---- the run -----------------------------------------------------------------------------------------

@@ -394,28 +394,32 @@ def test_fast_finetune_without_rewind_replays_kept_batches(tiny_model, tiny_data
         pyquant.quantize(tiny_model, OrtReader(tiny_data), finetune_config())
 
 
-def test_replay_cache_is_bounded_and_says_which_option_needs_more(tiny_model, tiny_data, monkeypatch):
-    batch_bytes = 8 * 3 * 16 * 16 * 4
-    reader = compat.ReplayReader(OrtReader(tiny_data), "fast_finetune", max_bytes=3 * batch_bytes)
+def test_reader_without_rewind_is_replayed_from_the_file_copy_only(tiny_model, tiny_data, monkeypatch):
+    # ModelQuantizer keeps no batch of a reader without rewind(): the pipeline's file copy
+    # (runtime.SpillingReader) serves the second pass; reading the source again is an error
+    reader = compat.ReplayReader(OrtReader(tiny_data), "fast_finetune")
     first = [reader.get_next() for _ in range(9)]
     assert first[-1] is None and all(b is not None for b in first[:-1])
     reader.rewind()
-    again = [reader.get_next() for _ in range(3)]
-    assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(again, first))
-    with pytest.raises(DataError, match="fast_finetune reads the calibration data twice.*first 3 batches.*DataSize"):
+    with pytest.raises(DataError, match="fast_finetune reads the calibration data twice.*rewind\\(\\) method"):
         reader.get_next()
-    # through ModelQuantizer: the pipeline's file copy of the first pass (runtime.SpillingReader)
-    # replays all of it, so the memory copy's limit is not reached
-    monkeypatch.setattr(compat, "REPLAY_CACHE_BYTES", 3 * batch_bytes)
-    source = OrtReader(tiny_data)
-    pyquant.ModelQuantizer(finetune_config()).quantize_model(tiny_model, None, source)
-    # beyond both budgets it fails only when the second pass needs more than was kept
+    kept = []
+    original = compat.ReplayReader.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        kept.append(self)
+    monkeypatch.setattr(compat.ReplayReader, "__init__", spy)
+    replayed = pyquant.ModelQuantizer(finetune_config()).quantize_model(tiny_model, None, OrtReader(tiny_data))
+    assert len(kept) == 1 and not kept[0]._rewound and not hasattr(kept[0], "_kept")
+    rewound = pyquant.ModelQuantizer(finetune_config()).quantize_model(tiny_model, None, RewindableOrtReader(tiny_data))
+    assert replayed.SerializeToString() == rewound.SerializeToString()
+    # the file copy over its budget: the second pass would read the source again
+    batch_bytes = 8 * 3 * 16 * 16 * 4
     monkeypatch.setattr(runtime, "SPILL_MAX_BYTES", 3 * batch_bytes)
-    with pytest.raises(DataError, match="FastFinetune DataSize"):
+    with pytest.raises(DataError, match="fast_finetune reads the calibration data twice.*temporary file"):
         pyquant.ModelQuantizer(finetune_config()).quantize_model(tiny_model, None, OrtReader(tiny_data))
-    limited = pyquant.ModelQuantizer(finetune_config(DataSize=16)).quantize_model(
-        tiny_model, None, OrtReader(tiny_data))
-    onnx.checker.check_model(limited)
+    pyquant.ModelQuantizer(finetune_config()).quantize_model(tiny_model, None, RewindableOrtReader(tiny_data))
 
 
 def test_calibration_data_path_and_missing_data(tmp_path, tiny_model, tiny_data):
