@@ -18,10 +18,15 @@ constexpr float kGamma = -0.1f;
 constexpr float kBeta1 = 0.9f;
 constexpr float kBeta2 = 0.999f;
 constexpr float kEps = 1e-8f;
-// Rows fitted together: they share each load of the Gram matrix.
+// Rows fitted together: they share each load of the Gram matrix (and rows of several groups
+// share a block when a group has fewer, as a depthwise layer's one row per group).
 constexpr int kRowBlock = 8;
-// The padded width of a row: a multiple of the widest vector tile.
-constexpr int64_t kPad = 16;
+// The padded width of a row: a multiple of the widest vector tile. The element-wise loops
+// run over the padded width too (no remainder loop); padded entries are neutral (zero
+// weight and gradient, a saturated V).
+constexpr int kPad = 16;
+// AdaRound's V of padded entries: saturated at h = 0, so their soft weight stays 0.
+constexpr float kPaddingParam = -20.0f;
 // Multiply-adds (rows x k^2, times the iterations for fit_rounding) below which one thread
 // is faster.
 // Measured by benchmarks/kernel_threads.py (2 cores, AVX-512, OMP_WAIT_POLICY=PASSIVE): the
@@ -40,6 +45,11 @@ constexpr double kFullProductFraction = 0.5;
 constexpr int kFullProductEvery = 64;
 
 
+// Fused multiply-add x * y + z, rounded once: one instruction where the level has FMA (the
+// loops below vectorise it to vfmadd), libm's correctly rounded fmaf on the baseline, so
+// every level gives the same bits (what -ffp-contract=off keeps for separate operations).
+PYQUANT_INLINE float fma(float x, float y, float z) { return __builtin_fmaf(x, y, z); }
+
 // out[R, cols j0..j0+J) = x[R, kp] @ a[kp, kp] over that column tile; accumulators stay
 // in registers for the whole k loop.
 template <int R, int J>
@@ -49,7 +59,7 @@ PYQUANT_INLINE void product_tile(const float* x, const float* a, int64_t kp, int
     const float* ak = a + k * kp + j0;
     for (int r = 0; r < R; ++r) {
       const float xr = x[r * kp + k];
-      for (int j = 0; j < J; ++j) acc[r][j] += xr * ak[j];
+      for (int j = 0; j < J; ++j) acc[r][j] = fma(xr, ak[j], acc[r][j]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -77,11 +87,11 @@ PYQUANT_INLINE void product_block(const float* x, const float* a, int n, int64_t
   }
 }
 
-// Fast element functions of the loop, from adds, multiplies, divisions and bit operations
-// only (no libm): a loop of them vectorises, and every x86-64 level computes the same bits
-// (each lane does the scalar code's operations in the scalar code's order; no fused
-// multiply-add, see multiversion.h). libm's scalar expf/powf per weight per iteration were
-// most of the time on small layers (benchmarks/fit_rounding.py).
+// Fast element functions of the loop, from adds, multiplies, fused multiply-adds, divisions
+// and bit operations only (no libm): a loop of them vectorises, and every x86-64 level
+// computes the same bits (each lane does the scalar code's operations in the scalar code's
+// order; fma is rounded once on every level). libm's scalar expf/powf per weight per
+// iteration were most of the time on small layers (benchmarks/fit_rounding.py).
 
 PYQUANT_INLINE float bits_to_float(int32_t i) {
   float f;
@@ -102,16 +112,16 @@ PYQUANT_INLINE float fast_exp(float x) {
   constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693145752f, kLn2Lo = 1.42860677e-6f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float xc = std::min(88.0f, std::max(-87.0f, x));
-  const float n = (xc * kLog2e + kRound) - kRound;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  const float n = fma(xc, kLog2e, kRound) - kRound;
+  const float r = fma(-n, kLn2Lo, fma(-n, kLn2Hi, xc));
   float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  p = fma(p, r, 1.0f / 720.0f);
+  p = fma(p, r, 1.0f / 120.0f);
+  p = fma(p, r, 1.0f / 24.0f);
+  p = fma(p, r, 1.0f / 6.0f);
+  p = fma(p, r, 0.5f);
+  p = fma(p, r, 1.0f);
+  p = fma(p, r, 1.0f);
   const float e = p * bits_to_float((int32_t(n) + 127) << 23);
   return x < -87.0f ? 0.0f : (x > 88.0f ? INFINITY : e);
 }
@@ -129,27 +139,62 @@ PYQUANT_INLINE float fast_log(float x) {
   e = high ? e + 1.0f : e;
   const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
   float p = 1.0f / 11.0f;
-  p = p * s2 + 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  return e * kLn2 + 2.0f * s * p;
+  p = fma(p, s2, 1.0f / 9.0f);
+  p = fma(p, s2, 1.0f / 7.0f);
+  p = fma(p, s2, 1.0f / 5.0f);
+  p = fma(p, s2, 1.0f / 3.0f);
+  p = fma(p, s2, 1.0f);
+  return fma(e, kLn2, 2.0f * s * p);
 }
 
 // x^y for x in (0, 1] (|2h - 1|): e^(y ln x). The caller gives 0^y (powf's 0, 1 or inf).
 PYQUANT_INLINE float fast_pow_unit(float x, float y) { return fast_exp(y * fast_log(x)); }
 
+// What changes between iterations but not between blocks, computed once per call.
+struct Schedule {
+  int64_t warm;  // iterations without the rounding regulariser
+  // Per iteration: Adam's step lr sqrt(1 - beta2^t) / (1 - beta1^t) and its epsilon
+  // eps sqrt(1 - beta2^t) (PyTorch's bias correction, folded), and AdaRound's beta.
+  std::vector<float> lr, eps, beta;
+};
+
+Schedule make_schedule(const RoundingOptions& o) {
+  Schedule sc;
+  sc.warm = int64_t(std::ceil(double(o.iterations) * o.warm_start));
+  double beta1_t = 1.0, beta2_t = 1.0;
+  for (int64_t it = 0; it < o.iterations; ++it) {
+    beta1_t *= kBeta1;
+    beta2_t *= kBeta2;
+    sc.lr.push_back(float(o.learning_rate * std::sqrt(1.0 - beta2_t) / (1.0 - beta1_t)));
+    sc.eps.push_back(float(kEps * std::sqrt(1.0 - beta2_t)));
+    float beta = o.beta_end;
+    if (it >= sc.warm) {
+      const double rel = double(it - sc.warm) / double(o.iterations - sc.warm);
+      beta = float(o.beta_end + 0.5 * (o.beta_start - o.beta_end) * (1.0 + std::cos(rel * M_PI)));
+    }
+    sc.beta.push_back(beta);
+  }
+  return sc;
+}
+
 struct Block {
   const float* weight;  // [n, k], row stride k
   const float* scale;   // [n]
   const float* target;  // [n, k], row stride k
-  const float* gram;    // [kp, kp], padded with zeros
+  const float* gram[kRowBlock];  // row r's [kp, kp], padded with zeros (rows of one group share it)
   int n;
   int64_t k, kp;
   int8_t* out;  // [n, k]
   float* param_out;  // [n, k] or null: the learned V (AdaRound) or u (AdaQuant)
 };
+
+// x[n, kp] @ gram for a block's rows: one product per run of rows that share a Gram matrix.
+PYQUANT_INLINE void block_product(const Block& b, const float* x, float* out) {
+  for (int r0 = 0, r1 = 0; r0 < b.n; r0 = r1) {
+    for (r1 = r0 + 1; r1 < b.n && b.gram[r1] == b.gram[r0];) ++r1;
+    product_block(x + r0 * b.kp, b.gram[r0], r1 - r0, b.kp, out + r0 * b.kp);
+  }
+}
 
 // sum_j wt[j] * (g[j] - 2 t[j]) = w~ A w~^T - 2 w~ . t, without the constant c_r.
 double row_error(const float* wt, const float* g, const float* t, int64_t k) {
@@ -158,203 +203,228 @@ double row_error(const float* wt, const float* g, const float* t, int64_t k) {
   return e;
 }
 
-// 16 floats in GCC's vector extension: each level's copy does the same lane operations
-// (the baseline copy in four SSE registers). Auto-vectorisation kept update_tile's sums in
-// memory, one float at a time.
-typedef float Floats16 __attribute__((vector_size(64)));
-
 // g[cols c0..c0+16V) += (sum over the listed j, in list order, of delta[j] * a[j, cols]):
-// one row's product updated for the entries of w~ that changed.
+// one row's product updated for the entries of w~ that changed. In this form (V vectors
+// unrolled, flat sums) GCC 12 keeps the V sums in registers at every level; one loop over
+// the 16V columns, or sums shaped [1][16], kept them in memory, one float at a time.
 template <int V>
 PYQUANT_INLINE void update_tile(const float* delta, const int32_t* changed, int64_t count, const float* a,
                                 int64_t kp, int64_t c0, float* g) {
-  Floats16 acc[V] = {};
+  float acc[kPad * V] = {};
   for (int64_t i = 0; i < count; ++i) {
     const int64_t j = changed[i];
     const float d = delta[j];
     const float* aj = a + j * kp + c0;
-    for (int v = 0; v < V; ++v) {
-      Floats16 x;
-      std::memcpy(&x, aj + 16 * v, sizeof x);
-      acc[v] += d * x;
-    }
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v)
+      for (int l = 0; l < kPad; ++l) acc[kPad * v + l] = fma(d, aj[kPad * v + l], acc[kPad * v + l]);
   }
-  for (int v = 0; v < V; ++v) {
-    Floats16 sum;
-    std::memcpy(&sum, g + c0 + 16 * v, sizeof sum);
-    sum += acc[v];
-    std::memcpy(g + c0 + 16 * v, &sum, sizeof sum);
-  }
+  for (int c = 0; c < kPad * V; ++c) g[c0 + c] += acc[c];
 }
 
-// g[r] += delta[r] @ a over row r's changed entries, for the n rows of a block. Column
+// g[r] += delta[r] @ a[r] over row r's changed entries, for the n rows of a block. Column
 // tiles outer, rows inner: a tile's columns of a stay in cache across the rows.
 PYQUANT_INLINE void update_block(const float* delta, const int32_t* changed, const int64_t* count, int n,
-                                 const float* a, int64_t kp, float* g) {
+                                 const float* const* a, int64_t kp, float* g) {
   int64_t c0 = 0;
   for (; c0 + 64 <= kp; c0 += 64)
     for (int r = 0; r < n; ++r)
-      if (count[r]) update_tile<4>(delta + r * kp, changed + r * kp, count[r], a, kp, c0, g + r * kp);
-  for (; c0 < kp; c0 += 16)
+      if (count[r]) update_tile<4>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
+  for (; c0 < kp; c0 += kPad)
     for (int r = 0; r < n; ++r)
-      if (count[r]) update_tile<1>(delta + r * kp, changed + r * kp, count[r], a, kp, c0, g + r * kp);
+      if (count[r]) update_tile<1>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
 }
 
-PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const RoundingOptions& o) {
-  const int64_t kp = b.kp, k = b.k, size = int64_t(b.n) * kp;
-  std::vector<float> param(size, 0.f), m(size, 0.f), v(size, 0.f), base(size, 0.f), wt(size, 0.f),
-      wt_prev(size, 0.f), g(size, 0.f), t(size, 0.f), dq(size, 0.f), h(size, 0.f), grad(size, 0.f);
-  std::vector<int32_t> changed(size, 0);
-  std::vector<int64_t> count(b.n, 0);
+// The state of a block's rows, [n, kp] each (padded entries neutral), and per row how many
+// entries changed their soft weight in this iteration.
+struct BlockState {
+  std::vector<float> param, m, v, base, wt, delta, g, t, dq, h;
+  std::vector<int32_t> changed;
+  std::vector<int64_t> count;
+  explicit BlockState(int n, int64_t kp)
+      : param(n * kp, 0.f), m(n * kp, 0.f), v(n * kp, 0.f), base(n * kp, 0.f), wt(n * kp, 0.f),
+        delta(n * kp, 0.f), g(n * kp, 0.f), t(n * kp, 0.f), dq(n * kp, 0.f), h(n * kp, 0.f),
+        changed(n * kp, 0), count(n, 0) {}
+};
+
+// One row's soft (AdaRound) or fake-quantized (AdaQuant) weights w~ = s q over the padded
+// width kp, dq = dq/dparam (zero where q is clamped to [qmin, qmax] or h to [0, 1]: no
+// gradient through a clamp), and the change of w~ since the last iteration; returns how
+// many entries changed. One loop, so that each entry is read and written once; the arrays
+// are restrict parameters, as GCC vectorises such a loop only when it need not check at run
+// time that its seven arrays do not overlap.
+PYQUANT_INLINE int64_t soft_weights_row(const float* __restrict p, const float* __restrict base, float* __restrict h,
+                                        float* __restrict dq, float* __restrict wt, float* __restrict delta,
+                                        int64_t kp, bool adaround, float s, float lo, float hi) {
+  int32_t changes = 0;
+  if (adaround) {
+    for (int64_t j = 0; j < kp; ++j) {
+      const float sig = 1.0f / (1.0f + fast_exp(-p[j]));
+      const float h_raw = fma(sig, kZeta - kGamma, kGamma);
+      const float hj = std::min(1.0f, std::max(0.0f, h_raw));
+      const float q = base[j] + hj;
+      const float d = (h_raw > 0.0f && h_raw < 1.0f) ? sig * (1.0f - sig) * (kZeta - kGamma) : 0.0f;
+      const float w = s * std::min(hi, std::max(lo, q));
+      const float change = w - wt[j];
+      h[j] = hj;
+      dq[j] = (q < lo || q > hi) ? 0.0f : d;
+      wt[j] = w;
+      delta[j] = change;
+      changes += change != 0.0f;
+    }
+  } else {
+    for (int64_t j = 0; j < kp; ++j) {
+      const float q = std::nearbyint(p[j] / s);
+      const float w = s * std::min(hi, std::max(lo, q));
+      const float change = w - wt[j];
+      dq[j] = (q < lo || q > hi) ? 0.0f : 1.0f / s;  // straight-through: d round(u/s) / du taken as 1/s
+      wt[j] = w;
+      delta[j] = change;
+      changes += change != 0.0f;
+    }
+  }
+  return changes;
+}
+
+// The regulariser's settings for one iteration: reg_param * d(1 - |2h - 1|^beta)/dh.
+struct Regulariser {
+  bool on;
+  float scale, exponent, pow_at_zero;
+};
+
+// One row's gradient and Adam step over the padded width kp (restrict arrays, as above):
+// d loss / d param = 2 (w~ A - t) s dq [+ reg_param d(1 - |2h - 1|^beta)/dh dq].
+template <bool kRegulariser>
+PYQUANT_INLINE void adam_row(const float* __restrict g, const float* __restrict t, const float* __restrict dq,
+                             const float* __restrict h, float* __restrict p, float* __restrict m,
+                             float* __restrict v, int64_t kp, float s, const Regulariser reg, float lr_t,
+                             float eps_t) {
+  for (int64_t j = 0; j < kp; ++j) {
+    float d = 2.0f * (g[j] - t[j]) * s * dq[j];
+    if (kRegulariser) {
+      const float u = 2.0f * h[j] - 1.0f, au = std::fabs(u);
+      // computed unconditionally, then selected: a select of values vectorises (with
+      // -ftrapping-math GCC does not evaluate floating-point code a branch skips)
+      const float pw = fast_pow_unit(au, reg.exponent);
+      const float pj = au > 0.0f ? pw : reg.pow_at_zero;
+      const float term = reg.scale * pj * (u > 0.0f ? 2.0f : -2.0f) * dq[j];
+      d = dq[j] != 0.0f ? d - term : d;
+    }
+    m[j] = fma(kBeta1, m[j], (1.0f - kBeta1) * d);
+    v[j] = fma(kBeta2, v[j], (1.0f - kBeta2) * d * d);
+    p[j] = fma(-lr_t, m[j] / (std::sqrt(v[j]) + eps_t), p[j]);
+  }
+}
+
+// The list of each row's changed entries, for update_block.
+PYQUANT_INLINE void list_changes(BlockState& st, int n, int64_t kp) {
+  for (int r = 0; r < n; ++r) {
+    if (!st.count[r]) continue;
+    int32_t* cr = st.changed.data() + r * kp;
+    const float* dr = st.delta.data() + r * kp;
+    int64_t c = 0;
+    for (int64_t j = 0; j < kp; ++j) {  // without a branch: which entries changed is unpredictable
+      cr[c] = int32_t(j);
+      c += dr[j] != 0.0f;
+    }
+  }
+}
+
+PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const RoundingOptions& o,
+                                   const Schedule& sc) {
+  const int64_t kp = b.kp, k = b.k;
+  BlockState st(b.n, kp);
   const bool adaround = o.algorithm == RoundingAlgorithm::AdaRound;
   for (int r = 0; r < b.n; ++r) {
-    for (int64_t j = 0; j < k; ++j) {
+    for (int64_t j = 0; j < kp; ++j) {
       const int64_t i = r * kp + j;
+      if (j >= k) {  // padding: w~ stays 0, no gradient
+        st.param[i] = adaround ? kPaddingParam : 0.0f;
+        continue;
+      }
       const float w = b.weight[r * k + j], s = b.scale[r];
-      t[i] = b.target[r * k + j];
+      st.t[i] = b.target[r * k + j];
       if (adaround) {
         const float fl = std::floor(w / s), frac = w / s - fl;
-        base[i] = fl;
+        st.base[i] = fl;
         // h(V) = frac: the soft weights start equal to the float weights.
-        param[i] = -std::log((kZeta - kGamma) / (frac - kGamma) - 1.0f);
+        st.param[i] = -std::log((kZeta - kGamma) / (frac - kGamma) - 1.0f);
       } else {
-        param[i] = w;
+        st.param[i] = w;
       }
     }
   }
-  const int64_t warm = int64_t(std::ceil(double(o.iterations) * o.warm_start));
   const float lo = float(qmin), hi = float(qmax);
-  double beta1_t = 1.0, beta2_t = 1.0;
   int updates_since_full = -1;  // < 0: g holds no product yet
   for (int64_t it = 0; it < o.iterations; ++it) {
-    // Soft (AdaRound) or fake-quantized (AdaQuant) weights w~ = s q, and dq = dq/dparam
-    // (zero where q is clamped to [qmin, qmax] or h to [0, 1]: no gradient through a clamp).
-    std::swap(wt, wt_prev);
+    int64_t total = 0;
     for (int r = 0; r < b.n; ++r) {
-      const float s = b.scale[r];
-      float* pr = param.data() + r * kp;
-      float* hr = h.data() + r * kp;
-      float* dr = dq.data() + r * kp;
-      float* wr = wt.data() + r * kp;
-      const float* br = base.data() + r * kp;
-      if (adaround) {
-        for (int64_t j = 0; j < k; ++j) {
-          const float sig = 1.0f / (1.0f + fast_exp(-pr[j]));
-          const float h_raw = sig * (kZeta - kGamma) + kGamma;
-          hr[j] = std::min(1.0f, std::max(0.0f, h_raw));
-          const float q = br[j] + hr[j];
-          const float d = (h_raw > 0.0f && h_raw < 1.0f) ? sig * (1.0f - sig) * (kZeta - kGamma) : 0.0f;
-          dr[j] = (q < lo || q > hi) ? 0.0f : d;
-          wr[j] = s * std::min(hi, std::max(lo, q));
-        }
-      } else {
-        for (int64_t j = 0; j < k; ++j) {
-          const float q = std::nearbyint(pr[j] / s);
-          dr[j] = (q < lo || q > hi) ? 0.0f : 1.0f / s;  // straight-through: d round(u/s) / du taken as 1/s
-          wr[j] = s * std::min(hi, std::max(lo, q));
-        }
-      }
+      const int64_t i = r * kp;
+      st.count[r] = soft_weights_row(&st.param[i], &st.base[i], &st.h[i], &st.dq[i], &st.wt[i], &st.delta[i], kp,
+                                     adaround, b.scale[r], lo, hi);
+      total += st.count[r];
     }
     // g = w~ A. Saturated entries (h clamped to 0 or 1, q unchanged) keep their w~, so
     // after the first product only the changed entries' rows of A are added in; a full
     // product replaces the running sums when most entries changed, or after
     // kFullProductEvery updates (their rounding errors add up).
-    int64_t total = 0;
-    if (updates_since_full >= 0) {
-      for (int r = 0; r < b.n; ++r) {
-        float* dr = wt_prev.data() + r * kp;  // becomes the change w~ - w~_prev
-        const float* wr = wt.data() + r * kp;
-        int32_t* cr = changed.data() + r * kp;
-        int64_t c = 0;
-        for (int64_t j = 0; j < k; ++j) dr[j] = wr[j] - dr[j];
-        for (int64_t j = 0; j < k; ++j) {  // without a branch: which entries changed is unpredictable
-          cr[c] = int32_t(j);
-          c += dr[j] != 0.0f;
-        }
-        count[r] = c;
-        total += c;
-      }
-    }
     if (updates_since_full < 0 || (total > 0 && (updates_since_full >= kFullProductEvery ||
                                                  double(total) > kFullProductFraction * double(b.n * k)))) {
-      product_block(wt.data(), b.gram, b.n, kp, g.data());
+      block_product(b, st.wt.data(), st.g.data());
       updates_since_full = 0;
     } else if (total > 0) {
-      update_block(wt_prev.data(), changed.data(), count.data(), b.n, b.gram, kp, g.data());
+      list_changes(st, b.n, kp);
+      update_block(st.delta.data(), st.changed.data(), st.count.data(), b.n, b.gram, kp, st.g.data());
       ++updates_since_full;
     }
-    const bool reg_on = adaround && it >= warm;
-    float beta = o.beta_end;
-    if (reg_on) {
-      const double rel = double(it - warm) / double(o.iterations - warm);
-      beta = float(o.beta_end + 0.5 * (o.beta_start - o.beta_end) * (1.0 + std::cos(rel * M_PI)));
-    }
-    beta1_t *= kBeta1;
-    beta2_t *= kBeta2;
-    const float lr_t = float(o.learning_rate * std::sqrt(1.0 - beta2_t) / (1.0 - beta1_t));
-    const float eps_t = float(kEps * std::sqrt(1.0 - beta2_t));
-    const float reg_scale = o.reg_param * beta, exponent = beta - 1.0f;
-    const float pow_at_zero = exponent > 0.0f ? 0.0f : (exponent == 0.0f ? 1.0f : INFINITY);  // powf(0, y)
+    const float beta = sc.beta[it];
+    const Regulariser reg{adaround && it >= sc.warm, o.reg_param * beta, beta - 1.0f,
+                          beta > 1.0f ? 0.0f : (beta == 1.0f ? 1.0f : INFINITY)};  // powf(0, beta - 1)
     for (int r = 0; r < b.n; ++r) {
-      const float s = b.scale[r];
-      float* gradient = grad.data() + r * kp;
-      const float* gr = g.data() + r * kp;
-      const float* tr = t.data() + r * kp;
-      const float* dr = dq.data() + r * kp;
-      const float* hr = h.data() + r * kp;
-      // d loss / d param = 2 (w~ A - t) s dq [+ reg_param d(1 - |2h - 1|^beta)/dh dq]
-      for (int64_t j = 0; j < k; ++j) gradient[j] = 2.0f * (gr[j] - tr[j]) * s * dr[j];
-      if (reg_on) {
-        for (int64_t j = 0; j < k; ++j) {
-          const float u = 2.0f * hr[j] - 1.0f, au = std::fabs(u);
-          // computed unconditionally, then selected: a select of values vectorises (with
-          // -ftrapping-math GCC does not evaluate floating-point code a branch skips)
-          const float pw = fast_pow_unit(au, exponent);
-          const float p = au > 0.0f ? pw : pow_at_zero;
-          const float reg = reg_scale * p * (u > 0.0f ? 2.0f : -2.0f) * dr[j];
-          gradient[j] = dr[j] != 0.0f ? gradient[j] - reg : gradient[j];
-        }
-      }
-      float* pr = param.data() + r * kp;
-      float* mr = m.data() + r * kp;
-      float* vr = v.data() + r * kp;
-      for (int64_t j = 0; j < k; ++j) {
-        const float d = gradient[j];
-        mr[j] = kBeta1 * mr[j] + (1.0f - kBeta1) * d;
-        vr[j] = kBeta2 * vr[j] + (1.0f - kBeta2) * d * d;
-        pr[j] -= lr_t * mr[j] / (std::sqrt(vr[j]) + eps_t);
-      }
+      const int64_t i = r * kp;
+      if (reg.on)
+        adam_row<true>(&st.g[i], &st.t[i], &st.dq[i], &st.h[i], &st.param[i], &st.m[i], &st.v[i], kp, b.scale[r], reg,
+                       sc.lr[it], sc.eps[it]);
+      else
+        adam_row<false>(&st.g[i], &st.t[i], &st.dq[i], &st.h[i], &st.param[i], &st.m[i], &st.v[i], kp, b.scale[r], reg,
+                        sc.lr[it], sc.eps[it]);
     }
   }
   if (b.param_out)
     for (int r = 0; r < b.n; ++r)
-      std::copy(param.begin() + r * kp, param.begin() + r * kp + k, b.param_out + r * k);
+      std::copy(st.param.begin() + r * kp, st.param.begin() + r * kp + k, b.param_out + r * k);
   // Hard rounding, and the nearest-rounding start for the keep_best guard.
-  std::vector<float> nearest(size, 0.f), g_nearest(size, 0.f);
+  std::vector<float>& hard = st.wt;
+  std::vector<float> nearest(b.n * kp, 0.f), g_nearest(b.n * kp, 0.f);
   for (int r = 0; r < b.n; ++r) {
     const float s = b.scale[r];
-    for (int64_t j = 0; j < k; ++j) {
+    for (int64_t j = 0; j < kp; ++j) {
       const int64_t i = r * kp + j;
+      if (j >= k) {
+        hard[i] = 0.0f;
+        continue;
+      }
       const float w = b.weight[r * k + j];
-      float q = adaround ? base[i] + (param[i] >= 0.0f ? 1.0f : 0.0f) : std::nearbyint(param[i] / s);
-      wt[i] = s * std::min(hi, std::max(lo, q));
+      const float q = adaround ? st.base[i] + (st.param[i] >= 0.0f ? 1.0f : 0.0f) : std::nearbyint(st.param[i] / s);
+      hard[i] = s * std::min(hi, std::max(lo, q));
       nearest[i] = s * std::min(hi, std::max(lo, std::nearbyint(w / s)));
     }
   }
-  product_block(wt.data(), b.gram, b.n, kp, g.data());
-  product_block(nearest.data(), b.gram, b.n, kp, g_nearest.data());
+  block_product(b, hard.data(), st.g.data());
+  block_product(b, nearest.data(), g_nearest.data());
   for (int r = 0; r < b.n; ++r) {
-    const float* chosen = wt.data() + r * kp;
+    const float* chosen = hard.data() + r * kp;
     if (o.keep_best) {
-      const double learned = row_error(wt.data() + r * kp, g.data() + r * kp, t.data() + r * kp, k);
-      const double start = row_error(nearest.data() + r * kp, g_nearest.data() + r * kp, t.data() + r * kp, k);
+      const double learned = row_error(hard.data() + r * kp, st.g.data() + r * kp, st.t.data() + r * kp, k);
+      const double start = row_error(nearest.data() + r * kp, g_nearest.data() + r * kp, st.t.data() + r * kp, k);
       if (!(learned < start)) chosen = nearest.data() + r * kp;
     }
     for (int64_t j = 0; j < k; ++j) b.out[r * k + j] = int8_t(std::nearbyint(chosen[j] / b.scale[r]));
   }
 }
 
-PYQUANT_CLONES(void, fit_block, (const Block& b, int qmin, int qmax, const RoundingOptions& o), (b, qmin, qmax, o))
+PYQUANT_CLONES(void, fit_block, (const Block& b, int qmin, int qmax, const RoundingOptions& o, const Schedule& sc),
+               (b, qmin, qmax, o, sc))
 
 PYQUANT_INLINE void gram_rows_body(const float* x, const float* a, int n, int64_t kp, float* out) {
   product_block(x, a, n, kp, out);
@@ -372,7 +442,9 @@ void gram_product_impl(const float* x, const float* a, int64_t rows, int64_t kp,
 
 PYQUANT_INLINE void update_rows_body(const float* delta, const int32_t* changed, const int64_t* count, int n,
                                      const float* a, int64_t kp, float* g) {
-  update_block(delta, changed, count, n, a, kp, g);
+  const float* grams[kRowBlock];
+  std::fill(grams, grams + kRowBlock, a);
+  update_block(delta, changed, count, n, grams, kp, g);
 }
 
 PYQUANT_CLONES(void, update_rows, (const float* delta, const int32_t* changed, const int64_t* count, int n,
@@ -396,17 +468,23 @@ void fit_rounding(const float* weight, const float* scale, const float* gram, co
   const int64_t kp = padded(k);
   std::vector<std::vector<float>> grams(groups);
   for (int64_t gi = 0; gi < groups; ++gi) grams[gi] = pad_square(gram + gi * k * k, k, kp);
-  const int64_t blocks_per_group = (rows + kRowBlock - 1) / kRowBlock;
-  const int64_t blocks = groups * blocks_per_group;
+  const Schedule schedule = make_schedule(options);
+  // A block: up to kRowBlock rows of one group, or as many whole groups of fewer rows as fit
+  // (a depthwise layer's one-row groups, 8 at a time: their element-wise passes run as one).
+  const int64_t groups_per_block = rows >= kRowBlock ? 1 : kRowBlock / rows;
+  const int64_t blocks_per_group = rows >= kRowBlock ? (rows + kRowBlock - 1) / kRowBlock : 1;
+  const int64_t blocks = (groups + groups_per_block - 1) / groups_per_block * blocks_per_group;
   const int64_t work = groups * rows * kp * kp * std::max<int64_t>(options.iterations, 1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads_for(work, kFitRoundingMinParallel))
   for (int64_t bi = 0; bi < blocks; ++bi) {
-    const int64_t gi = bi / blocks_per_group, r0 = (bi % blocks_per_group) * kRowBlock;
-    const int64_t row = gi * rows + r0;
-    Block b{weight + row * k, scale + row, target + row * k, grams[gi].data(),
-            int(std::min<int64_t>(kRowBlock, rows - r0)), k, kp, out + row * k,
+    const int64_t g0 = bi / blocks_per_group * groups_per_block, r0 = (bi % blocks_per_group) * kRowBlock;
+    const int64_t row = g0 * rows + r0;
+    const int n = int(rows >= kRowBlock ? std::min<int64_t>(kRowBlock, rows - r0)
+                                        : std::min(groups_per_block, groups - g0) * rows);
+    Block b{weight + row * k, scale + row, target + row * k, {}, n, k, kp, out + row * k,
             param_out ? param_out + row * k : nullptr};
-    fit_block(b, qmin, qmax, options);
+    for (int r = 0; r < n; ++r) b.gram[r] = grams[(row + r) / rows].data();
+    fit_block(b, qmin, qmax, options, schedule);
   }
 }
 
