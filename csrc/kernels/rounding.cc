@@ -43,6 +43,12 @@ constexpr int64_t kGramProductMinParallel = 10'000'000;
 // 0.7 and 16 8.3 s (a changed entry costs its multiply-adds and a's row for one row only).
 constexpr double kFullProductFraction = 0.5;
 constexpr int kFullProductEvery = 64;
+// And a full product when the incremental one would cost more on narrow rows: listing the
+// changes costs about this many multiply-add vectors' time per row (kp entries, about 1.5
+// cycles each, against kp / 16 vectors per changed entry and kp^2 / 16 per row for a full
+// product), so it pays only while changes < rows (kp - kListingCost). On a depthwise 5x5
+// layer (kp = 32) listing and updating took 34 % of the time against the product's 2 %.
+constexpr int64_t kListingCost = 24;
 
 
 // Fused multiply-add x * y + z, rounded once: one instruction where the level has FMA (the
@@ -230,35 +236,41 @@ PYQUANT_INLINE void update_block(const float* delta, const int32_t* changed, con
   for (; c0 + 64 <= kp; c0 += 64)
     for (int r = 0; r < n; ++r)
       if (count[r]) update_tile<4>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
+  for (; c0 + 32 <= kp; c0 += 32)
+    for (int r = 0; r < n; ++r)
+      if (count[r]) update_tile<2>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
   for (; c0 < kp; c0 += kPad)
     for (int r = 0; r < n; ++r)
       if (count[r]) update_tile<1>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
 }
 
-// The state of a block's rows, [n, kp] each (padded entries neutral), and per row how many
-// entries changed their soft weight in this iteration.
+// The state of a block's rows, [n, kp] each (padded entries neutral; scale: the row's scale
+// at each entry, so that the element-wise loops run once over the block, not per row: a
+// depthwise layer's rows are 25 wide), and per row how many entries changed their soft
+// weight in this iteration and which.
 struct BlockState {
-  std::vector<float> param, m, v, base, wt, delta, g, t, dq, h;
+  std::vector<float> param, m, v, base, wt, delta, g, t, dq, h, scale;
   std::vector<int32_t> changed;
   std::vector<int64_t> count;
   explicit BlockState(int n, int64_t kp)
       : param(n * kp, 0.f), m(n * kp, 0.f), v(n * kp, 0.f), base(n * kp, 0.f), wt(n * kp, 0.f),
-        delta(n * kp, 0.f), g(n * kp, 0.f), t(n * kp, 0.f), dq(n * kp, 0.f), h(n * kp, 0.f),
+        delta(n * kp, 0.f), g(n * kp, 0.f), t(n * kp, 0.f), dq(n * kp, 0.f), h(n * kp, 0.f), scale(n * kp, 0.f),
         changed(n * kp, 0), count(n, 0) {}
 };
 
-// One row's soft (AdaRound) or fake-quantized (AdaQuant) weights w~ = s q over the padded
-// width kp, dq = dq/dparam (zero where q is clamped to [qmin, qmax] or h to [0, 1]: no
+// The soft (AdaRound) or fake-quantized (AdaQuant) weights w~ = s q of size entries, dq = dq/dparam (zero where q is clamped to [qmin, qmax] or h to [0, 1]: no
 // gradient through a clamp), and the change of w~ since the last iteration; returns how
 // many entries changed. One loop, so that each entry is read and written once; the arrays
 // are restrict parameters, as GCC vectorises such a loop only when it need not check at run
 // time that its seven arrays do not overlap.
-PYQUANT_INLINE int64_t soft_weights_row(const float* __restrict p, const float* __restrict base, float* __restrict h,
-                                        float* __restrict dq, float* __restrict wt, float* __restrict delta,
-                                        int64_t kp, bool adaround, float s, float lo, float hi) {
+PYQUANT_INLINE int64_t soft_weights(const float* __restrict p, const float* __restrict base,
+                                    const float* __restrict scale, float* __restrict h, float* __restrict dq,
+                                    float* __restrict wt, float* __restrict delta, int64_t size, bool adaround,
+                                    float lo, float hi) {
   int32_t changes = 0;
   if (adaround) {
-    for (int64_t j = 0; j < kp; ++j) {
+    for (int64_t j = 0; j < size; ++j) {
+      const float s = scale[j];
       const float sig = 1.0f / (1.0f + fast_exp(-p[j]));
       const float h_raw = fma(sig, kZeta - kGamma, kGamma);
       const float hj = std::min(1.0f, std::max(0.0f, h_raw));
@@ -273,7 +285,8 @@ PYQUANT_INLINE int64_t soft_weights_row(const float* __restrict p, const float* 
       changes += change != 0.0f;
     }
   } else {
-    for (int64_t j = 0; j < kp; ++j) {
+    for (int64_t j = 0; j < size; ++j) {
+      const float s = scale[j];
       const float q = std::nearbyint(p[j] / s);
       const float w = s * std::min(hi, std::max(lo, q));
       const float change = w - wt[j];
@@ -292,15 +305,15 @@ struct Regulariser {
   float scale, exponent, pow_at_zero;
 };
 
-// One row's gradient and Adam step over the padded width kp (restrict arrays, as above):
+// The gradient and Adam step of size entries (restrict arrays, as above):
 // d loss / d param = 2 (w~ A - t) s dq [+ reg_param d(1 - |2h - 1|^beta)/dh dq].
 template <bool kRegulariser>
-PYQUANT_INLINE void adam_row(const float* __restrict g, const float* __restrict t, const float* __restrict dq,
-                             const float* __restrict h, float* __restrict p, float* __restrict m,
-                             float* __restrict v, int64_t kp, float s, const Regulariser reg, float lr_t,
-                             float eps_t) {
-  for (int64_t j = 0; j < kp; ++j) {
-    float d = 2.0f * (g[j] - t[j]) * s * dq[j];
+PYQUANT_INLINE void adam(const float* __restrict g, const float* __restrict t, const float* __restrict dq,
+                         const float* __restrict h, const float* __restrict scale, float* __restrict p,
+                         float* __restrict m, float* __restrict v, int64_t size, const Regulariser reg, float lr_t,
+                         float eps_t) {
+  for (int64_t j = 0; j < size; ++j) {
+    float d = 2.0f * (g[j] - t[j]) * scale[j] * dq[j];
     if (kRegulariser) {
       const float u = 2.0f * h[j] - 1.0f, au = std::fabs(u);
       // computed unconditionally, then selected: a select of values vectorises (with
@@ -316,10 +329,9 @@ PYQUANT_INLINE void adam_row(const float* __restrict g, const float* __restrict 
   }
 }
 
-// The list of each row's changed entries, for update_block.
+// The list of each row's changed entries and their count, for update_block.
 PYQUANT_INLINE void list_changes(BlockState& st, int n, int64_t kp) {
   for (int r = 0; r < n; ++r) {
-    if (!st.count[r]) continue;
     int32_t* cr = st.changed.data() + r * kp;
     const float* dr = st.delta.data() + r * kp;
     int64_t c = 0;
@@ -327,17 +339,19 @@ PYQUANT_INLINE void list_changes(BlockState& st, int n, int64_t kp) {
       cr[c] = int32_t(j);
       c += dr[j] != 0.0f;
     }
+    st.count[r] = c;
   }
 }
 
 PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const RoundingOptions& o,
                                    const Schedule& sc) {
-  const int64_t kp = b.kp, k = b.k;
+  const int64_t kp = b.kp, k = b.k, size = b.n * kp;
   BlockState st(b.n, kp);
   const bool adaround = o.algorithm == RoundingAlgorithm::AdaRound;
   for (int r = 0; r < b.n; ++r) {
     for (int64_t j = 0; j < kp; ++j) {
       const int64_t i = r * kp + j;
+      st.scale[i] = b.scale[r];
       if (j >= k) {  // padding: w~ stays 0, no gradient
         st.param[i] = adaround ? kPaddingParam : 0.0f;
         continue;
@@ -357,19 +371,15 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
   const float lo = float(qmin), hi = float(qmax);
   int updates_since_full = -1;  // < 0: g holds no product yet
   for (int64_t it = 0; it < o.iterations; ++it) {
-    int64_t total = 0;
-    for (int r = 0; r < b.n; ++r) {
-      const int64_t i = r * kp;
-      st.count[r] = soft_weights_row(&st.param[i], &st.base[i], &st.h[i], &st.dq[i], &st.wt[i], &st.delta[i], kp,
-                                     adaround, b.scale[r], lo, hi);
-      total += st.count[r];
-    }
+    const int64_t total = soft_weights(st.param.data(), st.base.data(), st.scale.data(), st.h.data(), st.dq.data(),
+                                       st.wt.data(), st.delta.data(), size, adaround, lo, hi);
     // g = w~ A. Saturated entries (h clamped to 0 or 1, q unchanged) keep their w~, so
     // after the first product only the changed entries' rows of A are added in; a full
     // product replaces the running sums when most entries changed, or after
     // kFullProductEvery updates (their rounding errors add up).
-    if (updates_since_full < 0 || (total > 0 && (updates_since_full >= kFullProductEvery ||
-                                                 double(total) > kFullProductFraction * double(b.n * k)))) {
+    if (updates_since_full < 0 ||
+        (total > 0 && (updates_since_full >= kFullProductEvery || double(total) > kFullProductFraction * double(b.n * k) ||
+                       total > b.n * (kp - kListingCost)))) {
       block_product(b, st.wt.data(), st.g.data());
       updates_since_full = 0;
     } else if (total > 0) {
@@ -380,15 +390,12 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
     const float beta = sc.beta[it];
     const Regulariser reg{adaround && it >= sc.warm, o.reg_param * beta, beta - 1.0f,
                           beta > 1.0f ? 0.0f : (beta == 1.0f ? 1.0f : INFINITY)};  // powf(0, beta - 1)
-    for (int r = 0; r < b.n; ++r) {
-      const int64_t i = r * kp;
-      if (reg.on)
-        adam_row<true>(&st.g[i], &st.t[i], &st.dq[i], &st.h[i], &st.param[i], &st.m[i], &st.v[i], kp, b.scale[r], reg,
-                       sc.lr[it], sc.eps[it]);
-      else
-        adam_row<false>(&st.g[i], &st.t[i], &st.dq[i], &st.h[i], &st.param[i], &st.m[i], &st.v[i], kp, b.scale[r], reg,
-                        sc.lr[it], sc.eps[it]);
-    }
+    if (reg.on)
+      adam<true>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
+                 st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
+    else
+      adam<false>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
+                  st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
   }
   if (b.param_out)
     for (int r = 0; r < b.n; ++r)
