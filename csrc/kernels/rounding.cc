@@ -43,12 +43,6 @@ constexpr int64_t kGramProductMinParallel = 10'000'000;
 // 0.7 and 16 8.3 s (a changed entry costs its multiply-adds and a's row for one row only).
 constexpr double kFullProductFraction = 0.5;
 constexpr int kFullProductEvery = 64;
-// And a full product when the incremental one would cost more on narrow rows: listing the
-// changes costs about this many multiply-add vectors' time per row (kp entries, about 1.5
-// cycles each, against kp / 16 vectors per changed entry and kp^2 / 16 per row for a full
-// product), so it pays only while changes < rows (kp - kListingCost). On a depthwise 5x5
-// layer (kp = 32) listing and updating took 34 % of the time against the product's 2 %.
-constexpr int64_t kListingCost = 24;
 
 
 // Fused multiply-add x * y + z, rounded once: one instruction where the level has FMA (the
@@ -329,15 +323,30 @@ PYQUANT_INLINE void adam(const float* __restrict g, const float* __restrict t, c
   }
 }
 
-// The list of each row's changed entries and their count, for update_block.
+// Whether any of kPad floats has a bit set: a cheap test that no entry of a chunk changed
+// (a change that is not one reads as nonzero only if it is -0, which the caller's != 0
+// then skips).
+PYQUANT_INLINE bool any_bits(const float* x) {
+  uint64_t words[kPad / 2], any = 0;
+  std::memcpy(words, x, sizeof words);
+  for (int i = 0; i < kPad / 2; ++i) any |= words[i];
+  return any != 0;
+}
+
+// The list of each row's changed entries and their count, for update_block. Listing is
+// scalar (about 1.5 cycles an entry), so chunks without a change are skipped: once most
+// entries are saturated, a row of 80 has about one change per iteration.
 PYQUANT_INLINE void list_changes(BlockState& st, int n, int64_t kp) {
   for (int r = 0; r < n; ++r) {
     int32_t* cr = st.changed.data() + r * kp;
-    const float* dr = st.delta.data() + r * kp;
     int64_t c = 0;
-    for (int64_t j = 0; j < kp; ++j) {  // without a branch: which entries changed is unpredictable
-      cr[c] = int32_t(j);
-      c += dr[j] != 0.0f;
+    for (int64_t j0 = 0; j0 < kp; j0 += kPad) {
+      const float* dr = st.delta.data() + r * kp + j0;
+      if (!any_bits(dr)) continue;
+      for (int l = 0; l < kPad; ++l) {  // without a branch: which entries changed is unpredictable
+        cr[c] = int32_t(j0 + l);
+        c += dr[l] != 0.0f;
+      }
     }
     st.count[r] = c;
   }
@@ -377,9 +386,8 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
     // after the first product only the changed entries' rows of A are added in; a full
     // product replaces the running sums when most entries changed, or after
     // kFullProductEvery updates (their rounding errors add up).
-    if (updates_since_full < 0 ||
-        (total > 0 && (updates_since_full >= kFullProductEvery || double(total) > kFullProductFraction * double(b.n * k) ||
-                       total > b.n * (kp - kListingCost)))) {
+    if (updates_since_full < 0 || (total > 0 && (updates_since_full >= kFullProductEvery ||
+                                                 double(total) > kFullProductFraction * double(b.n * k)))) {
       block_product(b, st.wt.data(), st.g.data());
       updates_since_full = 0;
     } else if (total > 0) {
