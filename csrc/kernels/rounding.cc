@@ -8,6 +8,10 @@
 #include "kernels/multiversion.h"
 #include "kernels/parallel.h"
 
+#if PYQUANT_X86_LEVELS
+#include <immintrin.h>  // declares the AVX2/AVX-512 builtins the level copies call
+#endif
+
 namespace pyquant {
 namespace {
 
@@ -25,6 +29,10 @@ constexpr int kRowBlock = 8;
 // run over the padded width too (no remainder loop); padded entries are neutral (zero
 // weight and gradient, a saturated V).
 constexpr int kPad = 16;
+// |V| from which h(V) is clamped to 0 or 1 (exactly at ln 11 = 2.398, with a margin for
+// fast_exp's error: at 2.5, h_raw is 1.009 or -0.009): a vector of 16 entries all beyond it
+// skips the sigmoid, with the bits computing it would give.
+constexpr float kSaturatedParam = 2.5f;
 // AdaRound's V of padded entries: saturated at h = 0, so their soft weight stays 0.
 constexpr float kPaddingParam = -20.0f;
 // Multiply-adds (rows x k^2, times the iterations for fit_rounding) below which one thread
@@ -88,67 +96,216 @@ PYQUANT_INLINE void product_block(const float* x, const float* a, int n, int64_t
 }
 
 // Fast element functions of the loop, from adds, multiplies, fused multiply-adds, divisions
-// and bit operations only (no libm): a loop of them vectorises, and every x86-64 level
-// computes the same bits (each lane does the scalar code's operations in the scalar code's
-// order; fma is rounded once on every level). libm's scalar expf/powf per weight per
-// iteration were most of the time on small layers (benchmarks/fit_rounding.py).
+// and bit operations only (no libm), on vectors: every x86-64 level computes the same bits
+// (each lane does the same operations in the same order; fma is rounded once on every
+// level). libm's scalar expf/powf per weight per iteration were most of the time on small
+// layers (benchmarks/fit_rounding.py).
 
-PYQUANT_INLINE float bits_to_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
+// AdaRound's element-wise passes in explicit vectors of 16 floats (GCC's vector extension:
+// each level does the same lane operations, AVX2 in two halves, the baseline in four SSE
+// quarters), so that a vector whose 16 entries are all saturated can skip the sigmoid and
+// the regulariser's power, which a compiler-vectorised loop computes for every entry. What
+// the extension lacks or GCC 12 splits into lanes (fused multiply-add, square root, min and
+// max, selects, testing and counting lanes) comes from each level's builtins, and on the
+// baseline from a loop over the lanes of the same scalar operation (fmaf and sqrtf are
+// correctly rounded): every level gives the same bits.
+typedef float Floats16 __attribute__((vector_size(64)));
+typedef int32_t Ints16 __attribute__((vector_size(64)));
+typedef float Floats8 __attribute__((vector_size(32)));
+
+PYQUANT_INLINE Floats16 splat(float x) { return Floats16{} + x; }
+
+PYQUANT_INLINE Floats16 load16(const float* p) {
+  Floats16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
 }
 
-PYQUANT_INLINE int32_t float_to_bits(float f) {
-  int32_t i;
-  std::memcpy(&i, &f, sizeof i);
-  return i;
+PYQUANT_INLINE void store16(float* p, Floats16 v) { std::memcpy(p, &v, sizeof v); }
+PYQUANT_INLINE Floats16 abs16(Floats16 a) { return (Floats16)((Ints16)a & 0x7fffffff); }
+
+#if PYQUANT_X86_LEVELS
+constexpr int kCurrentRounding = 4;  // _MM_FROUND_CUR_DIRECTION
+constexpr int kLessOrdered = 0x11;   // _CMP_LT_OQ
+constexpr int kNotEqual = 0x04;      // _CMP_NEQ_UQ, C's !=
+
+// f on the two 8-float halves of a (AVX2).
+template <typename F>
+PYQUANT_INLINE Floats16 on_halves(Floats16 a, F f) {
+  Floats8 h[2];
+  std::memcpy(h, &a, sizeof a);
+  h[0] = f(h[0]);
+  h[1] = f(h[1]);
+  std::memcpy(&a, h, sizeof a);
+  return a;
+}
+#endif
+
+// a * b + c rounded once, per lane.
+template <Isa L>
+PYQUANT_INLINE Floats16 fma16(Floats16 a, Floats16 b, Floats16 c) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_vfmaddps512_mask(a, b, c, -1, kCurrentRounding);
+  if constexpr (L == Isa::Avx2) {
+    Floats8 a2[2], b2[2], c2[2];
+    std::memcpy(a2, &a, sizeof a);
+    std::memcpy(b2, &b, sizeof b);
+    std::memcpy(c2, &c, sizeof c);
+    a2[0] = __builtin_ia32_vfmaddps256(a2[0], b2[0], c2[0]);
+    a2[1] = __builtin_ia32_vfmaddps256(a2[1], b2[1], c2[1]);
+    std::memcpy(&a, a2, sizeof a);
+    return a;
+  }
+#endif
+  for (int l = 0; l < 16; ++l) a[l] = fma(a[l], b[l], c[l]);
+  return a;
+}
+
+template <Isa L>
+PYQUANT_INLINE Floats16 sqrt16(Floats16 a) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_sqrtps512_mask(a, a, -1, kCurrentRounding);
+  if constexpr (L == Isa::Avx2) return on_halves(a, [](Floats8 h) { return __builtin_ia32_sqrtps256(h); });
+#endif
+  for (int l = 0; l < 16; ++l) a[l] = std::sqrt(a[l]);
+  return a;
+}
+
+// std::min(a, b) and std::max(a, b) per lane (x86's minps(x, y) is x < y ? x : y).
+template <Isa L>
+PYQUANT_INLINE Floats16 min16(Floats16 a, Floats16 b) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_minps512_mask(b, a, a, -1, kCurrentRounding);
+  if constexpr (L == Isa::Avx2) {
+    Floats8 a2[2], b2[2];
+    std::memcpy(a2, &a, sizeof a);
+    std::memcpy(b2, &b, sizeof b);
+    a2[0] = __builtin_ia32_minps256(b2[0], a2[0]);
+    a2[1] = __builtin_ia32_minps256(b2[1], a2[1]);
+    std::memcpy(&a, a2, sizeof a);
+    return a;
+  }
+#endif
+  for (int l = 0; l < 16; ++l) a[l] = std::min(a[l], b[l]);
+  return a;
+}
+
+template <Isa L>
+PYQUANT_INLINE Floats16 max16(Floats16 a, Floats16 b) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_maxps512_mask(b, a, a, -1, kCurrentRounding);
+  if constexpr (L == Isa::Avx2) {
+    Floats8 a2[2], b2[2];
+    std::memcpy(a2, &a, sizeof a);
+    std::memcpy(b2, &b, sizeof b);
+    a2[0] = __builtin_ia32_maxps256(b2[0], a2[0]);
+    a2[1] = __builtin_ia32_maxps256(b2[1], a2[1]);
+    std::memcpy(&a, a2, sizeof a);
+    return a;
+  }
+#endif
+  for (int l = 0; l < 16; ++l) a[l] = std::max(a[l], b[l]);
+  return a;
+}
+
+// x where a < b, else y, per lane. (GCC 12 splits a vector ?: into lanes at AVX-512 when
+// it needs the comparison as a vector of integers, so the levels' compare and blend.)
+template <Isa L>
+PYQUANT_INLINE Floats16 select_less(Floats16 a, Floats16 b, Floats16 x, Floats16 y) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512)
+    return __builtin_ia32_blendmps_512_mask(y, x, __builtin_ia32_cmpps512_mask(a, b, kLessOrdered, -1, kCurrentRounding));
+  if constexpr (L == Isa::Avx2) {
+    Floats8 a2[2], b2[2], x2[2], y2[2];
+    std::memcpy(a2, &a, sizeof a);
+    std::memcpy(b2, &b, sizeof b);
+    std::memcpy(x2, &x, sizeof x);
+    std::memcpy(y2, &y, sizeof y);
+    for (int i = 0; i < 2; ++i) y2[i] = __builtin_ia32_blendvps256(y2[i], x2[i], __builtin_ia32_cmpps256(a2[i], b2[i], kLessOrdered));
+    std::memcpy(&y, y2, sizeof y);
+    return y;
+  }
+#endif
+  for (int l = 0; l < 16; ++l) y[l] = a[l] < b[l] ? x[l] : y[l];
+  return y;
+}
+
+// How many lanes of a are != 0.
+template <Isa L>
+PYQUANT_INLINE int count_nonzero16(Floats16 a) {
+  const Floats16 zero = {};
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512)
+    return __builtin_popcount(__builtin_ia32_cmpps512_mask(a, zero, kNotEqual, -1, kCurrentRounding));
+  if constexpr (L == Isa::Avx2) {
+    Floats8 a2[2];
+    const Floats8 zero8 = {};
+    std::memcpy(a2, &a, sizeof a);
+    return __builtin_popcount(__builtin_ia32_movmskps256(__builtin_ia32_cmpps256(a2[0], zero8, kNotEqual))) +
+           __builtin_popcount(__builtin_ia32_movmskps256(__builtin_ia32_cmpps256(a2[1], zero8, kNotEqual)));
+  }
+#endif
+  int n = 0;
+  for (int l = 0; l < 16; ++l) n += a[l] != 0.0f;
+  return n;
+}
+
+// Whether a < b in any lane.
+template <Isa L>
+PYQUANT_INLINE bool any_less16(Floats16 a, Floats16 b) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_cmpps512_mask(a, b, kLessOrdered, -1, kCurrentRounding) != 0;
+  if constexpr (L == Isa::Avx2) {
+    Floats8 m[2];
+    const Floats16 less = (Floats16)(a < b);
+    std::memcpy(m, &less, sizeof less);
+    return (__builtin_ia32_movmskps256(m[0]) | __builtin_ia32_movmskps256(m[1])) != 0;
+  }
+#endif
+  uint64_t words[8];
+  const Ints16 less = a < b;
+  std::memcpy(words, &less, sizeof words);
+  uint64_t any = 0;
+  for (uint64_t w : words) any |= w;
+  return any != 0;
 }
 
 // e^x within 2 ulp: x = n ln2 + r (Cody-Waite, |r| <= ln2/2), e^r by its Taylor series to
 // r^7 (truncation below 5e-9 relative), times 2^n built in the exponent bits. 0 below
 // -87 and inf above 88 (e^-87 is 1.6e-38, near the smallest normal float).
-PYQUANT_INLINE float fast_exp(float x) {
+template <Isa L>
+PYQUANT_INLINE Floats16 fast_exp16(Floats16 x) {
   constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693145752f, kLn2Lo = 1.42860677e-6f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float xc = std::min(88.0f, std::max(-87.0f, x));
-  const float n = fma(xc, kLog2e, kRound) - kRound;
-  const float r = fma(-n, kLn2Lo, fma(-n, kLn2Hi, xc));
-  float p = 1.0f / 5040.0f;
-  p = fma(p, r, 1.0f / 720.0f);
-  p = fma(p, r, 1.0f / 120.0f);
-  p = fma(p, r, 1.0f / 24.0f);
-  p = fma(p, r, 1.0f / 6.0f);
-  p = fma(p, r, 0.5f);
-  p = fma(p, r, 1.0f);
-  p = fma(p, r, 1.0f);
-  const float e = p * bits_to_float((int32_t(n) + 127) << 23);
-  return x < -87.0f ? 0.0f : (x > 88.0f ? INFINITY : e);
+  const Floats16 xc = min16<L>(splat(88.0f), max16<L>(splat(-87.0f), x));
+  const Floats16 n = fma16<L>(xc, splat(kLog2e), splat(kRound)) - splat(kRound);
+  const Floats16 r = fma16<L>(-n, splat(kLn2Lo), fma16<L>(-n, splat(kLn2Hi), xc));
+  Floats16 p = splat(1.0f / 5040.0f);
+  for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = fma16<L>(p, r, splat(c));
+  const Ints16 n_int = __builtin_convertvector(n, Ints16);
+  const Floats16 e = p * (Floats16)((n_int + 127) << 23);
+  const Floats16 finite = select_less<L>(splat(88.0f), x, splat(INFINITY), e);
+  return select_less<L>(x, splat(-87.0f), splat(0.0f), finite);
 }
 
 // ln(x) for normal x > 0 within 2 ulp: x = 2^e m, m in [sqrt(1/2), sqrt(2)), ln m =
 // 2 atanh(s) with s = (m - 1) / (m + 1), |s| <= 0.172, by its series to s^11.
 // Subnormal x read as if normal (a wrong but finite, very negative logarithm).
-PYQUANT_INLINE float fast_log(float x) {
+template <Isa L>
+PYQUANT_INLINE Floats16 fast_log16(Floats16 x) {
   constexpr float kLn2 = 0.693147181f;
-  const int32_t bits = float_to_bits(x);
-  float m = bits_to_float((bits & 0x007fffff) | 0x3f800000);
-  float e = float((bits >> 23) - 127);
-  const bool high = m > 1.41421356f;
-  m = high ? m * 0.5f : m;
-  e = high ? e + 1.0f : e;
-  const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
-  float p = 1.0f / 11.0f;
-  p = fma(p, s2, 1.0f / 9.0f);
-  p = fma(p, s2, 1.0f / 7.0f);
-  p = fma(p, s2, 1.0f / 5.0f);
-  p = fma(p, s2, 1.0f / 3.0f);
-  p = fma(p, s2, 1.0f);
-  return fma(e, kLn2, 2.0f * s * p);
+  const Ints16 bits = (Ints16)x;
+  Floats16 m = (Floats16)((bits & 0x007fffff) | 0x3f800000);
+  Floats16 e = __builtin_convertvector((bits >> 23) - 127, Floats16);
+  const Floats16 sqrt2 = splat(1.41421356f);
+  e = select_less<L>(sqrt2, m, e + splat(1.0f), e);
+  m = select_less<L>(sqrt2, m, m * splat(0.5f), m);
+  const Floats16 s = (m - splat(1.0f)) / (m + splat(1.0f)), s2 = s * s;
+  Floats16 p = splat(1.0f / 11.0f);
+  for (const float c : {1.0f / 9.0f, 1.0f / 7.0f, 1.0f / 5.0f, 1.0f / 3.0f, 1.0f}) p = fma16<L>(p, s2, splat(c));
+  return fma16<L>(e, splat(kLn2), splat(2.0f) * s * p);
 }
-
-// x^y for x in (0, 1] (|2h - 1|): e^(y ln x). The caller gives 0^y (powf's 0, 1 or inf).
-PYQUANT_INLINE float fast_pow_unit(float x, float y) { return fast_exp(y * fast_log(x)); }
 
 // What changes between iterations but not between blocks, computed once per call.
 struct Schedule {
@@ -252,43 +409,56 @@ struct BlockState {
         changed(n * kp, 0), count(n, 0) {}
 };
 
-// The soft (AdaRound) or fake-quantized (AdaQuant) weights w~ = s q of size entries, dq = dq/dparam (zero where q is clamped to [qmin, qmax] or h to [0, 1]: no
-// gradient through a clamp), and the change of w~ since the last iteration; returns how
-// many entries changed. One loop, so that each entry is read and written once; the arrays
-// are restrict parameters, as GCC vectorises such a loop only when it need not check at run
-// time that its seven arrays do not overlap.
-PYQUANT_INLINE int64_t soft_weights(const float* __restrict p, const float* __restrict base,
-                                    const float* __restrict scale, float* __restrict h, float* __restrict dq,
-                                    float* __restrict wt, float* __restrict delta, int64_t size, bool adaround,
-                                    float lo, float hi) {
+// AdaRound's soft weights w~ = s (floor(w/s) + h(V)) of size entries (a multiple of 16),
+// dq = dq/dV (zero where h is clamped to [0, 1] or q to [qmin, qmax]: no gradient through a
+// clamp), and the change of w~ since the last iteration; returns how many entries changed.
+// A vector whose |V| are all beyond kSaturatedParam takes h = 0 or 1 and dq = 0 directly:
+// the bits the sigmoid would give.
+template <Isa L>
+PYQUANT_INLINE int64_t soft_weights_adaround(const float* __restrict p, const float* __restrict base,
+                                             const float* __restrict scale, float* __restrict h,
+                                             float* __restrict dq, float* __restrict wt, float* __restrict delta,
+                                             int64_t size, float lo, float hi) {
+  const Floats16 zero = {}, one = splat(1.0f), low = splat(lo), high = splat(hi);
+  int64_t changes = 0;
+  for (int64_t j = 0; j < size; j += kPad) {
+    const Floats16 v = load16(p + j);
+    Floats16 hv = select_less<L>(zero, v, one, zero), dv = zero;
+    if (any_less16<L>(abs16(v), splat(kSaturatedParam))) {
+      const Floats16 sig = one / (one + fast_exp16<L>(-v));
+      const Floats16 h_raw = fma16<L>(sig, splat(kZeta - kGamma), splat(kGamma));
+      hv = min16<L>(one, max16<L>(zero, h_raw));
+      dv = select_less<L>(h_raw, one, sig * (one - sig) * splat(kZeta - kGamma), zero);
+      dv = select_less<L>(zero, h_raw, dv, zero);
+    }
+    const Floats16 q = load16(base + j) + hv;
+    const Floats16 w = load16(scale + j) * min16<L>(high, max16<L>(low, q));
+    const Floats16 change = w - load16(wt + j);
+    store16(h + j, hv);
+    dv = select_less<L>(high, q, zero, dv);
+    store16(dq + j, select_less<L>(q, low, zero, dv));
+    store16(wt + j, w);
+    store16(delta + j, change);
+    changes += count_nonzero16<L>(change);
+  }
+  return changes;
+}
+
+// AdaQuant's fake-quantized weights w~ = s clamp(round(u/s)), dq = 1/s (straight-through:
+// d round(u/s) / du taken as 1/s; zero where q is clamped), and the change of w~, as above.
+PYQUANT_INLINE int64_t soft_weights_adaquant(const float* __restrict p, const float* __restrict scale,
+                                             float* __restrict dq, float* __restrict wt, float* __restrict delta,
+                                             int64_t size, float lo, float hi) {
   int32_t changes = 0;
-  if (adaround) {
-    for (int64_t j = 0; j < size; ++j) {
-      const float s = scale[j];
-      const float sig = 1.0f / (1.0f + fast_exp(-p[j]));
-      const float h_raw = fma(sig, kZeta - kGamma, kGamma);
-      const float hj = std::min(1.0f, std::max(0.0f, h_raw));
-      const float q = base[j] + hj;
-      const float d = (h_raw > 0.0f && h_raw < 1.0f) ? sig * (1.0f - sig) * (kZeta - kGamma) : 0.0f;
-      const float w = s * std::min(hi, std::max(lo, q));
-      const float change = w - wt[j];
-      h[j] = hj;
-      dq[j] = (q < lo || q > hi) ? 0.0f : d;
-      wt[j] = w;
-      delta[j] = change;
-      changes += change != 0.0f;
-    }
-  } else {
-    for (int64_t j = 0; j < size; ++j) {
-      const float s = scale[j];
-      const float q = std::nearbyint(p[j] / s);
-      const float w = s * std::min(hi, std::max(lo, q));
-      const float change = w - wt[j];
-      dq[j] = (q < lo || q > hi) ? 0.0f : 1.0f / s;  // straight-through: d round(u/s) / du taken as 1/s
-      wt[j] = w;
-      delta[j] = change;
-      changes += change != 0.0f;
-    }
+  for (int64_t j = 0; j < size; ++j) {
+    const float s = scale[j];
+    const float q = std::nearbyint(p[j] / s);
+    const float w = s * std::min(hi, std::max(lo, q));
+    const float change = w - wt[j];
+    dq[j] = (q < lo || q > hi) ? 0.0f : 1.0f / s;
+    wt[j] = w;
+    delta[j] = change;
+    changes += change != 0.0f;
   }
   return changes;
 }
@@ -299,27 +469,30 @@ struct Regulariser {
   float scale, exponent, pow_at_zero;
 };
 
-// The gradient and Adam step of size entries (restrict arrays, as above):
+// The gradient and Adam step of size entries (a multiple of 16):
 // d loss / d param = 2 (w~ A - t) s dq [+ reg_param d(1 - |2h - 1|^beta)/dh dq].
-template <bool kRegulariser>
+// The regulariser's term is computed only for vectors with a nonzero dq (dq >= 0).
+template <Isa L, bool kRegulariser>
 PYQUANT_INLINE void adam(const float* __restrict g, const float* __restrict t, const float* __restrict dq,
                          const float* __restrict h, const float* __restrict scale, float* __restrict p,
                          float* __restrict m, float* __restrict v, int64_t size, const Regulariser reg, float lr_t,
                          float eps_t) {
-  for (int64_t j = 0; j < size; ++j) {
-    float d = 2.0f * (g[j] - t[j]) * scale[j] * dq[j];
-    if (kRegulariser) {
-      const float u = 2.0f * h[j] - 1.0f, au = std::fabs(u);
-      // computed unconditionally, then selected: a select of values vectorises (with
-      // -ftrapping-math GCC does not evaluate floating-point code a branch skips)
-      const float pw = fast_pow_unit(au, reg.exponent);
-      const float pj = au > 0.0f ? pw : reg.pow_at_zero;
-      const float term = reg.scale * pj * (u > 0.0f ? 2.0f : -2.0f) * dq[j];
-      d = dq[j] != 0.0f ? d - term : d;
+  const Floats16 zero = {}, one = splat(1.0f), two = splat(2.0f);
+  for (int64_t j = 0; j < size; j += kPad) {
+    const Floats16 dqj = load16(dq + j);
+    Floats16 d = two * (load16(g + j) - load16(t + j)) * load16(scale + j) * dqj;
+    if (kRegulariser && any_less16<L>(zero, dqj)) {
+      const Floats16 u = two * load16(h + j) - one, au = abs16(u);
+      const Floats16 pw = fast_exp16<L>(splat(reg.exponent) * fast_log16<L>(au));
+      const Floats16 pj = select_less<L>(zero, au, pw, splat(reg.pow_at_zero));
+      const Floats16 term = splat(reg.scale) * pj * select_less<L>(zero, u, two, -two) * dqj;
+      d = select_less<L>(zero, dqj, d - term, d);  // where dq != 0
     }
-    m[j] = fma(kBeta1, m[j], (1.0f - kBeta1) * d);
-    v[j] = fma(kBeta2, v[j], (1.0f - kBeta2) * d * d);
-    p[j] = fma(-lr_t, m[j] / (std::sqrt(v[j]) + eps_t), p[j]);
+    const Floats16 mj = fma16<L>(splat(kBeta1), load16(m + j), splat(1.0f - kBeta1) * d);
+    const Floats16 vj = fma16<L>(splat(kBeta2), load16(v + j), splat(1.0f - kBeta2) * d * d);
+    store16(m + j, mj);
+    store16(v + j, vj);
+    store16(p + j, fma16<L>(splat(-lr_t), mj / (sqrt16<L>(vj) + splat(eps_t)), load16(p + j)));
   }
 }
 
@@ -352,6 +525,7 @@ PYQUANT_INLINE void list_changes(BlockState& st, int n, int64_t kp) {
   }
 }
 
+template <Isa L>
 PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const RoundingOptions& o,
                                    const Schedule& sc) {
   const int64_t kp = b.kp, k = b.k, size = b.n * kp;
@@ -380,8 +554,11 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
   const float lo = float(qmin), hi = float(qmax);
   int updates_since_full = -1;  // < 0: g holds no product yet
   for (int64_t it = 0; it < o.iterations; ++it) {
-    const int64_t total = soft_weights(st.param.data(), st.base.data(), st.scale.data(), st.h.data(), st.dq.data(),
-                                       st.wt.data(), st.delta.data(), size, adaround, lo, hi);
+    const int64_t total =
+        adaround ? soft_weights_adaround<L>(st.param.data(), st.base.data(), st.scale.data(), st.h.data(),
+                                            st.dq.data(), st.wt.data(), st.delta.data(), size, lo, hi)
+                 : soft_weights_adaquant(st.param.data(), st.scale.data(), st.dq.data(), st.wt.data(),
+                                         st.delta.data(), size, lo, hi);
     // g = w~ A. Saturated entries (h clamped to 0 or 1, q unchanged) keep their w~, so
     // after the first product only the changed entries' rows of A are added in; a full
     // product replaces the running sums when most entries changed, or after
@@ -399,10 +576,10 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
     const Regulariser reg{adaround && it >= sc.warm, o.reg_param * beta, beta - 1.0f,
                           beta > 1.0f ? 0.0f : (beta == 1.0f ? 1.0f : INFINITY)};  // powf(0, beta - 1)
     if (reg.on)
-      adam<true>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
+      adam<L, true>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
                  st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
     else
-      adam<false>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
+      adam<L, false>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
                   st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
   }
   if (b.param_out)
@@ -438,7 +615,7 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
   }
 }
 
-PYQUANT_CLONES(void, fit_block, (const Block& b, int qmin, int qmax, const RoundingOptions& o, const Schedule& sc),
+PYQUANT_LEVEL_CLONES(void, fit_block, (const Block& b, int qmin, int qmax, const RoundingOptions& o, const Schedule& sc),
                (b, qmin, qmax, o, sc))
 
 PYQUANT_INLINE void gram_rows_body(const float* x, const float* a, int n, int64_t kp, float* out) {
