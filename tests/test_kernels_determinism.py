@@ -1,7 +1,8 @@
 """Reproducibility of the kernels: the same inputs give the same bits with 1 and 2 threads
 (every kernel's summation order is fixed by the data, not by the threads) and with each
-x86-64 level's copy of the hot kernels (compiled without multiply-add contraction, so that
-a vector width changes no result)."""
+x86-64 level's copy of the hot kernels (compiled without multiply-add contraction, and
+fit_rounding's fused multiply-adds rounded once at every level, so that a vector width
+changes no result)."""
 import os
 import subprocess
 import sys
@@ -112,6 +113,8 @@ CASES = {
     "fit_rounding AdaQuant": _fit_rounding(2, 17, 20, kernels.RoundingAlgorithm.AdaQuant),
     # long enough for saturation: incremental products, periodic full ones and the regulariser
     "fit_rounding AdaRound, 300 iterations": _fit_rounding(2, 19, 70, kernels.RoundingAlgorithm.AdaRound, 300),
+    # one-row groups 8 to a block, the last block partly filled; k = 25 padded to 32
+    "fit_rounding AdaRound, depthwise": _fit_rounding(19, 1, 25, kernels.RoundingAlgorithm.AdaRound, 100),
     "gram_product_update": _gram_product_update(21, 83),
     "histogram and range": _histogram(1_000_003),
     "histogram and range, float64": _histogram(1_000_003, 100, np.float64),

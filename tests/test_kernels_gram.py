@@ -246,8 +246,11 @@ def fit_problem(groups, rows, k, seed=0):
     return w, scale, gram.astype(np.float32), target.astype(np.float32)
 
 
-# (groups, rows, k): 1, 7, 8, 9 and 1023 weights, a depthwise-like and a wider layer
-FIT_SHAPES = [(1, 1, 1), (1, 7, 1), (1, 1, 8), (1, 3, 3), (3, 11, 31), (16, 1, 9), (2, 17, 40)]
+# (groups, rows, k): 1, 7, 8, 9 and 1023 weights, a depthwise-like and a wider layer; groups
+# of fewer than 8 rows share a block (8 one-row groups, 2 three-row groups), the last one
+# partly filled (11 and 5 groups); k = 25 and 20 pad to 32 with neutral entries
+FIT_SHAPES = [(1, 1, 1), (1, 7, 1), (1, 1, 8), (1, 3, 3), (3, 11, 31), (16, 1, 9), (2, 17, 40), (11, 1, 25),
+              (5, 3, 20)]
 
 
 @pytest.mark.parametrize("shape", FIT_SHAPES)
@@ -267,6 +270,31 @@ def test_fit_rounding_matches_reference(shape, algorithm, lr, layout):
         np.testing.assert_allclose(fit.param, param_ref, atol=FIT_PARAM_ATOL * (1.0 if adaround else np.abs(w).max()))
         decided = np.abs(param_ref) > 1e-2 if adaround else slice(None)
         np.testing.assert_array_equal(fit.q[decided], q_ref[decided])
+
+
+@pytest.mark.parametrize("level", ["baseline", "avx2", "avx512"])
+def test_products_round_each_multiply_add_once(level, restore_isa):
+    """gram_product and gram_product_update sum with fused multiply-adds at every ISA level
+    (the baseline's fmaf included): column 1 is -1 + (1 + 2^-12)^2 = 2^-11 + 2^-24 exactly,
+    which a rounded product (1 + 2^-11, a tie to even) then an add would give as 2^-11."""
+    if level not in kernels.supported_isas():
+        pytest.skip(f"this CPU does not run {level}")
+    kernels.set_isa(level)
+    u = np.float32(1 + 2.0 ** -12)
+    x = np.array([[-1.0, u]], np.float32)
+    a = np.array([[0.0, 1.0], [0.0, u]], np.float32)
+    exact = 2.0 ** -11 + 2.0 ** -24
+    assert kernels.gram_product(x, a)[0, 1] == np.float32(exact)
+    g = np.zeros((1, 2), np.float32)
+    kernels.gram_product_update(np.zeros_like(x), x, a, g)  # both entries changed: their sum, then g +=
+    assert g[0, 1] == np.float32(exact)
+
+
+@pytest.fixture
+def restore_isa():
+    before = kernels.isa()
+    yield
+    kernels.set_isa(before)
 
 
 def test_fit_rounding_of_constant_weights_keeps_them_on_the_grid():

@@ -55,3 +55,16 @@ void set_active_isa(Isa isa);
       default: return NAME##_baseline ARGS;                       \
     }                                                             \
   }
+// PYQUANT_CLONES for a body templated on the level (template <Isa L> NAME_body), for code
+// that calls a level's builtins itself (csrc/kernels/rounding.cc).
+#define PYQUANT_LEVEL_CLONES(RET, NAME, PARAMS, ARGS)                                          \
+  PYQUANT_TARGET_AVX512 RET NAME##_avx512 PARAMS { return NAME##_body<::pyquant::Isa::Avx512> ARGS; } \
+  PYQUANT_TARGET_AVX2 RET NAME##_avx2 PARAMS { return NAME##_body<::pyquant::Isa::Avx2> ARGS; }       \
+  RET NAME##_baseline PARAMS { return NAME##_body<::pyquant::Isa::Baseline> ARGS; }                   \
+  RET NAME PARAMS {                                                                            \
+    switch (::pyquant::active_isa()) {                                                         \
+      case ::pyquant::Isa::Avx512: return NAME##_avx512 ARGS;                                  \
+      case ::pyquant::Isa::Avx2: return NAME##_avx2 ARGS;                                      \
+      default: return NAME##_baseline ARGS;                                                    \
+    }                                                                                          \
+  }

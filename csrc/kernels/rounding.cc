@@ -8,6 +8,10 @@
 #include "kernels/multiversion.h"
 #include "kernels/parallel.h"
 
+#if PYQUANT_X86_LEVELS
+#include <immintrin.h>  // declares the AVX2/AVX-512 builtins the level copies call
+#endif
+
 namespace pyquant {
 namespace {
 
@@ -18,10 +22,19 @@ constexpr float kGamma = -0.1f;
 constexpr float kBeta1 = 0.9f;
 constexpr float kBeta2 = 0.999f;
 constexpr float kEps = 1e-8f;
-// Rows fitted together: they share each load of the Gram matrix.
+// Rows fitted together: they share each load of the Gram matrix (and rows of several groups
+// share a block when a group has fewer, as a depthwise layer's one row per group).
 constexpr int kRowBlock = 8;
-// The padded width of a row: a multiple of the widest vector tile.
-constexpr int64_t kPad = 16;
+// The padded width of a row: a multiple of the widest vector tile. The element-wise loops
+// run over the padded width too (no remainder loop); padded entries are neutral (zero
+// weight and gradient, a saturated V).
+constexpr int kPad = 16;
+// |V| from which h(V) is clamped to 0 or 1 (exactly at ln 11 = 2.398, with a margin for
+// fast_exp's error: at 2.5, h_raw is 1.009 or -0.009): a vector of 16 entries all beyond it
+// skips the sigmoid, with the bits computing it would give.
+constexpr float kSaturatedParam = 2.5f;
+// AdaRound's V of padded entries: saturated at h = 0, so their soft weight stays 0.
+constexpr float kPaddingParam = -20.0f;
 // Multiply-adds (rows x k^2, times the iterations for fit_rounding) below which one thread
 // is faster.
 // Measured by benchmarks/kernel_threads.py (2 cores, AVX-512, OMP_WAIT_POLICY=PASSIVE): the
@@ -40,6 +53,11 @@ constexpr double kFullProductFraction = 0.5;
 constexpr int kFullProductEvery = 64;
 
 
+// Fused multiply-add x * y + z, rounded once: one instruction where the level has FMA (the
+// loops below vectorise it to vfmadd), libm's correctly rounded fmaf on the baseline, so
+// every level gives the same bits (what -ffp-contract=off keeps for separate operations).
+PYQUANT_INLINE float fma(float x, float y, float z) { return __builtin_fmaf(x, y, z); }
+
 // out[R, cols j0..j0+J) = x[R, kp] @ a[kp, kp] over that column tile; accumulators stay
 // in registers for the whole k loop.
 template <int R, int J>
@@ -49,7 +67,7 @@ PYQUANT_INLINE void product_tile(const float* x, const float* a, int64_t kp, int
     const float* ak = a + k * kp + j0;
     for (int r = 0; r < R; ++r) {
       const float xr = x[r * kp + k];
-      for (int j = 0; j < J; ++j) acc[r][j] += xr * ak[j];
+      for (int j = 0; j < J; ++j) acc[r][j] = fma(xr, ak[j], acc[r][j]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -77,79 +95,263 @@ PYQUANT_INLINE void product_block(const float* x, const float* a, int n, int64_t
   }
 }
 
-// Fast element functions of the loop, from adds, multiplies, divisions and bit operations
-// only (no libm): a loop of them vectorises, and every x86-64 level computes the same bits
-// (each lane does the scalar code's operations in the scalar code's order; no fused
-// multiply-add, see multiversion.h). libm's scalar expf/powf per weight per iteration were
-// most of the time on small layers (benchmarks/fit_rounding.py).
+// Fast element functions of the loop, from adds, multiplies, fused multiply-adds, divisions
+// and bit operations only (no libm), on vectors: every x86-64 level computes the same bits
+// (each lane does the same operations in the same order; fma is rounded once on every
+// level). libm's scalar expf/powf per weight per iteration were most of the time on small
+// layers (benchmarks/fit_rounding.py).
 
-PYQUANT_INLINE float bits_to_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
+// AdaRound's element-wise passes in explicit vectors of 16 floats (GCC's vector extension:
+// each level does the same lane operations, AVX2 in two halves, the baseline in four SSE
+// quarters), so that a vector whose 16 entries are all saturated can skip the sigmoid and
+// the regulariser's power, which a compiler-vectorised loop computes for every entry. What
+// the extension lacks or GCC 12 splits into lanes (fused multiply-add, square root, min and
+// max, selects, testing and counting lanes) comes from each level's builtins, and on the
+// baseline from a loop over the lanes of the same scalar operation (fmaf and sqrtf are
+// correctly rounded): every level gives the same bits.
+typedef float Floats16 __attribute__((vector_size(64)));
+typedef int32_t Ints16 __attribute__((vector_size(64)));
+typedef float Floats8 __attribute__((vector_size(32)));
+
+PYQUANT_INLINE Floats16 splat(float x) { return Floats16{} + x; }
+
+PYQUANT_INLINE Floats16 load16(const float* p) {
+  Floats16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
 }
 
-PYQUANT_INLINE int32_t float_to_bits(float f) {
-  int32_t i;
-  std::memcpy(&i, &f, sizeof i);
-  return i;
+PYQUANT_INLINE void store16(float* p, Floats16 v) { std::memcpy(p, &v, sizeof v); }
+PYQUANT_INLINE Floats16 abs16(Floats16 a) { return (Floats16)((Ints16)a & 0x7fffffff); }
+
+#if PYQUANT_X86_LEVELS
+constexpr int kCurrentRounding = 4;  // _MM_FROUND_CUR_DIRECTION
+constexpr int kLessOrdered = 0x11;   // _CMP_LT_OQ
+constexpr int kNotEqual = 0x04;      // _CMP_NEQ_UQ, C's !=
+
+// f on the two 8-float halves of a (AVX2).
+template <typename F>
+PYQUANT_INLINE Floats16 on_halves(Floats16 a, F f) {
+  Floats8 h[2];
+  std::memcpy(h, &a, sizeof a);
+  h[0] = f(h[0]);
+  h[1] = f(h[1]);
+  std::memcpy(&a, h, sizeof a);
+  return a;
+}
+#endif
+
+// a * b + c rounded once, per lane.
+template <Isa L>
+PYQUANT_INLINE Floats16 fma16(Floats16 a, Floats16 b, Floats16 c) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_vfmaddps512_mask(a, b, c, -1, kCurrentRounding);
+  if constexpr (L == Isa::Avx2) {
+    Floats8 a2[2], b2[2], c2[2];
+    std::memcpy(a2, &a, sizeof a);
+    std::memcpy(b2, &b, sizeof b);
+    std::memcpy(c2, &c, sizeof c);
+    a2[0] = __builtin_ia32_vfmaddps256(a2[0], b2[0], c2[0]);
+    a2[1] = __builtin_ia32_vfmaddps256(a2[1], b2[1], c2[1]);
+    std::memcpy(&a, a2, sizeof a);
+    return a;
+  }
+#endif
+  for (int l = 0; l < 16; ++l) a[l] = fma(a[l], b[l], c[l]);
+  return a;
+}
+
+template <Isa L>
+PYQUANT_INLINE Floats16 sqrt16(Floats16 a) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_sqrtps512_mask(a, a, -1, kCurrentRounding);
+  if constexpr (L == Isa::Avx2) return on_halves(a, [](Floats8 h) { return __builtin_ia32_sqrtps256(h); });
+#endif
+  for (int l = 0; l < 16; ++l) a[l] = std::sqrt(a[l]);
+  return a;
+}
+
+// std::min(a, b) and std::max(a, b) per lane (x86's minps(x, y) is x < y ? x : y).
+template <Isa L>
+PYQUANT_INLINE Floats16 min16(Floats16 a, Floats16 b) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_minps512_mask(b, a, a, -1, kCurrentRounding);
+  if constexpr (L == Isa::Avx2) {
+    Floats8 a2[2], b2[2];
+    std::memcpy(a2, &a, sizeof a);
+    std::memcpy(b2, &b, sizeof b);
+    a2[0] = __builtin_ia32_minps256(b2[0], a2[0]);
+    a2[1] = __builtin_ia32_minps256(b2[1], a2[1]);
+    std::memcpy(&a, a2, sizeof a);
+    return a;
+  }
+#endif
+  for (int l = 0; l < 16; ++l) a[l] = std::min(a[l], b[l]);
+  return a;
+}
+
+template <Isa L>
+PYQUANT_INLINE Floats16 max16(Floats16 a, Floats16 b) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_maxps512_mask(b, a, a, -1, kCurrentRounding);
+  if constexpr (L == Isa::Avx2) {
+    Floats8 a2[2], b2[2];
+    std::memcpy(a2, &a, sizeof a);
+    std::memcpy(b2, &b, sizeof b);
+    a2[0] = __builtin_ia32_maxps256(b2[0], a2[0]);
+    a2[1] = __builtin_ia32_maxps256(b2[1], a2[1]);
+    std::memcpy(&a, a2, sizeof a);
+    return a;
+  }
+#endif
+  for (int l = 0; l < 16; ++l) a[l] = std::max(a[l], b[l]);
+  return a;
+}
+
+// x where a < b, else y, per lane. (GCC 12 splits a vector ?: into lanes at AVX-512 when
+// it needs the comparison as a vector of integers, so the levels' compare and blend.)
+template <Isa L>
+PYQUANT_INLINE Floats16 select_less(Floats16 a, Floats16 b, Floats16 x, Floats16 y) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512)
+    return __builtin_ia32_blendmps_512_mask(y, x, __builtin_ia32_cmpps512_mask(a, b, kLessOrdered, -1, kCurrentRounding));
+  if constexpr (L == Isa::Avx2) {
+    Floats8 a2[2], b2[2], x2[2], y2[2];
+    std::memcpy(a2, &a, sizeof a);
+    std::memcpy(b2, &b, sizeof b);
+    std::memcpy(x2, &x, sizeof x);
+    std::memcpy(y2, &y, sizeof y);
+    for (int i = 0; i < 2; ++i) y2[i] = __builtin_ia32_blendvps256(y2[i], x2[i], __builtin_ia32_cmpps256(a2[i], b2[i], kLessOrdered));
+    std::memcpy(&y, y2, sizeof y);
+    return y;
+  }
+#endif
+  for (int l = 0; l < 16; ++l) y[l] = a[l] < b[l] ? x[l] : y[l];
+  return y;
+}
+
+// How many lanes of a are != 0.
+template <Isa L>
+PYQUANT_INLINE int count_nonzero16(Floats16 a) {
+  const Floats16 zero = {};
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512)
+    return __builtin_popcount(__builtin_ia32_cmpps512_mask(a, zero, kNotEqual, -1, kCurrentRounding));
+  if constexpr (L == Isa::Avx2) {
+    Floats8 a2[2];
+    const Floats8 zero8 = {};
+    std::memcpy(a2, &a, sizeof a);
+    return __builtin_popcount(__builtin_ia32_movmskps256(__builtin_ia32_cmpps256(a2[0], zero8, kNotEqual))) +
+           __builtin_popcount(__builtin_ia32_movmskps256(__builtin_ia32_cmpps256(a2[1], zero8, kNotEqual)));
+  }
+#endif
+  int n = 0;
+  for (int l = 0; l < 16; ++l) n += a[l] != 0.0f;
+  return n;
+}
+
+// Whether a < b in any lane.
+template <Isa L>
+PYQUANT_INLINE bool any_less16(Floats16 a, Floats16 b) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_cmpps512_mask(a, b, kLessOrdered, -1, kCurrentRounding) != 0;
+  if constexpr (L == Isa::Avx2) {
+    Floats8 m[2];
+    const Floats16 less = (Floats16)(a < b);
+    std::memcpy(m, &less, sizeof less);
+    return (__builtin_ia32_movmskps256(m[0]) | __builtin_ia32_movmskps256(m[1])) != 0;
+  }
+#endif
+  uint64_t words[8];
+  const Ints16 less = a < b;
+  std::memcpy(words, &less, sizeof words);
+  uint64_t any = 0;
+  for (uint64_t w : words) any |= w;
+  return any != 0;
 }
 
 // e^x within 2 ulp: x = n ln2 + r (Cody-Waite, |r| <= ln2/2), e^r by its Taylor series to
 // r^7 (truncation below 5e-9 relative), times 2^n built in the exponent bits. 0 below
 // -87 and inf above 88 (e^-87 is 1.6e-38, near the smallest normal float).
-PYQUANT_INLINE float fast_exp(float x) {
+template <Isa L>
+PYQUANT_INLINE Floats16 fast_exp16(Floats16 x) {
   constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693145752f, kLn2Lo = 1.42860677e-6f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float xc = std::min(88.0f, std::max(-87.0f, x));
-  const float n = (xc * kLog2e + kRound) - kRound;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float e = p * bits_to_float((int32_t(n) + 127) << 23);
-  return x < -87.0f ? 0.0f : (x > 88.0f ? INFINITY : e);
+  const Floats16 xc = min16<L>(splat(88.0f), max16<L>(splat(-87.0f), x));
+  const Floats16 n = fma16<L>(xc, splat(kLog2e), splat(kRound)) - splat(kRound);
+  const Floats16 r = fma16<L>(-n, splat(kLn2Lo), fma16<L>(-n, splat(kLn2Hi), xc));
+  Floats16 p = splat(1.0f / 5040.0f);
+  for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = fma16<L>(p, r, splat(c));
+  const Ints16 n_int = __builtin_convertvector(n, Ints16);
+  const Floats16 e = p * (Floats16)((n_int + 127) << 23);
+  const Floats16 finite = select_less<L>(splat(88.0f), x, splat(INFINITY), e);
+  return select_less<L>(x, splat(-87.0f), splat(0.0f), finite);
 }
 
 // ln(x) for normal x > 0 within 2 ulp: x = 2^e m, m in [sqrt(1/2), sqrt(2)), ln m =
 // 2 atanh(s) with s = (m - 1) / (m + 1), |s| <= 0.172, by its series to s^11.
 // Subnormal x read as if normal (a wrong but finite, very negative logarithm).
-PYQUANT_INLINE float fast_log(float x) {
+template <Isa L>
+PYQUANT_INLINE Floats16 fast_log16(Floats16 x) {
   constexpr float kLn2 = 0.693147181f;
-  const int32_t bits = float_to_bits(x);
-  float m = bits_to_float((bits & 0x007fffff) | 0x3f800000);
-  float e = float((bits >> 23) - 127);
-  const bool high = m > 1.41421356f;
-  m = high ? m * 0.5f : m;
-  e = high ? e + 1.0f : e;
-  const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
-  float p = 1.0f / 11.0f;
-  p = p * s2 + 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  return e * kLn2 + 2.0f * s * p;
+  const Ints16 bits = (Ints16)x;
+  Floats16 m = (Floats16)((bits & 0x007fffff) | 0x3f800000);
+  Floats16 e = __builtin_convertvector((bits >> 23) - 127, Floats16);
+  const Floats16 sqrt2 = splat(1.41421356f);
+  e = select_less<L>(sqrt2, m, e + splat(1.0f), e);
+  m = select_less<L>(sqrt2, m, m * splat(0.5f), m);
+  const Floats16 s = (m - splat(1.0f)) / (m + splat(1.0f)), s2 = s * s;
+  Floats16 p = splat(1.0f / 11.0f);
+  for (const float c : {1.0f / 9.0f, 1.0f / 7.0f, 1.0f / 5.0f, 1.0f / 3.0f, 1.0f}) p = fma16<L>(p, s2, splat(c));
+  return fma16<L>(e, splat(kLn2), splat(2.0f) * s * p);
 }
 
-// x^y for x in (0, 1] (|2h - 1|): e^(y ln x). The caller gives 0^y (powf's 0, 1 or inf).
-PYQUANT_INLINE float fast_pow_unit(float x, float y) { return fast_exp(y * fast_log(x)); }
+// What changes between iterations but not between blocks, computed once per call.
+struct Schedule {
+  int64_t warm;  // iterations without the rounding regulariser
+  // Per iteration: Adam's step lr sqrt(1 - beta2^t) / (1 - beta1^t) and its epsilon
+  // eps sqrt(1 - beta2^t) (PyTorch's bias correction, folded), and AdaRound's beta.
+  std::vector<float> lr, eps, beta;
+};
+
+Schedule make_schedule(const RoundingOptions& o) {
+  Schedule sc;
+  sc.warm = int64_t(std::ceil(double(o.iterations) * o.warm_start));
+  double beta1_t = 1.0, beta2_t = 1.0;
+  for (int64_t it = 0; it < o.iterations; ++it) {
+    beta1_t *= kBeta1;
+    beta2_t *= kBeta2;
+    sc.lr.push_back(float(o.learning_rate * std::sqrt(1.0 - beta2_t) / (1.0 - beta1_t)));
+    sc.eps.push_back(float(kEps * std::sqrt(1.0 - beta2_t)));
+    float beta = o.beta_end;
+    if (it >= sc.warm) {
+      const double rel = double(it - sc.warm) / double(o.iterations - sc.warm);
+      beta = float(o.beta_end + 0.5 * (o.beta_start - o.beta_end) * (1.0 + std::cos(rel * M_PI)));
+    }
+    sc.beta.push_back(beta);
+  }
+  return sc;
+}
 
 struct Block {
   const float* weight;  // [n, k], row stride k
   const float* scale;   // [n]
   const float* target;  // [n, k], row stride k
-  const float* gram;    // [kp, kp], padded with zeros
+  const float* gram[kRowBlock];  // row r's [kp, kp], padded with zeros (rows of one group share it)
   int n;
   int64_t k, kp;
   int8_t* out;  // [n, k]
   float* param_out;  // [n, k] or null: the learned V (AdaRound) or u (AdaQuant)
 };
+
+// x[n, kp] @ gram for a block's rows: one product per run of rows that share a Gram matrix.
+PYQUANT_INLINE void block_product(const Block& b, const float* x, float* out) {
+  for (int r0 = 0, r1 = 0; r0 < b.n; r0 = r1) {
+    for (r1 = r0 + 1; r1 < b.n && b.gram[r1] == b.gram[r0];) ++r1;
+    product_block(x + r0 * b.kp, b.gram[r0], r1 - r0, b.kp, out + r0 * b.kp);
+  }
+}
 
 // sum_j wt[j] * (g[j] - 2 t[j]) = w~ A w~^T - 2 w~ . t, without the constant c_r.
 double row_error(const float* wt, const float* g, const float* t, int64_t k) {
@@ -158,203 +360,263 @@ double row_error(const float* wt, const float* g, const float* t, int64_t k) {
   return e;
 }
 
-// 16 floats in GCC's vector extension: each level's copy does the same lane operations
-// (the baseline copy in four SSE registers). Auto-vectorisation kept update_tile's sums in
-// memory, one float at a time.
-typedef float Floats16 __attribute__((vector_size(64)));
-
 // g[cols c0..c0+16V) += (sum over the listed j, in list order, of delta[j] * a[j, cols]):
-// one row's product updated for the entries of w~ that changed.
+// one row's product updated for the entries of w~ that changed. In this form (V vectors
+// unrolled, flat sums) GCC 12 keeps the V sums in registers at every level; one loop over
+// the 16V columns, or sums shaped [1][16], kept them in memory, one float at a time.
 template <int V>
 PYQUANT_INLINE void update_tile(const float* delta, const int32_t* changed, int64_t count, const float* a,
                                 int64_t kp, int64_t c0, float* g) {
-  Floats16 acc[V] = {};
+  float acc[kPad * V] = {};
   for (int64_t i = 0; i < count; ++i) {
     const int64_t j = changed[i];
     const float d = delta[j];
     const float* aj = a + j * kp + c0;
-    for (int v = 0; v < V; ++v) {
-      Floats16 x;
-      std::memcpy(&x, aj + 16 * v, sizeof x);
-      acc[v] += d * x;
-    }
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v)
+      for (int l = 0; l < kPad; ++l) acc[kPad * v + l] = fma(d, aj[kPad * v + l], acc[kPad * v + l]);
   }
-  for (int v = 0; v < V; ++v) {
-    Floats16 sum;
-    std::memcpy(&sum, g + c0 + 16 * v, sizeof sum);
-    sum += acc[v];
-    std::memcpy(g + c0 + 16 * v, &sum, sizeof sum);
-  }
+  for (int c = 0; c < kPad * V; ++c) g[c0 + c] += acc[c];
 }
 
-// g[r] += delta[r] @ a over row r's changed entries, for the n rows of a block. Column
+// g[r] += delta[r] @ a[r] over row r's changed entries, for the n rows of a block. Column
 // tiles outer, rows inner: a tile's columns of a stay in cache across the rows.
 PYQUANT_INLINE void update_block(const float* delta, const int32_t* changed, const int64_t* count, int n,
-                                 const float* a, int64_t kp, float* g) {
+                                 const float* const* a, int64_t kp, float* g) {
   int64_t c0 = 0;
   for (; c0 + 64 <= kp; c0 += 64)
     for (int r = 0; r < n; ++r)
-      if (count[r]) update_tile<4>(delta + r * kp, changed + r * kp, count[r], a, kp, c0, g + r * kp);
-  for (; c0 < kp; c0 += 16)
+      if (count[r]) update_tile<4>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
+  for (; c0 + 32 <= kp; c0 += 32)
     for (int r = 0; r < n; ++r)
-      if (count[r]) update_tile<1>(delta + r * kp, changed + r * kp, count[r], a, kp, c0, g + r * kp);
+      if (count[r]) update_tile<2>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
+  for (; c0 < kp; c0 += kPad)
+    for (int r = 0; r < n; ++r)
+      if (count[r]) update_tile<1>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
 }
 
-PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const RoundingOptions& o) {
-  const int64_t kp = b.kp, k = b.k, size = int64_t(b.n) * kp;
-  std::vector<float> param(size, 0.f), m(size, 0.f), v(size, 0.f), base(size, 0.f), wt(size, 0.f),
-      wt_prev(size, 0.f), g(size, 0.f), t(size, 0.f), dq(size, 0.f), h(size, 0.f), grad(size, 0.f);
-  std::vector<int32_t> changed(size, 0);
-  std::vector<int64_t> count(b.n, 0);
+// The state of a block's rows, [n, kp] each (padded entries neutral; scale: the row's scale
+// at each entry, so that the element-wise loops run once over the block, not per row: a
+// depthwise layer's rows are 25 wide), and per row how many entries changed their soft
+// weight in this iteration and which.
+struct BlockState {
+  std::vector<float> param, m, v, base, wt, delta, g, t, dq, h, scale;
+  std::vector<int32_t> changed;
+  std::vector<int64_t> count;
+  explicit BlockState(int n, int64_t kp)
+      : param(n * kp, 0.f), m(n * kp, 0.f), v(n * kp, 0.f), base(n * kp, 0.f), wt(n * kp, 0.f),
+        delta(n * kp, 0.f), g(n * kp, 0.f), t(n * kp, 0.f), dq(n * kp, 0.f), h(n * kp, 0.f), scale(n * kp, 0.f),
+        changed(n * kp, 0), count(n, 0) {}
+};
+
+// AdaRound's soft weights w~ = s (floor(w/s) + h(V)) of size entries (a multiple of 16),
+// dq = dq/dV (zero where h is clamped to [0, 1] or q to [qmin, qmax]: no gradient through a
+// clamp), and the change of w~ since the last iteration; returns how many entries changed.
+// A vector whose |V| are all beyond kSaturatedParam takes h = 0 or 1 and dq = 0 directly:
+// the bits the sigmoid would give.
+template <Isa L>
+PYQUANT_INLINE int64_t soft_weights_adaround(const float* __restrict p, const float* __restrict base,
+                                             const float* __restrict scale, float* __restrict h,
+                                             float* __restrict dq, float* __restrict wt, float* __restrict delta,
+                                             int64_t size, float lo, float hi) {
+  const Floats16 zero = {}, one = splat(1.0f), low = splat(lo), high = splat(hi);
+  int64_t changes = 0;
+  for (int64_t j = 0; j < size; j += kPad) {
+    const Floats16 v = load16(p + j);
+    Floats16 hv = select_less<L>(zero, v, one, zero), dv = zero;
+    if (any_less16<L>(abs16(v), splat(kSaturatedParam))) {
+      const Floats16 sig = one / (one + fast_exp16<L>(-v));
+      const Floats16 h_raw = fma16<L>(sig, splat(kZeta - kGamma), splat(kGamma));
+      hv = min16<L>(one, max16<L>(zero, h_raw));
+      dv = select_less<L>(h_raw, one, sig * (one - sig) * splat(kZeta - kGamma), zero);
+      dv = select_less<L>(zero, h_raw, dv, zero);
+    }
+    const Floats16 q = load16(base + j) + hv;
+    const Floats16 w = load16(scale + j) * min16<L>(high, max16<L>(low, q));
+    const Floats16 change = w - load16(wt + j);
+    store16(h + j, hv);
+    dv = select_less<L>(high, q, zero, dv);
+    store16(dq + j, select_less<L>(q, low, zero, dv));
+    store16(wt + j, w);
+    store16(delta + j, change);
+    changes += count_nonzero16<L>(change);
+  }
+  return changes;
+}
+
+// AdaQuant's fake-quantized weights w~ = s clamp(round(u/s)), dq = 1/s (straight-through:
+// d round(u/s) / du taken as 1/s; zero where q is clamped), and the change of w~, as above.
+PYQUANT_INLINE int64_t soft_weights_adaquant(const float* __restrict p, const float* __restrict scale,
+                                             float* __restrict dq, float* __restrict wt, float* __restrict delta,
+                                             int64_t size, float lo, float hi) {
+  int32_t changes = 0;
+  for (int64_t j = 0; j < size; ++j) {
+    const float s = scale[j];
+    const float q = std::nearbyint(p[j] / s);
+    const float w = s * std::min(hi, std::max(lo, q));
+    const float change = w - wt[j];
+    dq[j] = (q < lo || q > hi) ? 0.0f : 1.0f / s;
+    wt[j] = w;
+    delta[j] = change;
+    changes += change != 0.0f;
+  }
+  return changes;
+}
+
+// The regulariser's settings for one iteration: reg_param * d(1 - |2h - 1|^beta)/dh.
+struct Regulariser {
+  bool on;
+  float scale, exponent, pow_at_zero;
+};
+
+// The gradient and Adam step of size entries (a multiple of 16):
+// d loss / d param = 2 (w~ A - t) s dq [+ reg_param d(1 - |2h - 1|^beta)/dh dq].
+// The regulariser's term is computed only for vectors with a nonzero dq (dq >= 0).
+template <Isa L, bool kRegulariser>
+PYQUANT_INLINE void adam(const float* __restrict g, const float* __restrict t, const float* __restrict dq,
+                         const float* __restrict h, const float* __restrict scale, float* __restrict p,
+                         float* __restrict m, float* __restrict v, int64_t size, const Regulariser reg, float lr_t,
+                         float eps_t) {
+  const Floats16 zero = {}, one = splat(1.0f), two = splat(2.0f);
+  for (int64_t j = 0; j < size; j += kPad) {
+    const Floats16 dqj = load16(dq + j);
+    Floats16 d = two * (load16(g + j) - load16(t + j)) * load16(scale + j) * dqj;
+    if (kRegulariser && any_less16<L>(zero, dqj)) {
+      const Floats16 u = two * load16(h + j) - one, au = abs16(u);
+      const Floats16 pw = fast_exp16<L>(splat(reg.exponent) * fast_log16<L>(au));
+      const Floats16 pj = select_less<L>(zero, au, pw, splat(reg.pow_at_zero));
+      const Floats16 term = splat(reg.scale) * pj * select_less<L>(zero, u, two, -two) * dqj;
+      d = select_less<L>(zero, dqj, d - term, d);  // where dq != 0
+    }
+    const Floats16 mj = fma16<L>(splat(kBeta1), load16(m + j), splat(1.0f - kBeta1) * d);
+    const Floats16 vj = fma16<L>(splat(kBeta2), load16(v + j), splat(1.0f - kBeta2) * d * d);
+    store16(m + j, mj);
+    store16(v + j, vj);
+    store16(p + j, fma16<L>(splat(-lr_t), mj / (sqrt16<L>(vj) + splat(eps_t)), load16(p + j)));
+  }
+}
+
+// Whether any of kPad floats has a bit set: a cheap test that no entry of a chunk changed
+// (a change that is not one reads as nonzero only if it is -0, which the caller's != 0
+// then skips).
+PYQUANT_INLINE bool any_bits(const float* x) {
+  uint64_t words[kPad / 2], any = 0;
+  std::memcpy(words, x, sizeof words);
+  for (int i = 0; i < kPad / 2; ++i) any |= words[i];
+  return any != 0;
+}
+
+// The list of each row's changed entries and their count, for update_block. Listing is
+// scalar (about 1.5 cycles an entry), so chunks without a change are skipped: once most
+// entries are saturated, a row of 80 has about one change per iteration.
+PYQUANT_INLINE void list_changes(BlockState& st, int n, int64_t kp) {
+  for (int r = 0; r < n; ++r) {
+    int32_t* cr = st.changed.data() + r * kp;
+    int64_t c = 0;
+    for (int64_t j0 = 0; j0 < kp; j0 += kPad) {
+      const float* dr = st.delta.data() + r * kp + j0;
+      if (!any_bits(dr)) continue;
+      for (int l = 0; l < kPad; ++l) {  // without a branch: which entries changed is unpredictable
+        cr[c] = int32_t(j0 + l);
+        c += dr[l] != 0.0f;
+      }
+    }
+    st.count[r] = c;
+  }
+}
+
+template <Isa L>
+PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const RoundingOptions& o,
+                                   const Schedule& sc) {
+  const int64_t kp = b.kp, k = b.k, size = b.n * kp;
+  BlockState st(b.n, kp);
   const bool adaround = o.algorithm == RoundingAlgorithm::AdaRound;
   for (int r = 0; r < b.n; ++r) {
-    for (int64_t j = 0; j < k; ++j) {
+    for (int64_t j = 0; j < kp; ++j) {
       const int64_t i = r * kp + j;
+      st.scale[i] = b.scale[r];
+      if (j >= k) {  // padding: w~ stays 0, no gradient
+        st.param[i] = adaround ? kPaddingParam : 0.0f;
+        continue;
+      }
       const float w = b.weight[r * k + j], s = b.scale[r];
-      t[i] = b.target[r * k + j];
+      st.t[i] = b.target[r * k + j];
       if (adaround) {
         const float fl = std::floor(w / s), frac = w / s - fl;
-        base[i] = fl;
+        st.base[i] = fl;
         // h(V) = frac: the soft weights start equal to the float weights.
-        param[i] = -std::log((kZeta - kGamma) / (frac - kGamma) - 1.0f);
+        st.param[i] = -std::log((kZeta - kGamma) / (frac - kGamma) - 1.0f);
       } else {
-        param[i] = w;
+        st.param[i] = w;
       }
     }
   }
-  const int64_t warm = int64_t(std::ceil(double(o.iterations) * o.warm_start));
   const float lo = float(qmin), hi = float(qmax);
-  double beta1_t = 1.0, beta2_t = 1.0;
   int updates_since_full = -1;  // < 0: g holds no product yet
   for (int64_t it = 0; it < o.iterations; ++it) {
-    // Soft (AdaRound) or fake-quantized (AdaQuant) weights w~ = s q, and dq = dq/dparam
-    // (zero where q is clamped to [qmin, qmax] or h to [0, 1]: no gradient through a clamp).
-    std::swap(wt, wt_prev);
-    for (int r = 0; r < b.n; ++r) {
-      const float s = b.scale[r];
-      float* pr = param.data() + r * kp;
-      float* hr = h.data() + r * kp;
-      float* dr = dq.data() + r * kp;
-      float* wr = wt.data() + r * kp;
-      const float* br = base.data() + r * kp;
-      if (adaround) {
-        for (int64_t j = 0; j < k; ++j) {
-          const float sig = 1.0f / (1.0f + fast_exp(-pr[j]));
-          const float h_raw = sig * (kZeta - kGamma) + kGamma;
-          hr[j] = std::min(1.0f, std::max(0.0f, h_raw));
-          const float q = br[j] + hr[j];
-          const float d = (h_raw > 0.0f && h_raw < 1.0f) ? sig * (1.0f - sig) * (kZeta - kGamma) : 0.0f;
-          dr[j] = (q < lo || q > hi) ? 0.0f : d;
-          wr[j] = s * std::min(hi, std::max(lo, q));
-        }
-      } else {
-        for (int64_t j = 0; j < k; ++j) {
-          const float q = std::nearbyint(pr[j] / s);
-          dr[j] = (q < lo || q > hi) ? 0.0f : 1.0f / s;  // straight-through: d round(u/s) / du taken as 1/s
-          wr[j] = s * std::min(hi, std::max(lo, q));
-        }
-      }
-    }
+    const int64_t total =
+        adaround ? soft_weights_adaround<L>(st.param.data(), st.base.data(), st.scale.data(), st.h.data(),
+                                            st.dq.data(), st.wt.data(), st.delta.data(), size, lo, hi)
+                 : soft_weights_adaquant(st.param.data(), st.scale.data(), st.dq.data(), st.wt.data(),
+                                         st.delta.data(), size, lo, hi);
     // g = w~ A. Saturated entries (h clamped to 0 or 1, q unchanged) keep their w~, so
     // after the first product only the changed entries' rows of A are added in; a full
     // product replaces the running sums when most entries changed, or after
     // kFullProductEvery updates (their rounding errors add up).
-    int64_t total = 0;
-    if (updates_since_full >= 0) {
-      for (int r = 0; r < b.n; ++r) {
-        float* dr = wt_prev.data() + r * kp;  // becomes the change w~ - w~_prev
-        const float* wr = wt.data() + r * kp;
-        int32_t* cr = changed.data() + r * kp;
-        int64_t c = 0;
-        for (int64_t j = 0; j < k; ++j) dr[j] = wr[j] - dr[j];
-        for (int64_t j = 0; j < k; ++j) {  // without a branch: which entries changed is unpredictable
-          cr[c] = int32_t(j);
-          c += dr[j] != 0.0f;
-        }
-        count[r] = c;
-        total += c;
-      }
-    }
     if (updates_since_full < 0 || (total > 0 && (updates_since_full >= kFullProductEvery ||
                                                  double(total) > kFullProductFraction * double(b.n * k)))) {
-      product_block(wt.data(), b.gram, b.n, kp, g.data());
+      block_product(b, st.wt.data(), st.g.data());
       updates_since_full = 0;
     } else if (total > 0) {
-      update_block(wt_prev.data(), changed.data(), count.data(), b.n, b.gram, kp, g.data());
+      list_changes(st, b.n, kp);
+      update_block(st.delta.data(), st.changed.data(), st.count.data(), b.n, b.gram, kp, st.g.data());
       ++updates_since_full;
     }
-    const bool reg_on = adaround && it >= warm;
-    float beta = o.beta_end;
-    if (reg_on) {
-      const double rel = double(it - warm) / double(o.iterations - warm);
-      beta = float(o.beta_end + 0.5 * (o.beta_start - o.beta_end) * (1.0 + std::cos(rel * M_PI)));
-    }
-    beta1_t *= kBeta1;
-    beta2_t *= kBeta2;
-    const float lr_t = float(o.learning_rate * std::sqrt(1.0 - beta2_t) / (1.0 - beta1_t));
-    const float eps_t = float(kEps * std::sqrt(1.0 - beta2_t));
-    const float reg_scale = o.reg_param * beta, exponent = beta - 1.0f;
-    const float pow_at_zero = exponent > 0.0f ? 0.0f : (exponent == 0.0f ? 1.0f : INFINITY);  // powf(0, y)
-    for (int r = 0; r < b.n; ++r) {
-      const float s = b.scale[r];
-      float* gradient = grad.data() + r * kp;
-      const float* gr = g.data() + r * kp;
-      const float* tr = t.data() + r * kp;
-      const float* dr = dq.data() + r * kp;
-      const float* hr = h.data() + r * kp;
-      // d loss / d param = 2 (w~ A - t) s dq [+ reg_param d(1 - |2h - 1|^beta)/dh dq]
-      for (int64_t j = 0; j < k; ++j) gradient[j] = 2.0f * (gr[j] - tr[j]) * s * dr[j];
-      if (reg_on) {
-        for (int64_t j = 0; j < k; ++j) {
-          const float u = 2.0f * hr[j] - 1.0f, au = std::fabs(u);
-          // computed unconditionally, then selected: a select of values vectorises (with
-          // -ftrapping-math GCC does not evaluate floating-point code a branch skips)
-          const float pw = fast_pow_unit(au, exponent);
-          const float p = au > 0.0f ? pw : pow_at_zero;
-          const float reg = reg_scale * p * (u > 0.0f ? 2.0f : -2.0f) * dr[j];
-          gradient[j] = dr[j] != 0.0f ? gradient[j] - reg : gradient[j];
-        }
-      }
-      float* pr = param.data() + r * kp;
-      float* mr = m.data() + r * kp;
-      float* vr = v.data() + r * kp;
-      for (int64_t j = 0; j < k; ++j) {
-        const float d = gradient[j];
-        mr[j] = kBeta1 * mr[j] + (1.0f - kBeta1) * d;
-        vr[j] = kBeta2 * vr[j] + (1.0f - kBeta2) * d * d;
-        pr[j] -= lr_t * mr[j] / (std::sqrt(vr[j]) + eps_t);
-      }
-    }
+    const float beta = sc.beta[it];
+    const Regulariser reg{adaround && it >= sc.warm, o.reg_param * beta, beta - 1.0f,
+                          beta > 1.0f ? 0.0f : (beta == 1.0f ? 1.0f : INFINITY)};  // powf(0, beta - 1)
+    if (reg.on)
+      adam<L, true>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
+                 st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
+    else
+      adam<L, false>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
+                  st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
   }
   if (b.param_out)
     for (int r = 0; r < b.n; ++r)
-      std::copy(param.begin() + r * kp, param.begin() + r * kp + k, b.param_out + r * k);
+      std::copy(st.param.begin() + r * kp, st.param.begin() + r * kp + k, b.param_out + r * k);
   // Hard rounding, and the nearest-rounding start for the keep_best guard.
-  std::vector<float> nearest(size, 0.f), g_nearest(size, 0.f);
+  std::vector<float>& hard = st.wt;
+  std::vector<float> nearest(b.n * kp, 0.f), g_nearest(b.n * kp, 0.f);
   for (int r = 0; r < b.n; ++r) {
     const float s = b.scale[r];
-    for (int64_t j = 0; j < k; ++j) {
+    for (int64_t j = 0; j < kp; ++j) {
       const int64_t i = r * kp + j;
+      if (j >= k) {
+        hard[i] = 0.0f;
+        continue;
+      }
       const float w = b.weight[r * k + j];
-      float q = adaround ? base[i] + (param[i] >= 0.0f ? 1.0f : 0.0f) : std::nearbyint(param[i] / s);
-      wt[i] = s * std::min(hi, std::max(lo, q));
+      const float q = adaround ? st.base[i] + (st.param[i] >= 0.0f ? 1.0f : 0.0f) : std::nearbyint(st.param[i] / s);
+      hard[i] = s * std::min(hi, std::max(lo, q));
       nearest[i] = s * std::min(hi, std::max(lo, std::nearbyint(w / s)));
     }
   }
-  product_block(wt.data(), b.gram, b.n, kp, g.data());
-  product_block(nearest.data(), b.gram, b.n, kp, g_nearest.data());
+  block_product(b, hard.data(), st.g.data());
+  block_product(b, nearest.data(), g_nearest.data());
   for (int r = 0; r < b.n; ++r) {
-    const float* chosen = wt.data() + r * kp;
+    const float* chosen = hard.data() + r * kp;
     if (o.keep_best) {
-      const double learned = row_error(wt.data() + r * kp, g.data() + r * kp, t.data() + r * kp, k);
-      const double start = row_error(nearest.data() + r * kp, g_nearest.data() + r * kp, t.data() + r * kp, k);
+      const double learned = row_error(hard.data() + r * kp, st.g.data() + r * kp, st.t.data() + r * kp, k);
+      const double start = row_error(nearest.data() + r * kp, g_nearest.data() + r * kp, st.t.data() + r * kp, k);
       if (!(learned < start)) chosen = nearest.data() + r * kp;
     }
     for (int64_t j = 0; j < k; ++j) b.out[r * k + j] = int8_t(std::nearbyint(chosen[j] / b.scale[r]));
   }
 }
 
-PYQUANT_CLONES(void, fit_block, (const Block& b, int qmin, int qmax, const RoundingOptions& o), (b, qmin, qmax, o))
+PYQUANT_LEVEL_CLONES(void, fit_block, (const Block& b, int qmin, int qmax, const RoundingOptions& o, const Schedule& sc),
+               (b, qmin, qmax, o, sc))
 
 PYQUANT_INLINE void gram_rows_body(const float* x, const float* a, int n, int64_t kp, float* out) {
   product_block(x, a, n, kp, out);
@@ -372,7 +634,9 @@ void gram_product_impl(const float* x, const float* a, int64_t rows, int64_t kp,
 
 PYQUANT_INLINE void update_rows_body(const float* delta, const int32_t* changed, const int64_t* count, int n,
                                      const float* a, int64_t kp, float* g) {
-  update_block(delta, changed, count, n, a, kp, g);
+  const float* grams[kRowBlock];
+  std::fill(grams, grams + kRowBlock, a);
+  update_block(delta, changed, count, n, grams, kp, g);
 }
 
 PYQUANT_CLONES(void, update_rows, (const float* delta, const int32_t* changed, const int64_t* count, int n,
@@ -396,17 +660,23 @@ void fit_rounding(const float* weight, const float* scale, const float* gram, co
   const int64_t kp = padded(k);
   std::vector<std::vector<float>> grams(groups);
   for (int64_t gi = 0; gi < groups; ++gi) grams[gi] = pad_square(gram + gi * k * k, k, kp);
-  const int64_t blocks_per_group = (rows + kRowBlock - 1) / kRowBlock;
-  const int64_t blocks = groups * blocks_per_group;
+  const Schedule schedule = make_schedule(options);
+  // A block: up to kRowBlock rows of one group, or as many whole groups of fewer rows as fit
+  // (a depthwise layer's one-row groups, 8 at a time: their element-wise passes run as one).
+  const int64_t groups_per_block = rows >= kRowBlock ? 1 : kRowBlock / rows;
+  const int64_t blocks_per_group = rows >= kRowBlock ? (rows + kRowBlock - 1) / kRowBlock : 1;
+  const int64_t blocks = (groups + groups_per_block - 1) / groups_per_block * blocks_per_group;
   const int64_t work = groups * rows * kp * kp * std::max<int64_t>(options.iterations, 1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads_for(work, kFitRoundingMinParallel))
   for (int64_t bi = 0; bi < blocks; ++bi) {
-    const int64_t gi = bi / blocks_per_group, r0 = (bi % blocks_per_group) * kRowBlock;
-    const int64_t row = gi * rows + r0;
-    Block b{weight + row * k, scale + row, target + row * k, grams[gi].data(),
-            int(std::min<int64_t>(kRowBlock, rows - r0)), k, kp, out + row * k,
+    const int64_t g0 = bi / blocks_per_group * groups_per_block, r0 = (bi % blocks_per_group) * kRowBlock;
+    const int64_t row = g0 * rows + r0;
+    const int n = int(rows >= kRowBlock ? std::min<int64_t>(kRowBlock, rows - r0)
+                                        : std::min(groups_per_block, groups - g0) * rows);
+    Block b{weight + row * k, scale + row, target + row * k, {}, n, k, kp, out + row * k,
             param_out ? param_out + row * k : nullptr};
-    fit_block(b, qmin, qmax, options);
+    for (int r = 0; r < n; ++r) b.gram[r] = grams[(row + r) / rows].data();
+    fit_block(b, qmin, qmax, options, schedule);
   }
 }
 
