@@ -121,6 +121,8 @@ CONFIGS: Dict[str, Config] = {
                                    empirical_bias_correction=1),
     "u8s8_pc_unclipped6": _pyquant("pyquant U8S8 per-channel, whole range within 6 layers of the outputs", "U8S8",
                                    per_channel=True, unclipped_output_layers=6),
+    "u8s8_pc_unclipped4": _pyquant("pyquant U8S8 per-channel, whole range within 4 layers of the outputs", "U8S8",
+                                   per_channel=True, unclipped_output_layers=4),
     "u8s8_ebc": _pyquant("pyquant U8S8 + empirical bias correction (1 pass)", "U8S8", empirical_bias_correction=1),
     "xint8_ebc": _pyquant("pyquant XINT8 + empirical bias correction (1 pass)", "XINT8", empirical_bias_correction=1),
     "u8s8": _pyquant("pyquant U8S8", "U8S8"),
