@@ -140,8 +140,13 @@ ACTIVATION_METHODS: Dict[CalibrateMethod, Callable[[TensorCollector, QuantConfig
 }
 
 
-def activation_qparams(collector: TensorCollector, config: QuantConfig) -> QParams:
-    """Quantization parameters of an activation tensor from its collected statistics."""
+def activation_qparams(collector: TensorCollector, config: QuantConfig, unclipped: bool = False) -> QParams:
+    """Quantization parameters of an activation tensor from its collected statistics;
+    ``unclipped``: its whole range (QuantConfig.unclipped_output_layers), MinMax or, with
+    power-of-two scales, NonOverflow."""
+    if unclipped:
+        method = PowerOfTwoMethod.NonOverflow if config.power_of_two else CalibrationMethod.MinMax
+        return ACTIVATION_METHODS[method](collector, config)
     return ACTIVATION_METHODS[config.calibrate_method](collector, config)
 
 

@@ -4,13 +4,14 @@ weights from the model's weights with nearest rounding."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Mapping
+from typing import AbstractSet, Dict, Mapping
 
 import numpy as np
 from onnx import ModelProto
 
 from ..config import QuantConfig, QuantType
 from ..errors import ConfigError
+from ..graph.depth import layers_to_outputs
 from ..graph.plan import QuantPlan, normalized_sums
 from ..graph.view import GraphView
 from ..qparams import (BFLOAT16_QPARAMS, QParams, QuantizedWeight, QuantTable, WeightKey, quantize_array,
@@ -20,8 +21,9 @@ from .methods import activation_qparams, bulk_sqnr_db, weight_qparams
 
 
 def group_qparams(plan: QuantPlan, collectors: Mapping[str, TensorCollector],
-                  config: QuantConfig) -> Dict[str, QParams]:
-    """One QParams per scale-sharing group, computed from the group's merged statistics."""
+                  config: QuantConfig, unclipped: AbstractSet[str] = frozenset()) -> Dict[str, QParams]:
+    """One QParams per scale-sharing group, computed from the group's merged statistics;
+    a group with a member in ``unclipped`` keeps its whole range."""
     unknown = sorted(set(config.tensor_types) - set(plan.activations))
     if unknown:
         raise ConfigError(f"tensor_types names tensors that are not quantized activations: {', '.join(unknown[:5])}")
@@ -32,7 +34,7 @@ def group_qparams(plan: QuantPlan, collectors: Mapping[str, TensorCollector],
             merged = merged.merged(collectors[name])
         qtype = max((config.tensor_types.get(m, config.activation_type) for m in members), key=lambda t: t.bits)
         group_config = config if qtype is config.activation_type else dataclasses.replace(config, activation_type=qtype)
-        qp = activation_qparams(merged, group_config)
+        qp = activation_qparams(merged, group_config, unclipped=any(m in unclipped for m in members))
         for name in members:
             result[name] = qp
     return result
@@ -58,8 +60,17 @@ def nearest_weights(model: ModelProto, plan: QuantPlan, config: QuantConfig) -> 
 def build_table(model: ModelProto, plan: QuantPlan, collectors: Mapping[str, TensorCollector],
                 config: QuantConfig) -> QuantTable:
     """The table of a run. bfloat16 activations have no parameters (a Cast pair each)."""
-    activations = {} if config.activation_type.is_float else group_qparams(plan, collectors, config)
+    activations = {} if config.activation_type.is_float else \
+        group_qparams(plan, collectors, config, unclipped_activations(model, config))
     return QuantTable(activations, nearest_weights(model, plan, config))
+
+
+def unclipped_activations(model: ModelProto, config: QuantConfig) -> AbstractSet[str]:
+    """The tensors that keep their whole range: at most config.unclipped_output_layers
+    weighted layers from a model output (none when it is None)."""
+    if config.unclipped_output_layers is None:
+        return frozenset()
+    return frozenset(t for t, layers in layers_to_outputs(model).items() if layers <= config.unclipped_output_layers)
 
 
 # A tensor summed into a per-token normalisation's input stays float when its bulk (the

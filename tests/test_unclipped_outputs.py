@@ -1,0 +1,85 @@
+"""QuantConfig.unclipped_output_layers: activations near the outputs keep their whole range
+(pyquant.graph.depth counts the weighted layers to the outputs)."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pyquant.api import quantize_detailed
+from pyquant.calibrate.methods import qparams_from_range
+from pyquant.config import QuantConfig, QuantType, get_preset
+from pyquant.errors import ConfigError
+from pyquant.graph.depth import layers_to_outputs
+
+CHANNELS = 4
+
+
+def pointwise_chain(seed: int = 0):
+    """x -> 1x1 Conv -> Relu (r1) -> 1x1 Conv -> Relu (r2) -> 1x1 Conv (y), and the weights."""
+    rng = np.random.default_rng(seed)
+    weights = [rng.standard_normal((CHANNELS, CHANNELS, 1, 1)).astype(np.float32) for _ in range(3)]
+    init = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c1"]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w1"], ["c2"]), helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w2"], ["y"])]
+    shape = ["N", CHANNELS, 8, 8]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], init)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), weights
+
+
+def pointwise(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.einsum("oc,nchw->nohw", w[:, :, 0, 0], x)
+
+
+def test_layers_are_counted_along_the_shortest_path_skips_included():
+    w = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c1"]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w"], ["c2"]), helper.make_node("Add", ["r1", "c2"], ["a"]),
+             helper.make_node("Conv", ["a", "w"], ["y"]), helper.make_node("Neg", ["x"], ["unused"])]
+    info = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 2, 4, 4])  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "skip", [info("x")], [info("y")], [w]))
+    assert layers_to_outputs(model) == {"y": 0, "a": 1, "c2": 1, "r1": 1, "c1": 1, "x": 2}
+
+
+@pytest.fixture
+def chain_data():
+    x = np.random.default_rng(1).standard_normal((32, CHANNELS, 8, 8)).astype(np.float32)
+    x[0, 0, 0, 0] = 40.0  # one outlier: the percentile clips every tensor it reaches
+    return x
+
+
+def _range(qp, qtype: QuantType = QuantType.QUInt8):
+    scale, zero_point = float(qp.scale), int(qp.zero_point)
+    return (qtype.qmin - zero_point) * scale, (qtype.qmax - zero_point) * scale
+
+
+def test_the_last_layers_inputs_keep_their_whole_range(chain_data):
+    model, (w0, w1, _) = pointwise_chain()
+    r1 = np.maximum(pointwise(chain_data, w0), 0)
+    r2 = np.maximum(pointwise(r1, w1), 0)
+    base = dataclasses.replace(get_preset("U8S8"), percentile=99.0)
+    clipped = quantize_detailed(model, chain_data, base).table.activations
+    kept = quantize_detailed(model, chain_data, dataclasses.replace(base, unclipped_output_layers=1)).table.activations
+    whole = qparams_from_range(0.0, float(r2.max()), QuantType.QUInt8, symmetric=False)
+    assert _range(kept["r2"])[1] == pytest.approx(_range(whole)[1], rel=1e-5)  # MinMax of the float r2
+    assert _range(clipped["r2"])[1] < 0.9 * float(r2.max())  # the percentile clips it without the option
+    assert _range(kept["r1"])[1] < 0.9 * float(r1.max())  # two layers from the output: still clipped
+    assert float(kept["r1"].scale) == float(clipped["r1"].scale)
+    assert float(kept["x"].scale) == float(clipped["x"].scale)
+
+
+def test_power_of_two_scales_take_the_non_overflowing_exponent(chain_data):
+    model, (w0, w1, _) = pointwise_chain()
+    r2 = np.maximum(pointwise(np.maximum(pointwise(chain_data, w0), 0), w1), 0)
+    table = quantize_detailed(model, chain_data, dataclasses.replace(get_preset("XINT8"), unclipped_output_layers=1)).table
+    levels = 255  # uint8, zero point 0 for a non-negative tensor
+    assert float(table.activations["r2"].scale) == 2.0 ** math.ceil(math.log2(float(r2.max()) / levels))
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_bad_values_are_refused(value):
+    with pytest.raises(ConfigError, match="unclipped_output_layers"):
+        QuantConfig(unclipped_output_layers=value)
