@@ -31,6 +31,7 @@ from .errors import ModelError
 from .graph.rewrites.activations import fuse_activations
 from .graph.rewrites.affine import fold_affines
 from .graph.rewrites.batchnorm import fold_batch_norm, unfold_batch_norm_before_layers
+from .graph.rewrites.constant_folding import fold_constant_data_movement
 from .graph.rewrites.constants import constants_to_initializers
 from .graph.rewrites.opset import MIN_OPSET, upgrade_opset
 from .graph.subgraphs import BRANCHES, CONTROL_FLOW_OPS, InlinedBranch, flatten_taken_branches
@@ -48,6 +49,7 @@ PREPARATION_RTOL = 1e-5
 
 REWRITES: List[Tuple[str, Callable[[ModelProto], int]]] = [
     ("Constant nodes to initializers", constants_to_initializers),
+    ("constant Slice/Concat/Reshape/... folded into initializers", fold_constant_data_movement),
     ("BatchNormalization folded into the Conv before it", fold_batch_norm),
     ("written-out hard-swish / hard-sigmoid fused into one op", fuse_activations),
     ("BatchNormalization unfolded before the layer that reads it", unfold_batch_norm_before_layers),

@@ -18,6 +18,7 @@ import pyquant
 from pyquant.api import quantize_detailed
 from pyquant.cli import main
 from pyquant.errors import CalibrationError, ModelError
+from pyquant.preparation import prepare_graph
 
 VOCAB, DIM = 50, 16
 
@@ -196,3 +197,45 @@ def test_recurrent_layers_compute_in_float_with_int8_weights(preset):
     assert tables["W_quantized"].data_type == TensorProto.INT8 and tables["R_quantized"].data_type == TensorProto.INT8
     a, b = run(model, data[0]), run(result.model, data[0])
     assert np.max(np.abs(a - b)) < 0.05 * np.max(np.abs(a))  # float compute, int8 weights: a small change
+
+
+@pytest.mark.parametrize("preset", ["U8S8", "XINT8"])
+def test_recurrent_weights_computed_from_constants_are_weights(preset):
+    # PyTorch's LSTM export reorders the gates in the graph: Slice/Concat/Unsqueeze on the
+    # constant weight. Folded in preparation, they are int8 weights, not uint8 activations.
+    rng = np.random.default_rng(1)
+    hidden, features = 8, 5
+    w = (rng.standard_normal((4 * hidden, features)) * 0.3).astype(np.float32)
+    r = (rng.standard_normal((1, 4 * hidden, hidden)) * 0.3).astype(np.float32)
+    gates = lambda name, src: [  # noqa: E731
+        helper.make_node("Slice", [src, f"{name}_s{i}", f"{name}_e{i}", "axis0"], [f"{name}_g{i}"]) for i in range(4)]
+    bounds = {f"w_{b}{i}": np.array([v], np.int64) for i, (s, e) in enumerate([(hidden, 2 * hidden), (0, hidden),
+                                                                                   (2 * hidden, 3 * hidden),
+                                                                                   (3 * hidden, 4 * hidden)])
+              for b, v in (("s", s), ("e", e))}
+    nodes = gates("w", "W0") + [helper.make_node("Concat", [f"w_g{i}" for i in range(4)], ["w_cat"], axis=0),
+                                helper.make_node("Unsqueeze", ["w_cat", "axis0"], ["W"]),
+                                helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=hidden)]
+    init = [numpy_helper.from_array(w, "W0"), numpy_helper.from_array(r, "R"),
+            numpy_helper.from_array(np.array([0], np.int64), "axis0")] + \
+        [numpy_helper.from_array(v, k) for k, v in bounds.items()]
+    graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, "N", features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = [{"x": rng.standard_normal((6, 4, features)).astype(np.float32)} for _ in range(4)]
+    result = quantize_detailed(model, data, preset)
+    assert {(u.node.op_type, u.input_index) for u in result.plan.weights} == {("LSTM", 1), ("LSTM", 2)}
+    assert not any(n.op_type in ("Slice", "Concat") for n in result.model.graph.node)
+    assert sum(n.op_type == "QuantizeLinear" for n in result.model.graph.node) == 0  # weights only, stored int8
+    tables = {t.name: t for t in result.model.graph.initializer}
+    assert tables["W_quantized"].data_type == TensorProto.INT8
+    folded = numpy_helper.to_array(next(t for t in preparation_of(model, data).graph.initializer if t.name == "W"))
+    np.testing.assert_array_equal(folded[0], np.concatenate([w[hidden:2 * hidden], w[:hidden], w[2 * hidden:]]))
+    a, b = run(model, data[0]), run(result.model, data[0])
+    assert np.max(np.abs(a - b)) < 0.05 * np.max(np.abs(a))
+
+
+def preparation_of(model, data):
+    prepared, report = prepare_graph(model, data[:1])
+    assert report.changes["constant Slice/Concat/Reshape/... folded into initializers"] == 6
+    return prepared

@@ -268,3 +268,32 @@ def test_written_out_activations_are_one_quantization_point_under_npu_rules():
     assert {"x", "c1", "a1", "c2", "g4", "y"} <= set(xint8.activations)
     assert not {"s", "g1", "g2", "g3"} & set(xint8.activations)
     assert xint8.float_tensors["s"].startswith("inside a written-out activation")
+
+
+def test_constant_data_movement_folds_and_a_paddle_bias_joins_its_conv():
+    # paddle2onnx writes a Conv bias as Add(conv, Reshape(bias, [1, C, 1, 1])): folded, the
+    # Reshape is an initializer, and the Add folds into the Conv like any constant shift
+    inits = {"w": rand(3, 4, 3, 3), "b": rand(3, seed=1), "shape": np.array([1, 3, 1, 1], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["b", "shape"], ["b4"]),
+             helper.make_node("Add", ["c", "b4"], ["y"])]
+    model = make(nodes, inits)
+    model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(inits["shape"], "shape"))  # int64, not float
+    prepared, report = preparation.prepare_graph(model, [{"x": X}])
+    assert report.changes["constant Slice/Concat/Reshape/... folded into initializers"] == 1
+    assert [n.op_type for n in prepared.graph.node] == ["Conv"] and len(prepared.graph.node[0].input) == 3
+    assert_same_function(model, prepared, X)
+
+
+def test_constant_gather_that_repeats_rows_is_not_folded():
+    # folding must not grow the model: a Gather repeating a constant's rows stays a node
+    table = rand(4, 8)
+    index = np.zeros(64, np.int64)
+    nodes = [helper.make_node("Gather", ["table", "index"], ["rows"]),
+             helper.make_node("ReduceSum", ["rows"], ["total"], keepdims=0),
+             helper.make_node("Add", ["x", "total"], ["y"])]
+    model = make(nodes, {"table": table}, in_shape=(2, 8))
+    model.graph.initializer.append(numpy_helper.from_array(index, "index"))
+    prepared, report = preparation.prepare_graph(model, [{"x": X[:, 0, 0, :]}])
+    assert report.changes["constant Slice/Concat/Reshape/... folded into initializers"] == 0
+    assert "Gather" in [n.op_type for n in prepared.graph.node]
