@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passes of empirical bias correction: run the QDQ model on the calibration data and "
                         "correct each Conv/Gemm bias for the mean shift of activation quantization too "
                         "(one inference pass each; default: the preset's, 0)")
+    q.add_argument("--unclipped_output_layers", type=int, default=None, metavar="N",
+                   help="activations at most N weighted layers from a model output keep their whole range "
+                        "(MinMax; with power-of-two scales the non-overflowing one) instead of the preset's "
+                        "clipping: for detectors whose strongest responses are the objects (YOLOv8n: N=4-6)")
     q.add_argument("--quantize_region_outputs", action=argparse.BooleanOptionalAction, default=None,
                    help="QDQ pairs on model outputs and on tensors read only by ops left in float "
                         "(default: the preset's choice; off keeps a classifier's logits in float)")
@@ -188,6 +192,8 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast_finetune", action="store_true", help="add fast finetune (AdaRound)")
     p.add_argument("--empirical_bias_correction", type=int, default=None, metavar="PASSES",
                    help="passes of empirical bias correction, as for quantize")
+    p.add_argument("--unclipped_output_layers", type=int, default=None, metavar="N",
+                   help="whole activation ranges within N weighted layers of the outputs, as for quantize")
     p.add_argument("--quantize_region_outputs", action=argparse.BooleanOptionalAction, default=None,
                    help="QDQ pairs on model outputs (default: the preset's choice)")
     _add_common(p)
@@ -304,6 +310,8 @@ def quant_config_from_args(args):
         config = dataclasses.replace(config, fast_finetune=FastFinetuneOptions())
     if args.empirical_bias_correction is not None:
         config = dataclasses.replace(config, empirical_bias_correction=args.empirical_bias_correction)
+    if args.unclipped_output_layers is not None:
+        config = dataclasses.replace(config, unclipped_output_layers=args.unclipped_output_layers)
     return config
 
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from pyquant.cli import main
+from pyquant.cli import build_parser, main, quant_config_from_args
 
 
 @pytest.fixture
@@ -81,6 +81,18 @@ def test_negative_empirical_bias_correction_is_a_usage_error(tmp_path, tiny_mode
     np.save(tmp_path / "calib.npy", tiny_data)
     expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
                                        "--empirical_bias_correction", "-1"), 2, "empirical_bias_correction")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_unclipped_output_layers_flag_reaches_the_config(tmp_path, tiny_model_path, tiny_data, capsys):
+    args = build_parser().parse_args(quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
+                                                   "--config", "U8S8", "--unclipped_output_layers", "4"))
+    assert quant_config_from_args(args).unclipped_output_layers == 4
+    args = build_parser().parse_args(quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy"))
+    assert quant_config_from_args(args).unclipped_output_layers is None  # the preset's
+    np.save(tmp_path / "calib.npy", tiny_data)
+    expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
+                                       "--unclipped_output_layers", "-1"), 2, "unclipped_output_layers")
     assert not (tmp_path / "q.onnx").exists()
 
 
