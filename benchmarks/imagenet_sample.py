@@ -236,6 +236,7 @@ def run_worker(row: str, shared: Path, logits_dir: Path) -> dict:
                            "--logits-out", str(logits)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"row {row} failed:\n{proc.stderr[-2000:]}")
+    sys.stderr.write(proc.stderr)  # the worker's warnings and fast finetune's summary
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if logits.exists():
         result["logits"] = np.load(logits)
