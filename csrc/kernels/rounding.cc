@@ -472,13 +472,27 @@ struct Regulariser {
 // The gradient and Adam step of size entries (a multiple of 16):
 // d loss / d param = 2 (w~ A - t) s dq [+ reg_param d(1 - |2h - 1|^beta)/dh dq].
 // The regulariser's term is computed only for vectors with a nonzero dq (dq >= 0).
+//
+// skip_frozen (AdaRound, when the caller does not return V): a vector whose 16 entries are
+// all frozen keeps its V, m and v. An entry is frozen when |V| >= kSaturatedParam (h is
+// clamped, so dq = 0 and the gradient is 0) and its momentum does not point back inwards
+// (V > 0 and m <= 0, or V < 0 and m >= 0): with a zero gradient m only decays, keeping its
+// sign, so every later step moves V further out and the entry stays frozen to the end. Its
+// w~ and its hard rounding (the sign of V) are then fixed, so skipping its steps changes
+// only the V the caller does not read; after the warm start nearly all entries are frozen.
 template <Isa L, bool kRegulariser>
 PYQUANT_INLINE void adam(const float* __restrict g, const float* __restrict t, const float* __restrict dq,
                          const float* __restrict h, const float* __restrict scale, float* __restrict p,
                          float* __restrict m, float* __restrict v, int64_t size, const Regulariser reg, float lr_t,
-                         float eps_t) {
+                         float eps_t, bool skip_frozen) {
   const Floats16 zero = {}, one = splat(1.0f), two = splat(2.0f);
   for (int64_t j = 0; j < size; j += kPad) {
+    if (skip_frozen) {
+      const Floats16 pj = load16(p + j);
+      // m with its sign flipped where V < 0: positive exactly where m points inwards
+      const Floats16 inward = (Floats16)((Ints16)load16(m + j) ^ ((Ints16)pj & INT32_MIN));
+      if (!any_less16<L>(abs16(pj), splat(kSaturatedParam)) && !any_less16<L>(zero, inward)) continue;
+    }
     const Floats16 dqj = load16(dq + j);
     Floats16 d = two * (load16(g + j) - load16(t + j)) * load16(scale + j) * dqj;
     if (kRegulariser && any_less16<L>(zero, dqj)) {
@@ -575,12 +589,13 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
     const float beta = sc.beta[it];
     const Regulariser reg{adaround && it >= sc.warm, o.reg_param * beta, beta - 1.0f,
                           beta > 1.0f ? 0.0f : (beta == 1.0f ? 1.0f : INFINITY)};  // powf(0, beta - 1)
+    const bool skip_frozen = adaround && b.param_out == nullptr;
     if (reg.on)
       adam<L, true>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
-                 st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
+                 st.v.data(), size, reg, sc.lr[it], sc.eps[it], skip_frozen);
     else
       adam<L, false>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
-                  st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
+                  st.v.data(), size, reg, sc.lr[it], sc.eps[it], skip_frozen);
   }
   if (b.param_out)
     for (int r = 0; r < b.n; ++r)
