@@ -379,8 +379,23 @@ PYQUANT_INLINE void update_tile(const float* delta, const int32_t* changed, int6
   for (int c = 0; c < kPad * V; ++c) g[c0 + c] += acc[c];
 }
 
+// The last 16 columns of a row whose padded width is not a multiple of 32 (e.g. 80): the
+// same lane operations as update_tile<1> in explicit vectors, which GCC 12 compiled to
+// scalar code (about a fifth of 1x1 80 -> 480's time in `perf`).
+template <Isa L>
+PYQUANT_INLINE void update_tile16(const float* delta, const int32_t* changed, int64_t count, const float* a,
+                                  int64_t kp, int64_t c0, float* g) {
+  Floats16 acc = {};
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t j = changed[i];
+    acc = fma16<L>(splat(delta[j]), load16(a + j * kp + c0), acc);
+  }
+  store16(g + c0, load16(g + c0) + acc);
+}
+
 // g[r] += delta[r] @ a[r] over row r's changed entries, for the n rows of a block. Column
 // tiles outer, rows inner: a tile's columns of a stay in cache across the rows.
+template <Isa L>
 PYQUANT_INLINE void update_block(const float* delta, const int32_t* changed, const int64_t* count, int n,
                                  const float* const* a, int64_t kp, float* g) {
   int64_t c0 = 0;
@@ -392,7 +407,7 @@ PYQUANT_INLINE void update_block(const float* delta, const int32_t* changed, con
       if (count[r]) update_tile<2>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
   for (; c0 < kp; c0 += kPad)
     for (int r = 0; r < n; ++r)
-      if (count[r]) update_tile<1>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
+      if (count[r]) update_tile16<L>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
 }
 
 // The state of a block's rows, [n, kp] each (padded entries neutral; scale: the row's scale
@@ -472,27 +487,13 @@ struct Regulariser {
 // The gradient and Adam step of size entries (a multiple of 16):
 // d loss / d param = 2 (w~ A - t) s dq [+ reg_param d(1 - |2h - 1|^beta)/dh dq].
 // The regulariser's term is computed only for vectors with a nonzero dq (dq >= 0).
-//
-// skip_frozen (AdaRound, when the caller does not return V): a vector whose 16 entries are
-// all frozen keeps its V, m and v. An entry is frozen when |V| >= kSaturatedParam (h is
-// clamped, so dq = 0 and the gradient is 0) and its momentum does not point back inwards
-// (V > 0 and m <= 0, or V < 0 and m >= 0): with a zero gradient m only decays, keeping its
-// sign, so every later step moves V further out and the entry stays frozen to the end. Its
-// w~ and its hard rounding (the sign of V) are then fixed, so skipping its steps changes
-// only the V the caller does not read; after the warm start nearly all entries are frozen.
 template <Isa L, bool kRegulariser>
 PYQUANT_INLINE void adam(const float* __restrict g, const float* __restrict t, const float* __restrict dq,
                          const float* __restrict h, const float* __restrict scale, float* __restrict p,
                          float* __restrict m, float* __restrict v, int64_t size, const Regulariser reg, float lr_t,
-                         float eps_t, bool skip_frozen) {
+                         float eps_t) {
   const Floats16 zero = {}, one = splat(1.0f), two = splat(2.0f);
   for (int64_t j = 0; j < size; j += kPad) {
-    if (skip_frozen) {
-      const Floats16 pj = load16(p + j);
-      // m with its sign flipped where V < 0: positive exactly where m points inwards
-      const Floats16 inward = (Floats16)((Ints16)load16(m + j) ^ ((Ints16)pj & INT32_MIN));
-      if (!any_less16<L>(abs16(pj), splat(kSaturatedParam)) && !any_less16<L>(zero, inward)) continue;
-    }
     const Floats16 dqj = load16(dq + j);
     Floats16 d = two * (load16(g + j) - load16(t + j)) * load16(scale + j) * dqj;
     if (kRegulariser && any_less16<L>(zero, dqj)) {
@@ -583,19 +584,18 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
       updates_since_full = 0;
     } else if (total > 0) {
       list_changes(st, b.n, kp);
-      update_block(st.delta.data(), st.changed.data(), st.count.data(), b.n, b.gram, kp, st.g.data());
+      update_block<L>(st.delta.data(), st.changed.data(), st.count.data(), b.n, b.gram, kp, st.g.data());
       ++updates_since_full;
     }
     const float beta = sc.beta[it];
     const Regulariser reg{adaround && it >= sc.warm, o.reg_param * beta, beta - 1.0f,
                           beta > 1.0f ? 0.0f : (beta == 1.0f ? 1.0f : INFINITY)};  // powf(0, beta - 1)
-    const bool skip_frozen = adaround && b.param_out == nullptr;
     if (reg.on)
       adam<L, true>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
-                 st.v.data(), size, reg, sc.lr[it], sc.eps[it], skip_frozen);
+                 st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
     else
       adam<L, false>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
-                  st.v.data(), size, reg, sc.lr[it], sc.eps[it], skip_frozen);
+                  st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
   }
   if (b.param_out)
     for (int r = 0; r < b.n; ++r)
@@ -647,14 +647,15 @@ void gram_product_impl(const float* x, const float* a, int64_t rows, int64_t kp,
   }
 }
 
+template <Isa L>
 PYQUANT_INLINE void update_rows_body(const float* delta, const int32_t* changed, const int64_t* count, int n,
                                      const float* a, int64_t kp, float* g) {
   const float* grams[kRowBlock];
   std::fill(grams, grams + kRowBlock, a);
-  update_block(delta, changed, count, n, grams, kp, g);
+  update_block<L>(delta, changed, count, n, grams, kp, g);
 }
 
-PYQUANT_CLONES(void, update_rows, (const float* delta, const int32_t* changed, const int64_t* count, int n,
+PYQUANT_LEVEL_CLONES(void, update_rows, (const float* delta, const int32_t* changed, const int64_t* count, int n,
                                    const float* a, int64_t kp, float* g),
                (delta, changed, count, n, a, kp, g))
 
