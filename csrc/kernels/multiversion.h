@@ -44,27 +44,25 @@ void set_active_isa(Isa isa);
 // Defines NAME_avx512, NAME_avx2 and NAME_baseline (NAME_body compiled for each level) and
 // NAME, which calls the copy of the active level. PARAMS is the parenthesised parameter
 // list, ARGS the parenthesised argument names. Overloads (float and double) may share a NAME.
-#define PYQUANT_CLONES(RET, NAME, PARAMS, ARGS)                   \
+#define PYQUANT_CLONES(RET, NAME, PARAMS, ARGS)                               \
   PYQUANT_TARGET_AVX512 RET NAME##_avx512 PARAMS { return NAME##_body ARGS; } \
   PYQUANT_TARGET_AVX2 RET NAME##_avx2 PARAMS { return NAME##_body ARGS; }     \
   RET NAME##_baseline PARAMS { return NAME##_body ARGS; }                     \
-  RET NAME PARAMS {                                               \
-    switch (::pyquant::active_isa()) {                            \
-      case ::pyquant::Isa::Avx512: return NAME##_avx512 ARGS;     \
-      case ::pyquant::Isa::Avx2: return NAME##_avx2 ARGS;         \
-      default: return NAME##_baseline ARGS;                       \
-    }                                                             \
-  }
+  PYQUANT_DISPATCH(RET, NAME, PARAMS, ARGS)
 // PYQUANT_CLONES for a body templated on the level (template <Isa L> NAME_body), for code
 // that calls a level's builtins itself (csrc/kernels/rounding.cc).
-#define PYQUANT_LEVEL_CLONES(RET, NAME, PARAMS, ARGS)                                          \
+#define PYQUANT_LEVEL_CLONES(RET, NAME, PARAMS, ARGS)                                               \
   PYQUANT_TARGET_AVX512 RET NAME##_avx512 PARAMS { return NAME##_body<::pyquant::Isa::Avx512> ARGS; } \
   PYQUANT_TARGET_AVX2 RET NAME##_avx2 PARAMS { return NAME##_body<::pyquant::Isa::Avx2> ARGS; }       \
   RET NAME##_baseline PARAMS { return NAME##_body<::pyquant::Isa::Baseline> ARGS; }                   \
-  RET NAME PARAMS {                                                                            \
-    switch (::pyquant::active_isa()) {                                                         \
-      case ::pyquant::Isa::Avx512: return NAME##_avx512 ARGS;                                  \
-      case ::pyquant::Isa::Avx2: return NAME##_avx2 ARGS;                                      \
-      default: return NAME##_baseline ARGS;                                                    \
-    }                                                                                          \
+  PYQUANT_DISPATCH(RET, NAME, PARAMS, ARGS)
+// NAME, which calls NAME_avx512, NAME_avx2 or NAME_baseline by the active level (for copies
+// written by hand, e.g. with a level's intrinsics: csrc/kernels/histogram.cc).
+#define PYQUANT_DISPATCH(RET, NAME, PARAMS, ARGS)               \
+  RET NAME PARAMS {                                             \
+    switch (::pyquant::active_isa()) {                          \
+      case ::pyquant::Isa::Avx512: return NAME##_avx512 ARGS;   \
+      case ::pyquant::Isa::Avx2: return NAME##_avx2 ARGS;       \
+      default: return NAME##_baseline ARGS;                     \
+    }                                                           \
   }
