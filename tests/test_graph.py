@@ -288,3 +288,51 @@ def test_tensor_types_give_chosen_tensors_16_bits(tiny_model, tiny_data):
     with pytest.raises(ConfigError, match="not quantized activations: nowhere"):
         quantize_model(tiny_model, ArrayReader(tiny_data, "x", 16),
                        dataclasses.replace(config, tensor_types={"nowhere": pyquant_types.QInt16}))
+
+
+def _concat_tail(then_conv: bool, pool: bool = False) -> onnx.ModelProto:
+    """Two Convs on x joined by a Concat (a detector's boxes and scores) that is the model
+    output, or, with ``then_conv``, read by a third Conv; ``pool`` puts an AveragePool
+    after the Concat."""
+    rng = np.random.default_rng(0)
+    init = [numpy_helper.from_array((rng.standard_normal((4, 3, 1, 1)) * 0.5).astype(np.float32), name)
+            for name in ("wa", "wb")]
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"]), helper.make_node("Conv", ["x", "wb"], ["b"]),
+             helper.make_node("Concat", ["a", "b"], ["cat"], axis=1)]
+    last = "cat"
+    if pool:
+        nodes.append(helper.make_node("AveragePool", ["cat"], ["pool"], kernel_shape=[2, 2]))
+        last = "pool"
+    if then_conv:
+        init.append(numpy_helper.from_array((rng.standard_normal((2, 8, 1, 1)) * 0.5).astype(np.float32), "wc"))
+        nodes.append(helper.make_node("Conv", [last, "wc"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", [last], ["y"]))
+    graph = helper.make_graph(nodes, "concat_tail", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_concat_and_average_pool_without_quantized_reader_stay_float(pool):
+    """Without region outputs a Concat (or AveragePool) that only a model output reads
+    computes in float, so its inputs get no pair that would only round them; read by a
+    quantized Conv, or with region outputs or NPU rules, it stays quantized."""
+    model = _concat_tail(then_conv=False, pool=pool)
+    prepared = prepare(model)
+    plan = build_plan(prepared, False, quantize_region_outputs=False)
+    assert not {"a", "b", "cat", "pool"} & set(plan.activations)
+    assert plan.skipped["Concat(cat)"].startswith("no quantized op reads its output")
+    assert {"a", "b"} <= set(build_plan(prepared, False, quantize_region_outputs=True).activations)
+    assert {"a", "b"} <= set(build_plan(prepared, True, quantize_region_outputs=False).activations)
+    read = build_plan(prepare(_concat_tail(then_conv=True, pool=pool)), False, quantize_region_outputs=False)
+    assert {"a", "b", "pool" if pool else "cat"} <= set(read.activations)
+
+    x = np.random.default_rng(1).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    q = quantize_model(model, ArrayReader(x, "x", 2), get_preset("U8S8")).model
+    assert not [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in ("a", "b", "cat")]
+    reference = run(model, x)
+    # only the Convs' int8 weights and input pair remain: no 8-bit rounding of the outputs
+    assert rel_rms(run(q, x), reference) < 0.02

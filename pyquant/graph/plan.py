@@ -226,7 +226,7 @@ def build_plan(model: ModelProto, enable_npu_cnn: bool, quantize_region_outputs:
             fused_outputs.add(current.output[0])
             current, allowed = nxt, FUSED_BOUNDS
 
-    float_region = _float_region(view, model, fused_outputs, enable_npu_cnn, excluded)
+    float_region = _float_region(view, model, fused_outputs, enable_npu_cnn, excluded, quantize_region_outputs)
     read_by_quantized = set()
     for node in model.graph.node:
         rule = OP_RULES.get(node.op_type)
@@ -304,6 +304,12 @@ def _unquantizable_constant(value) -> Optional[str]:
 
 FLOAT_REGION_REASON = "elementwise op between quantized layers: computed in float (no NPU rules)"
 UNREAD_REASON = "no quantized op reads its output (nor produces its input): computed in float"
+# Ops whose integer form (QLinearConcat, QLinearAveragePool) re-quantizes its result: when
+# that result is not quantized (no quantized reader, region outputs off) the QDQ pairs on
+# their inputs only round. On YOLOv8n's decoding tail the Concat of boxes and class scores
+# rounded the boxes to 1.25-pixel steps and clipped the scores at 0.68, and the Concat chain
+# of the anchor grid moved the centres by up to 0.08 cells.
+_REQUANTIZING_OPS = frozenset({"Concat", "AveragePool", "GlobalAveragePool"})
 
 
 def _fused_end(view: GraphView, name: str, fused_outputs: set) -> str:
@@ -314,7 +320,7 @@ def _fused_end(view: GraphView, name: str, fused_outputs: set) -> str:
 
 
 def _float_region(view: GraphView, model: ModelProto, fused_outputs: set, npu: bool,
-                  excluded: Mapping[int, str]) -> Dict[int, str]:
+                  excluded: Mapping[int, str], quantize_region_outputs: bool = True) -> Dict[int, str]:
     """{id(node): reason} of the nodes that stay float under the placement rule.
 
     Without NPU rules: elementwise ops (activations fused into their layer excepted).
@@ -322,7 +328,9 @@ def _float_region(view: GraphView, model: ModelProto, fused_outputs: set, npu: b
     an Add of two activations, is computed in integers only if a quantized op reads its
     output; with NPU rules a data-movement op also when a quantized op produces its input
     (an NPU passes integers through it). So an Identity between a float op and a model
-    output, or a residual Add whose sum only a LayerNormalization reads, adds no pair."""
+    output, or a residual Add whose sum only a LayerNormalization reads, adds no pair.
+    Without NPU rules and without quantize_region_outputs, the same holds for the ops
+    that re-quantize their result (_REQUANTIZING_OPS: Concat, average pools)."""
     region: Dict[int, str] = dict(excluded)
     nodes = list(model.graph.node)
     for node in nodes:
@@ -344,7 +352,8 @@ def _float_region(view: GraphView, model: ModelProto, fused_outputs: set, npu: b
         if rule is None or id(node) in region or not node.output:
             continue
         two_activation_add = node.op_type == "Add" and not npu
-        if not (rule.same_scale or two_activation_add):
+        requantizing = node.op_type in _REQUANTIZING_OPS and not npu and not quantize_region_outputs
+        if not (rule.same_scale or two_activation_add or requantizing):
             continue
         readers = [c for o in node.output if o
                    for c in view.consumers.get(_fused_end(view, o, fused_outputs), [])]
