@@ -51,6 +51,10 @@ constexpr int64_t kGramProductMinParallel = 10'000'000;
 // 0.7 and 16 8.3 s (a changed entry costs its multiply-adds and a's row for one row only).
 constexpr double kFullProductFraction = 0.5;
 constexpr int kFullProductEvery = 64;
+// Frozen entries (see frozen()) are counted every kCompactEvery iterations, and dropped from
+// the element-wise loops once they are at least 1/kCompactFraction of the active ones.
+constexpr int kCompactEvery = 8;
+constexpr int64_t kCompactFraction = 8;
 
 
 // Fused multiply-add x * y + z, rounded once: one instruction where the level has FMA (the
@@ -373,17 +377,17 @@ double row_error(const float* wt, const float* g, const float* t, int64_t k) {
   return e;
 }
 
-// g[cols c0..c0+16V) += (sum over the listed j, in list order, of delta[j] * a[j, cols]):
+// g[cols c0..c0+16V) += (sum over the list, in its order, of change[i] * a[changed[i], cols]):
 // one row's product updated for the entries of w~ that changed. In this form (V vectors
 // unrolled, flat sums) GCC 12 keeps the V sums in registers at every level; one loop over
 // the 16V columns, or sums shaped [1][16], kept them in memory, one float at a time.
 template <int V>
-PYQUANT_INLINE void update_tile(const float* delta, const int32_t* changed, int64_t count, const float* a,
+PYQUANT_INLINE void update_tile(const float* change, const int32_t* changed, int64_t count, const float* a,
                                 int64_t kp, int64_t c0, float* g) {
   float acc[kPad * V] = {};
   for (int64_t i = 0; i < count; ++i) {
     const int64_t j = changed[i];
-    const float d = delta[j];
+    const float d = change[i];
     const float* aj = a + j * kp + c0;
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v)
@@ -396,45 +400,137 @@ PYQUANT_INLINE void update_tile(const float* delta, const int32_t* changed, int6
 // same lane operations as update_tile<1> in explicit vectors, which GCC 12 compiled to
 // scalar multiply-adds (at least 7 % of 1x1 80 -> 480's samples in `perf`).
 template <Isa L>
-PYQUANT_INLINE void update_tile16(const float* delta, const int32_t* changed, int64_t count, const float* a,
+PYQUANT_INLINE void update_tile16(const float* change, const int32_t* changed, int64_t count, const float* a,
                                   int64_t kp, int64_t c0, float* g) {
   Floats16 acc = {};
   for (int64_t i = 0; i < count; ++i) {
     const int64_t j = changed[i];
-    acc = fma16<L>(splat(delta[j]), load16(a + j * kp + c0), acc);
+    acc = fma16<L>(splat(change[i]), load16(a + j * kp + c0), acc);
   }
   store16(g + c0, load16(g + c0) + acc);
 }
 
-// g[r] += delta[r] @ a[r] over row r's changed entries, for the n rows of a block. Column
-// tiles outer, rows inner: a tile's columns of a stay in cache across the rows.
+// g[r] += (w~ - w~_prev)[r] @ a[r] over row r's changed entries, for the n rows of a block:
+// row r's list is changed[r * kp ..] (columns, ascending) and change[r * kp ..] (the changes),
+// count[r] long. Column tiles outer, rows inner: a tile's columns of a stay in cache across
+// the rows.
 template <Isa L>
-PYQUANT_INLINE void update_block(const float* delta, const int32_t* changed, const int64_t* count, int n,
+PYQUANT_INLINE void update_block(const float* change, const int32_t* changed, const int64_t* count, int n,
                                  const float* const* a, int64_t kp, float* g) {
   int64_t c0 = 0;
   for (; c0 + 64 <= kp; c0 += 64)
     for (int r = 0; r < n; ++r)
-      if (count[r]) update_tile<4>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
+      if (count[r]) update_tile<4>(change + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
   for (; c0 + 32 <= kp; c0 += 32)
     for (int r = 0; r < n; ++r)
-      if (count[r]) update_tile<2>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
+      if (count[r]) update_tile<2>(change + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
   for (; c0 < kp; c0 += kPad)
     for (int r = 0; r < n; ++r)
-      if (count[r]) update_tile16<L>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
+      if (count[r]) update_tile16<L>(change + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
 }
 
-// The state of a block's rows, [n, kp] each (padded entries neutral; scale: the row's scale
-// at each entry, so that the element-wise loops run once over the block, not per row: a
-// depthwise layer's rows are 25 wide), and per row how many entries changed their soft
-// weight in this iteration and which.
+// Whether an AdaRound entry is frozen: |V| >= kSaturatedParam, so h is clamped and dq = 0,
+// which makes its gradient 0, and its momentum m does not point back inwards (V > 0 and
+// m <= 0, or V < 0 and m >= 0). With a zero gradient m only decays, keeping its sign, so
+// each later step moves V further out: the entry's soft weight and hard rounding (the sign
+// of V) stay what they are to the end. Padded entries (V = kPaddingParam, m = 0) are frozen.
+PYQUANT_INLINE bool frozen(float param, float m) {
+  return !(std::fabs(param) < kSaturatedParam) && (param > 0.0f ? m <= 0.0f : m >= 0.0f);
+}
+
+// The state of a block's entries. The element-wise loops (soft weights, listing the changes,
+// gradient, Adam) run over a packed list of the active entries: each array holds, at i, the
+// entry at position pos[i] = r * kp + j of the block's [n, kp] rows, in order of position,
+// padded to a multiple of kPad with neutral entries (scale 0, so w~ = 0 and no gradient).
+// At first the list is every entry, in place (identity): the products read and write the
+// packed arrays. Once enough AdaRound entries are frozen, compact() drops them (after 120
+// warm-start iterations of Lite0's 1x1 80 -> 480 layer 60 % of the entries are, after 400
+// 90 %, though 80 % of the 16-entry vectors still hold an active one), and the products
+// work on the row-major copies wt_rows and g_rows: the soft weights of the active entries
+// are written there before each full product (frozen entries' last ones, which stay, when
+// they are dropped), and the active entries' products read from there before each Adam step.
 struct BlockState {
-  std::vector<float> param, m, v, base, wt, delta, g, t, dq, h, scale;
+  int64_t active;  // entries in the list
+  bool identity;   // pos[i] == i for every position: no entry dropped yet
+  std::vector<int32_t> pos;
+  // packed: scale is the row's scale at each entry, so that the loops run once over the
+  // block, not per row (a depthwise layer's rows are 25 wide)
+  std::vector<float> param, m, v, base, scale, t, wt, delta, dq, h, g;
+  std::vector<int64_t> row_end;  // row r's entries are [row_end[r - 1], row_end[r]) of the list
+  std::vector<float> wt_rows, g_rows, param_rows;  // [n, kp]
+  // Per row, the columns of the entries whose soft weight changed in this iteration and
+  // their changes (in order of column), and how many.
   std::vector<int32_t> changed;
+  std::vector<float> change;
   std::vector<int64_t> count;
   explicit BlockState(int n, int64_t kp)
-      : param(n * kp, 0.f), m(n * kp, 0.f), v(n * kp, 0.f), base(n * kp, 0.f), wt(n * kp, 0.f),
-        delta(n * kp, 0.f), g(n * kp, 0.f), t(n * kp, 0.f), dq(n * kp, 0.f), h(n * kp, 0.f), scale(n * kp, 0.f),
-        changed(n * kp, 0), count(n, 0) {}
+      : active(n * kp), identity(true), pos(n * kp), param(n * kp, 0.f), m(n * kp, 0.f), v(n * kp, 0.f),
+        base(n * kp, 0.f), scale(n * kp, 0.f), t(n * kp, 0.f), wt(n * kp, 0.f), delta(n * kp, 0.f), dq(n * kp, 0.f),
+        h(n * kp, 0.f), g(n * kp, 0.f), row_end(n), wt_rows(n * kp, 0.f), g_rows(n * kp, 0.f),
+        param_rows(n * kp, 0.f), changed(n * kp, 0), change(n * kp, 0.f), count(n, 0) {
+    for (int64_t i = 0; i < n * kp; ++i) pos[i] = int32_t(i);
+    for (int r = 0; r < n; ++r) row_end[r] = (r + 1) * kp;
+  }
+
+  // The list's length rounded up to whole vectors: what the element-wise loops run over.
+  int64_t size() const { return (active + kPad - 1) / kPad * kPad; }
+
+  // The soft weights in row-major order, for a full product.
+  const float* product_input() {
+    if (identity) return wt.data();
+    for (int64_t i = 0; i < active; ++i) wt_rows[pos[i]] = wt[i];
+    return wt_rows.data();
+  }
+
+  // The active entries' products w~ A, packed, for the gradient.
+  const float* gradient_products() {
+    if (identity) return g_rows.data();
+    for (int64_t i = 0; i < active; ++i) g[i] = g_rows[pos[i]];
+    return g.data();
+  }
+
+  int64_t count_frozen() const {
+    int64_t f = 0;
+    for (int64_t i = 0; i < active; ++i) f += frozen(param[i], m[i]);
+    return f;
+  }
+
+  // Drops the frozen entries from the list, keeping their last soft weight and V in the
+  // row-major copies. Between the soft weights and Adam's step: a dropped entry's change in
+  // this iteration is already in the products, and its step would not change its rounding.
+  void compact(int n) {
+    if (identity) {
+      std::copy(wt.begin(), wt.end(), wt_rows.begin());
+      std::copy(param.begin(), param.end(), param_rows.begin());
+      identity = false;
+    }
+    int64_t kept = 0, i = 0;
+    for (int r = 0; r < n; ++r) {
+      for (; i < row_end[r]; ++i) {
+        if (frozen(param[i], m[i])) {
+          wt_rows[pos[i]] = wt[i];
+          param_rows[pos[i]] = param[i];
+          continue;
+        }
+        pos[kept] = pos[i];
+        for (std::vector<float>* a : {&param, &m, &v, &base, &scale, &t, &wt, &dq, &h}) (*a)[kept] = (*a)[i];
+        ++kept;
+      }
+      row_end[r] = kept;
+    }
+    active = kept;
+    for (int64_t j = kept; j < size(); ++j) {  // neutral padding: w~ = 0 * q, dq = 0
+      param[j] = kPaddingParam;
+      m[j] = v[j] = base[j] = scale[j] = t[j] = wt[j] = dq[j] = h[j] = g[j] = 0.0f;
+    }
+  }
+
+  // V in row-major order, at the end.
+  const float* final_params() {
+    if (identity) return param.data();
+    for (int64_t i = 0; i < active; ++i) param_rows[pos[i]] = param[i];
+    return param_rows.data();
+  }
 };
 
 // AdaRound's soft weights w~ = s (floor(w/s) + h(V)) of size entries (a multiple of 16),
@@ -534,19 +630,28 @@ PYQUANT_INLINE bool any_bits(const float* x) {
   return any != 0;
 }
 
-// The list of each row's changed entries and their count, for update_block. Listing is
-// scalar (about 1.5 cycles an entry), so chunks without a change are skipped: once most
-// entries are saturated, a row of 80 has about one change per iteration.
+// The list of each row's changed entries, their changes and their count, for update_block,
+// from the packed changes. Listing is scalar (about 1.5 cycles an entry), so 16-entry
+// chunks without a change are skipped.
 PYQUANT_INLINE void list_changes(BlockState& st, int n, int64_t kp) {
+  const float* delta = st.delta.data();
+  int64_t i = 0;
   for (int r = 0; r < n; ++r) {
     int32_t* cr = st.changed.data() + r * kp;
+    float* vr = st.change.data() + r * kp;
+    const int32_t row_start = int32_t(r * kp);
+    const int64_t end = st.row_end[r];
     int64_t c = 0;
-    for (int64_t j0 = 0; j0 < kp; j0 += kPad) {
-      const float* dr = st.delta.data() + r * kp + j0;
-      if (!any_bits(dr)) continue;
-      for (int l = 0; l < kPad; ++l) {  // without a branch: which entries changed is unpredictable
-        cr[c] = int32_t(j0 + l);
-        c += dr[l] != 0.0f;
+    while (i < end) {
+      const int64_t stop = std::min(end, (i | (kPad - 1)) + 1);  // the end of i's chunk or of the row
+      if (stop - i == kPad && !any_bits(delta + i)) {
+        i = stop;
+        continue;
+      }
+      for (; i < stop; ++i) {  // without a branch: which entries changed is unpredictable
+        cr[c] = st.pos[i] - row_start;
+        vr[c] = delta[i];
+        c += delta[i] != 0.0f;
       }
     }
     st.count[r] = c;
@@ -556,7 +661,7 @@ PYQUANT_INLINE void list_changes(BlockState& st, int n, int64_t kp) {
 template <Isa L>
 PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const RoundingOptions& o,
                                    const Schedule& sc) {
-  const int64_t kp = b.kp, k = b.k, size = b.n * kp;
+  const int64_t kp = b.kp, k = b.k;
   BlockState st(b.n, kp);
   const bool adaround = o.algorithm == RoundingAlgorithm::AdaRound;
   for (int r = 0; r < b.n; ++r) {
@@ -579,42 +684,50 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
       }
     }
   }
+  // Frozen entries leave the list unless the caller reads V, which their skipped steps
+  // would no longer move (their roundings are the same either way).
+  const bool drop_frozen = adaround && b.param_out == nullptr;
   const float lo = float(qmin), hi = float(qmax);
   int updates_since_full = -1;  // < 0: g holds no product yet
   for (int64_t it = 0; it < o.iterations; ++it) {
     const int64_t total =
         adaround ? soft_weights_adaround<L>(st.param.data(), st.base.data(), st.scale.data(), st.h.data(),
-                                            st.dq.data(), st.wt.data(), st.delta.data(), size, lo, hi)
+                                            st.dq.data(), st.wt.data(), st.delta.data(), st.size(), lo, hi)
                  : soft_weights_adaquant(st.param.data(), st.scale.data(), st.dq.data(), st.wt.data(),
-                                         st.delta.data(), size, lo, hi);
+                                         st.delta.data(), st.size(), lo, hi);
     // g = w~ A. Saturated entries (h clamped to 0 or 1, q unchanged) keep their w~, so
     // after the first product only the changed entries' rows of A are added in; a full
     // product replaces the running sums when most entries changed, or after
     // kFullProductEvery updates (their rounding errors add up).
     if (updates_since_full < 0 || (total > 0 && (updates_since_full >= kFullProductEvery ||
                                                  double(total) > kFullProductFraction * double(b.n * k)))) {
-      block_product<L>(b, st.wt.data(), st.g.data());
+      block_product<L>(b, st.product_input(), st.g_rows.data());
       updates_since_full = 0;
     } else if (total > 0) {
       list_changes(st, b.n, kp);
-      update_block<L>(st.delta.data(), st.changed.data(), st.count.data(), b.n, b.gram, kp, st.g.data());
+      update_block<L>(st.change.data(), st.changed.data(), st.count.data(), b.n, b.gram, kp, st.g_rows.data());
       ++updates_since_full;
+    }
+    if (drop_frozen && it % kCompactEvery == 0 && st.active > 0) {
+      const int64_t frozen_entries = st.count_frozen();
+      if (frozen_entries > 0 && frozen_entries * kCompactFraction >= st.active) st.compact(b.n);
     }
     const float beta = sc.beta[it];
     const Regulariser reg{adaround && it >= sc.warm, o.reg_param * beta, beta - 1.0f,
                           beta > 1.0f ? 0.0f : (beta == 1.0f ? 1.0f : INFINITY)};  // powf(0, beta - 1)
+    const float* g = st.gradient_products();
     if (reg.on)
-      adam<L, true>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
-                 st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
+      adam<L, true>(g, st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
+                    st.v.data(), st.size(), reg, sc.lr[it], sc.eps[it]);
     else
-      adam<L, false>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
-                  st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
+      adam<L, false>(g, st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
+                     st.v.data(), st.size(), reg, sc.lr[it], sc.eps[it]);
   }
+  const float* param = st.final_params();  // [n, kp]
   if (b.param_out)
-    for (int r = 0; r < b.n; ++r)
-      std::copy(st.param.begin() + r * kp, st.param.begin() + r * kp + k, b.param_out + r * k);
+    for (int r = 0; r < b.n; ++r) std::copy(param + r * kp, param + r * kp + k, b.param_out + r * k);
   // Hard rounding, and the nearest-rounding start for the keep_best guard.
-  std::vector<float>& hard = st.wt;
+  std::vector<float>& hard = st.wt_rows;
   std::vector<float> nearest(b.n * kp, 0.f), g_nearest(b.n * kp, 0.f);
   for (int r = 0; r < b.n; ++r) {
     const float s = b.scale[r];
@@ -625,18 +738,19 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
         continue;
       }
       const float w = b.weight[r * k + j];
-      const float q = adaround ? st.base[i] + (st.param[i] >= 0.0f ? 1.0f : 0.0f) : std::nearbyint(st.param[i] / s);
+      const float q = adaround ? std::floor(w / s) + (param[i] >= 0.0f ? 1.0f : 0.0f) : std::nearbyint(param[i] / s);
       hard[i] = s * std::min(hi, std::max(lo, q));
       nearest[i] = s * std::min(hi, std::max(lo, std::nearbyint(w / s)));
     }
   }
-  block_product<L>(b, hard.data(), st.g.data());
+  block_product<L>(b, hard.data(), st.g_rows.data());
   block_product<L>(b, nearest.data(), g_nearest.data());
   for (int r = 0; r < b.n; ++r) {
     const float* chosen = hard.data() + r * kp;
+    const float* t = b.target + r * k;
     if (o.keep_best) {
-      const double learned = row_error(hard.data() + r * kp, st.g.data() + r * kp, st.t.data() + r * kp, k);
-      const double start = row_error(nearest.data() + r * kp, g_nearest.data() + r * kp, st.t.data() + r * kp, k);
+      const double learned = row_error(hard.data() + r * kp, st.g_rows.data() + r * kp, t, k);
+      const double start = row_error(nearest.data() + r * kp, g_nearest.data() + r * kp, t, k);
       if (!(learned < start)) chosen = nearest.data() + r * kp;
     }
     for (int64_t j = 0; j < k; ++j) b.out[r * k + j] = int8_t(std::nearbyint(chosen[j] / b.scale[r]));
@@ -662,16 +776,16 @@ void gram_product_impl(const float* x, const float* a, int64_t rows, int64_t kp,
 }
 
 template <Isa L>
-PYQUANT_INLINE void update_rows_body(const float* delta, const int32_t* changed, const int64_t* count, int n,
+PYQUANT_INLINE void update_rows_body(const float* change, const int32_t* changed, const int64_t* count, int n,
                                      const float* a, int64_t kp, float* g) {
   const float* grams[kRowBlock];
   std::fill(grams, grams + kRowBlock, a);
-  update_block<L>(delta, changed, count, n, grams, kp, g);
+  update_block<L>(change, changed, count, n, grams, kp, g);
 }
 
-PYQUANT_LEVEL_CLONES(void, update_rows, (const float* delta, const int32_t* changed, const int64_t* count, int n,
+PYQUANT_LEVEL_CLONES(void, update_rows, (const float* change, const int32_t* changed, const int64_t* count, int n,
                                    const float* a, int64_t kp, float* g),
-               (delta, changed, count, n, a, kp, g))
+               (change, changed, count, n, a, kp, g))
 
 int64_t padded(int64_t k) { return (k + kPad - 1) / kPad * kPad; }
 
@@ -725,19 +839,22 @@ void gram_product_update(const float* x_prev, const float* x, const float* gram,
   if (rows <= 0 || k <= 0) return;
   const int64_t kp = padded(k);
   const std::vector<float> a = pad_square(gram, k, kp);
-  std::vector<float> delta(rows * kp, 0.f), gp(rows * kp, 0.f);
+  std::vector<float> change(rows * kp, 0.f), gp(rows * kp, 0.f);
   std::vector<int32_t> changed(rows * kp, 0);
   std::vector<int64_t> count(rows, 0);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < k; ++j) {
-      delta[r * kp + j] = x[r * k + j] - x_prev[r * k + j];
-      if (delta[r * kp + j] != 0.0f) changed[r * kp + count[r]++] = int32_t(j);
+      const float delta = x[r * k + j] - x_prev[r * k + j];
+      if (delta != 0.0f) {
+        changed[r * kp + count[r]] = int32_t(j);
+        change[r * kp + count[r]++] = delta;
+      }
     }
     std::copy(g + r * k, g + (r + 1) * k, gp.begin() + r * kp);
   }
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int n = int(std::min<int64_t>(kRowBlock, rows - r0));
-    update_rows(delta.data() + r0 * kp, changed.data() + r0 * kp, count.data() + r0, n, a.data(), kp,
+    update_rows(change.data() + r0 * kp, changed.data() + r0 * kp, count.data() + r0, n, a.data(), kp,
                 gp.data() + r0 * kp);
   }
   for (int64_t r = 0; r < rows; ++r) std::copy(gp.begin() + r * kp, gp.begin() + r * kp + k, g + r * k);
