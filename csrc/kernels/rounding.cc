@@ -51,9 +51,8 @@ constexpr int64_t kGramProductMinParallel = 10'000'000;
 // 0.7 and 16 8.3 s (a changed entry costs its multiply-adds and a's row for one row only).
 constexpr double kFullProductFraction = 0.5;
 constexpr int kFullProductEvery = 64;
-// Frozen entries (see frozen()) are counted every kCompactEvery iterations, and dropped from
-// the element-wise loops once they are at least 1/kCompactFraction of the active ones.
-constexpr int kCompactEvery = 8;
+// Frozen entries (see frozen_mask16()) are dropped from the element-wise loops once they are
+// at least 1/kCompactFraction of the active ones.
 constexpr int64_t kCompactFraction = 8;
 
 
@@ -105,6 +104,14 @@ PYQUANT_INLINE Floats16 load16(const float* p) {
 }
 
 PYQUANT_INLINE void store16(float* p, Floats16 v) { std::memcpy(p, &v, sizeof v); }
+
+PYQUANT_INLINE Ints16 load16(const int32_t* p) {
+  Ints16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+PYQUANT_INLINE void store16(int32_t* p, Ints16 v) { std::memcpy(p, &v, sizeof v); }
 PYQUANT_INLINE Floats16 abs16(Floats16 a) { return (Floats16)((Ints16)a & 0x7fffffff); }
 
 #if PYQUANT_X86_LEVELS
@@ -229,6 +236,73 @@ PYQUANT_INLINE int count_nonzero16(Floats16 a) {
   int n = 0;
   for (int l = 0; l < 16; ++l) n += a[l] != 0.0f;
   return n;
+}
+
+// Bit l set where a[l] < b[l].
+template <Isa L>
+PYQUANT_INLINE uint32_t less_mask16(Floats16 a, Floats16 b) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_cmpps512_mask(a, b, kLessOrdered, -1, kCurrentRounding);
+  if constexpr (L == Isa::Avx2) {
+    Floats8 m[2];
+    const Floats16 less = (Floats16)(a < b);
+    std::memcpy(m, &less, sizeof less);
+    return uint32_t(__builtin_ia32_movmskps256(m[0])) | uint32_t(__builtin_ia32_movmskps256(m[1])) << 8;
+  }
+#endif
+  uint32_t mask = 0;
+  for (int l = 0; l < 16; ++l) mask |= uint32_t(a[l] < b[l]) << l;
+  return mask;
+}
+
+// Bit l set where a[l] != 0.
+template <Isa L>
+PYQUANT_INLINE uint32_t nonzero_mask16(Floats16 a) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_cmpps512_mask(a, Floats16{}, kNotEqual, -1, kCurrentRounding);
+  if constexpr (L == Isa::Avx2) {
+    Floats8 a2[2];
+    const Floats8 zero8 = {};
+    std::memcpy(a2, &a, sizeof a);
+    return uint32_t(__builtin_ia32_movmskps256(__builtin_ia32_cmpps256(a2[0], zero8, kNotEqual))) |
+           uint32_t(__builtin_ia32_movmskps256(__builtin_ia32_cmpps256(a2[1], zero8, kNotEqual))) << 8;
+  }
+#endif
+  uint32_t mask = 0;
+  for (int l = 0; l < 16; ++l) mask |= uint32_t(a[l] != 0.0f) << l;
+  return mask;
+}
+
+// The lanes of a whose bit is set in mask, in order, at the front (the other lanes 0): what
+// the list of changes and compact() keep, as vpcompressd does it.
+template <Isa L>
+PYQUANT_INLINE Ints16 compress16(Ints16 a, uint32_t mask) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_compresssi512_mask(a, Ints16{}, mask);
+#endif
+  Ints16 out = {};
+  for (int l = 0, c = 0; l < 16; ++l)
+    if (mask >> l & 1) out[c++] = a[l];
+  return out;
+}
+
+template <Isa L>
+PYQUANT_INLINE Floats16 compress16(Floats16 a, uint32_t mask) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_compresssf512_mask(a, Floats16{}, mask);
+#endif
+  return (Floats16)compress16<L>((Ints16)a, mask);
+}
+
+// x[idx[l]] per lane.
+template <Isa L>
+PYQUANT_INLINE Floats16 gather16(const float* x, Ints16 idx) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_gathersiv16sf(Floats16{}, x, idx, 0xffff, 4);
+#endif
+  Floats16 out;
+  for (int l = 0; l < 16; ++l) out[l] = x[idx[l]];
+  return out;
 }
 
 // Whether a < b in any lane.
@@ -396,27 +470,47 @@ PYQUANT_INLINE void update_tile(const float* change, const int32_t* changed, int
   for (int c = 0; c < kPad * V; ++c) g[c0 + c] += acc[c];
 }
 
-// The last 16 columns of a row whose padded width is not a multiple of 32 (e.g. 80): the
-// same lane operations as update_tile<1> in explicit vectors, which GCC 12 compiled to
-// scalar multiply-adds (at least 7 % of 1x1 80 -> 480's samples in `perf`).
-template <Isa L>
-PYQUANT_INLINE void update_tile16(const float* change, const int32_t* changed, int64_t count, const float* a,
-                                  int64_t kp, int64_t c0, float* g) {
-  Floats16 acc = {};
+// The same in explicit vectors, for V = 1 to 8 (rows of up to 128 columns in one pass): GCC
+// 12 compiled update_tile<1> to scalar multiply-adds (at least 7 % of 1x1 80 -> 480's samples
+// in `perf`), and a row of 80 in tiles of 64 and 16 walked its list twice, the 16-column
+// pass one dependent multiply-add after the other.
+template <Isa L, int V>
+PYQUANT_INLINE void update_vectors(const float* change, const int32_t* changed, int64_t count, const float* a,
+                                   int64_t kp, int64_t c0, float* g) {
+  Floats16 acc[V] = {};
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t j = changed[i];
-    acc = fma16<L>(splat(change[i]), load16(a + j * kp + c0), acc);
+    const float* aj = a + changed[i] * kp + c0;
+    const Floats16 d = splat(change[i]);
+    for (int v = 0; v < V; ++v) acc[v] = fma16<L>(d, load16(aj + kPad * v), acc[v]);
   }
-  store16(g + c0, load16(g + c0) + acc);
+  for (int v = 0; v < V; ++v) store16(g + c0 + kPad * v, load16(g + c0 + kPad * v) + acc[v]);
+}
+
+template <Isa L, int V>
+PYQUANT_INLINE void update_rows_of(const float* change, const int32_t* changed, const int64_t* count, int n,
+                                   const float* const* a, int64_t kp, float* g) {
+  for (int r = 0; r < n; ++r)
+    if (count[r]) update_vectors<L, V>(change + r * kp, changed + r * kp, count[r], a[r], kp, 0, g + r * kp);
 }
 
 // g[r] += (w~ - w~_prev)[r] @ a[r] over row r's changed entries, for the n rows of a block:
 // row r's list is changed[r * kp ..] (columns, ascending) and change[r * kp ..] (the changes),
-// count[r] long. Column tiles outer, rows inner: a tile's columns of a stay in cache across
-// the rows.
+// count[r] long. Rows of up to 128 columns in one pass; wider ones by column tiles outer,
+// rows inner: a tile's columns of a stay in cache across the rows.
 template <Isa L>
 PYQUANT_INLINE void update_block(const float* change, const int32_t* changed, const int64_t* count, int n,
                                  const float* const* a, int64_t kp, float* g) {
+  switch (kp / kPad) {
+    case 1: return update_rows_of<L, 1>(change, changed, count, n, a, kp, g);
+    case 2: return update_rows_of<L, 2>(change, changed, count, n, a, kp, g);
+    case 3: return update_rows_of<L, 3>(change, changed, count, n, a, kp, g);
+    case 4: return update_rows_of<L, 4>(change, changed, count, n, a, kp, g);
+    case 5: return update_rows_of<L, 5>(change, changed, count, n, a, kp, g);
+    case 6: return update_rows_of<L, 6>(change, changed, count, n, a, kp, g);
+    case 7: return update_rows_of<L, 7>(change, changed, count, n, a, kp, g);
+    case 8: return update_rows_of<L, 8>(change, changed, count, n, a, kp, g);
+    default: break;
+  }
   int64_t c0 = 0;
   for (; c0 + 64 <= kp; c0 += 64)
     for (int r = 0; r < n; ++r)
@@ -426,16 +520,19 @@ PYQUANT_INLINE void update_block(const float* change, const int32_t* changed, co
       if (count[r]) update_tile<2>(change + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
   for (; c0 < kp; c0 += kPad)
     for (int r = 0; r < n; ++r)
-      if (count[r]) update_tile16<L>(change + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
+      if (count[r]) update_vectors<L, 1>(change + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
 }
 
-// Whether an AdaRound entry is frozen: |V| >= kSaturatedParam, so h is clamped and dq = 0,
-// which makes its gradient 0, and its momentum m does not point back inwards (V > 0 and
-// m <= 0, or V < 0 and m >= 0). With a zero gradient m only decays, keeping its sign, so
+// Bit l set where AdaRound's entry l is frozen: |V| >= kSaturatedParam, so h is clamped and
+// dq = 0, which makes its gradient 0, and its momentum m does not point back inwards (V > 0
+// and m <= 0, or V < 0 and m >= 0). With a zero gradient m only decays, keeping its sign, so
 // each later step moves V further out: the entry's soft weight and hard rounding (the sign
 // of V) stay what they are to the end. Padded entries (V = kPaddingParam, m = 0) are frozen.
-PYQUANT_INLINE bool frozen(float param, float m) {
-  return !(std::fabs(param) < kSaturatedParam) && (param > 0.0f ? m <= 0.0f : m >= 0.0f);
+template <Isa L>
+PYQUANT_INLINE uint32_t frozen_mask16(Floats16 param, Floats16 m) {
+  // m with its sign flipped where V < 0: positive exactly where m points inwards
+  const Floats16 inward = (Floats16)((Ints16)m ^ ((Ints16)param & INT32_MIN));
+  return ~(less_mask16<L>(abs16(param), splat(kSaturatedParam)) | less_mask16<L>(Floats16{}, inward)) & 0xffffu;
 }
 
 // The state of a block's entries. The element-wise loops (soft weights, listing the changes,
@@ -463,11 +560,18 @@ struct BlockState {
   std::vector<int32_t> changed;
   std::vector<float> change;
   std::vector<int64_t> count;
+  // compact()'s scratch: per 16-entry chunk of the list, which entries stay and how many
+  // stay before it
+  std::vector<uint32_t> keep;
+  std::vector<int64_t> kept_before;
+  // pos, delta, changed and change have a vector more: list_changes reads and writes whole
+  // vectors from any entry on
   explicit BlockState(int n, int64_t kp)
-      : active(n * kp), identity(true), pos(n * kp), param(n * kp, 0.f), m(n * kp, 0.f), v(n * kp, 0.f),
-        base(n * kp, 0.f), scale(n * kp, 0.f), t(n * kp, 0.f), wt(n * kp, 0.f), delta(n * kp, 0.f), dq(n * kp, 0.f),
-        h(n * kp, 0.f), g(n * kp, 0.f), row_end(n), wt_rows(n * kp, 0.f), g_rows(n * kp, 0.f),
-        param_rows(n * kp, 0.f), changed(n * kp, 0), change(n * kp, 0.f), count(n, 0) {
+      : active(n * kp), identity(true), pos(n * kp + kPad, 0), param(n * kp, 0.f), m(n * kp, 0.f),
+        v(n * kp, 0.f), base(n * kp, 0.f), scale(n * kp, 0.f), t(n * kp, 0.f), wt(n * kp, 0.f),
+        delta(n * kp + kPad, 0.f), dq(n * kp, 0.f), h(n * kp, 0.f), g(n * kp, 0.f), row_end(n),
+        wt_rows(n * kp, 0.f), g_rows(n * kp, 0.f), param_rows(n * kp, 0.f), changed(n * kp + kPad, 0),
+        change(n * kp + kPad, 0.f), count(n, 0), keep(n * kp / kPad, 0), kept_before(n * kp / kPad + 1, 0) {
     for (int64_t i = 0; i < n * kp; ++i) pos[i] = int32_t(i);
     for (int r = 0; r < n; ++r) row_end[r] = (r + 1) * kp;
   }
@@ -483,40 +587,53 @@ struct BlockState {
   }
 
   // The active entries' products w~ A, packed, for the gradient.
-  const float* gradient_products() {
+  template <Isa L>
+  PYQUANT_INLINE const float* gradient_products() {
     if (identity) return g_rows.data();
-    for (int64_t i = 0; i < active; ++i) g[i] = g_rows[pos[i]];
+    int64_t i = 0;
+    for (; i + kPad <= active; i += kPad) store16(g.data() + i, gather16<L>(g_rows.data(), load16(pos.data() + i)));
+    for (; i < active; ++i) g[i] = g_rows[pos[i]];
     return g.data();
-  }
-
-  int64_t count_frozen() const {
-    int64_t f = 0;
-    for (int64_t i = 0; i < active; ++i) f += frozen(param[i], m[i]);
-    return f;
   }
 
   // Drops the frozen entries from the list, keeping their last soft weight and V in the
   // row-major copies. Between the soft weights and Adam's step: a dropped entry's change in
   // this iteration is already in the products, and its step would not change its rounding.
-  void compact(int n) {
+  // Without a branch per entry (which entries froze is unpredictable): every entry's soft
+  // weight and V are written to the row-major copies (a kept entry's are written again
+  // before they are read), then each array keeps its entries 16 at a time (compress16), in
+  // place: chunk c's are stored from kept_before[c] <= 16 c on, after chunk c is read.
+  template <Isa L>
+  PYQUANT_INLINE void compact(int n) {
     if (identity) {
       std::copy(wt.begin(), wt.end(), wt_rows.begin());
       std::copy(param.begin(), param.end(), param_rows.begin());
       identity = false;
-    }
-    int64_t kept = 0, i = 0;
-    for (int r = 0; r < n; ++r) {
-      for (; i < row_end[r]; ++i) {
-        if (frozen(param[i], m[i])) {
-          wt_rows[pos[i]] = wt[i];
-          param_rows[pos[i]] = param[i];
-          continue;
-        }
-        pos[kept] = pos[i];
-        for (std::vector<float>* a : {&param, &m, &v, &base, &scale, &t, &wt, &dq, &h}) (*a)[kept] = (*a)[i];
-        ++kept;
+    } else {
+      for (int64_t i = 0; i < active; ++i) {
+        wt_rows[pos[i]] = wt[i];
+        param_rows[pos[i]] = param[i];
       }
-      row_end[r] = kept;
+    }
+    const int64_t chunks = size() / kPad;
+    int64_t kept = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint32_t stays = ~frozen_mask16<L>(load16(param.data() + c * kPad), load16(m.data() + c * kPad)) & 0xffffu;
+      if (active - c * kPad < kPad) stays &= (1u << (active - c * kPad)) - 1;  // the padding goes
+      keep[c] = stays;
+      kept_before[c] = kept;
+      kept += __builtin_popcount(stays);
+    }
+    kept_before[chunks] = kept;
+    for (int r = 0; r < n; ++r) {
+      const int64_t c = row_end[r] / kPad, lanes = row_end[r] % kPad;
+      row_end[r] = kept_before[c] + (lanes ? __builtin_popcount(keep[c] & ((1u << lanes) - 1)) : 0);
+    }
+    for (int64_t c = 0; c < chunks; ++c)
+      store16(pos.data() + kept_before[c], compress16<L>(load16(pos.data() + c * kPad), keep[c]));
+    for (std::vector<float>* a : {&param, &m, &v, &base, &scale, &t, &wt, &dq, &h}) {
+      float* x = a->data();
+      for (int64_t c = 0; c < chunks; ++c) store16(x + kept_before[c], compress16<L>(load16(x + c * kPad), keep[c]));
     }
     active = kept;
     for (int64_t j = kept; j < size(); ++j) {  // neutral padding: w~ = 0 * q, dq = 0
@@ -535,18 +652,22 @@ struct BlockState {
 
 // AdaRound's soft weights w~ = s (floor(w/s) + h(V)) of size entries (a multiple of 16),
 // dq = dq/dV (zero where h is clamped to [0, 1] or q to [qmin, qmax]: no gradient through a
-// clamp), and the change of w~ since the last iteration; returns how many entries changed.
+// clamp), and the change of w~ since the last iteration; returns how many entries changed,
+// and sets frozen to how many are frozen (frozen_mask16(), with m Adam's momentum).
 // A vector whose |V| are all beyond kSaturatedParam takes h = 0 or 1 and dq = 0 directly:
 // the bits the sigmoid would give.
 template <Isa L>
 PYQUANT_INLINE int64_t soft_weights_adaround(const float* __restrict p, const float* __restrict base,
                                              const float* __restrict scale, float* __restrict h,
                                              float* __restrict dq, float* __restrict wt, float* __restrict delta,
-                                             int64_t size, float lo, float hi) {
+                                             int64_t size, float lo, float hi, const float* __restrict m,
+                                             int64_t& frozen) {
   const Floats16 zero = {}, one = splat(1.0f), low = splat(lo), high = splat(hi);
   int64_t changes = 0;
+  frozen = 0;
   for (int64_t j = 0; j < size; j += kPad) {
     const Floats16 v = load16(p + j);
+    frozen += __builtin_popcount(frozen_mask16<L>(v, load16(m + j)));
     Floats16 hv = select_less<L>(zero, v, one, zero), dv = zero;
     if (any_less16<L>(abs16(v), splat(kSaturatedParam))) {
       const Floats16 sig = one / (one + fast_exp16<L>(-v));
@@ -620,41 +741,29 @@ PYQUANT_INLINE void adam(const float* __restrict g, const float* __restrict t, c
   }
 }
 
-// Whether any of kPad floats has a bit set: a cheap test that no entry of a chunk changed
-// (a change that is not one reads as nonzero only if it is -0, which the caller's != 0
-// then skips).
-PYQUANT_INLINE bool any_bits(const float* x) {
-  uint64_t words[kPad / 2], any = 0;
-  std::memcpy(words, x, sizeof words);
-  for (int i = 0; i < kPad / 2; ++i) any |= words[i];
-  return any != 0;
-}
-
 // The list of each row's changed entries, their changes and their count, for update_block,
-// from the packed changes. Listing is scalar (about 1.5 cycles an entry), so 16-entry
-// chunks without a change are skipped.
+// from the packed changes, 16 at a time (compress16).
+template <Isa L>
 PYQUANT_INLINE void list_changes(BlockState& st, int n, int64_t kp) {
   const float* delta = st.delta.data();
-  int64_t i = 0;
+  int64_t begin = 0;
   for (int r = 0; r < n; ++r) {
     int32_t* cr = st.changed.data() + r * kp;
     float* vr = st.change.data() + r * kp;
-    const int32_t row_start = int32_t(r * kp);
+    const Ints16 row_start = Ints16{} + int32_t(r * kp);
     const int64_t end = st.row_end[r];
     int64_t c = 0;
-    while (i < end) {
-      const int64_t stop = std::min(end, (i | (kPad - 1)) + 1);  // the end of i's chunk or of the row
-      if (stop - i == kPad && !any_bits(delta + i)) {
-        i = stop;
-        continue;
-      }
-      for (; i < stop; ++i) {  // without a branch: which entries changed is unpredictable
-        cr[c] = st.pos[i] - row_start;
-        vr[c] = delta[i];
-        c += delta[i] != 0.0f;
-      }
+    for (int64_t i = begin; i < end; i += kPad) {
+      const Floats16 d = load16(delta + i);
+      uint32_t changed = nonzero_mask16<L>(d);
+      if (end - i < kPad) changed &= (1u << (end - i)) - 1;  // the next row's entries
+      if (!changed) continue;
+      store16(cr + c, compress16<L>(load16(st.pos.data() + i) - row_start, changed));
+      store16(vr + c, compress16<L>(d, changed));
+      c += __builtin_popcount(changed);
     }
     st.count[r] = c;
+    begin = end;
   }
 }
 
@@ -690,9 +799,11 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
   const float lo = float(qmin), hi = float(qmax);
   int updates_since_full = -1;  // < 0: g holds no product yet
   for (int64_t it = 0; it < o.iterations; ++it) {
+    int64_t frozen = 0;  // in the list and its padding
     const int64_t total =
         adaround ? soft_weights_adaround<L>(st.param.data(), st.base.data(), st.scale.data(), st.h.data(),
-                                            st.dq.data(), st.wt.data(), st.delta.data(), st.size(), lo, hi)
+                                            st.dq.data(), st.wt.data(), st.delta.data(), st.size(), lo, hi,
+                                            st.m.data(), frozen)
                  : soft_weights_adaquant(st.param.data(), st.scale.data(), st.dq.data(), st.wt.data(),
                                          st.delta.data(), st.size(), lo, hi);
     // g = w~ A. Saturated entries (h clamped to 0 or 1, q unchanged) keep their w~, so
@@ -704,18 +815,18 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
       block_product<L>(b, st.product_input(), st.g_rows.data());
       updates_since_full = 0;
     } else if (total > 0) {
-      list_changes(st, b.n, kp);
+      list_changes<L>(st, b.n, kp);
       update_block<L>(st.change.data(), st.changed.data(), st.count.data(), b.n, b.gram, kp, st.g_rows.data());
       ++updates_since_full;
     }
-    if (drop_frozen && it % kCompactEvery == 0 && st.active > 0) {
-      const int64_t frozen_entries = st.count_frozen();
-      if (frozen_entries > 0 && frozen_entries * kCompactFraction >= st.active) st.compact(b.n);
+    const int64_t frozen_listed = frozen - (st.size() - st.active);  // the padding is frozen
+    if (drop_frozen && frozen_listed > 0 && frozen_listed * kCompactFraction >= st.active) {
+      st.compact<L>(b.n);
     }
     const float beta = sc.beta[it];
     const Regulariser reg{adaround && it >= sc.warm, o.reg_param * beta, beta - 1.0f,
                           beta > 1.0f ? 0.0f : (beta == 1.0f ? 1.0f : INFINITY)};  // powf(0, beta - 1)
-    const float* g = st.gradient_products();
+    const float* g = st.gradient_products<L>();
     if (reg.on)
       adam<L, true>(g, st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
                     st.v.data(), st.size(), reg, sc.lr[it], sc.eps[it]);
