@@ -540,9 +540,9 @@ PYQUANT_INLINE uint32_t frozen_mask16(Floats16 param, Floats16 m) {
 // entry at position pos[i] = r * kp + j of the block's [n, kp] rows, in order of position,
 // padded to a multiple of kPad with neutral entries (scale 0, so w~ = 0 and no gradient).
 // At first the list is every entry, in place (identity): the products read and write the
-// packed arrays. Once enough AdaRound entries are frozen, compact() drops them (after 120
-// warm-start iterations of Lite0's 1x1 80 -> 480 layer 60 % of the entries are, after 400
-// 90 %, though 80 % of the 16-entry vectors still hold an active one), and the products
+// packed arrays. Once enough AdaRound entries are frozen, compact() drops them (on Lite0's
+// 1x1 80 -> 480 layer, 60 % of the entries 20 iterations after the 120 of the warm start, 90 %
+// by iteration 400, when 80 % of the 16-entry vectors still hold an active one), and the products
 // work on the row-major copies wt_rows and g_rows: the soft weights of the active entries
 // are written there before each full product (frozen entries' last ones, which stay, when
 // they are dropped), and the active entries' products read from there before each Adam step.
