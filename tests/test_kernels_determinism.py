@@ -30,7 +30,7 @@ def _window_gram(groups, kernel=3, stride=1, dilation=1, pad=1, with_f=True, n=5
     return run
 
 
-def _fit_rounding(groups, rows, k, algorithm, iterations=40):
+def _fit_rounding(groups, rows, k, algorithm, iterations=40, return_param=True):
     def run():
         rng = np.random.default_rng(RNG_SEED)
         x = rng.standard_normal((groups, 3 * k, k))
@@ -41,8 +41,8 @@ def _fit_rounding(groups, rows, k, algorithm, iterations=40):
         lr = 0.1 if algorithm == kernels.RoundingAlgorithm.AdaRound else 1e-3
         fit = kernels.fit_rounding(w.astype(np.float32), scale.astype(np.float32), gram.astype(np.float32),
                                    target.astype(np.float32), -128, 127, algorithm=algorithm, iterations=iterations,
-                                   learning_rate=lr, return_param=True)
-        return [fit.q, fit.param]
+                                   learning_rate=lr, return_param=return_param)
+        return [fit.q, fit.param] if return_param else [fit.q]
     return run
 
 
@@ -115,6 +115,11 @@ CASES = {
     "fit_rounding AdaRound, 300 iterations": _fit_rounding(2, 19, 70, kernels.RoundingAlgorithm.AdaRound, 300),
     # one-row groups 8 to a block, the last block partly filled; k = 25 padded to 32
     "fit_rounding AdaRound, depthwise": _fit_rounding(19, 1, 25, kernels.RoundingAlgorithm.AdaRound, 100),
+    # without V asked for, frozen entries leave the element-wise loops (packed active entries)
+    "fit_rounding AdaRound, 300 iterations, no V": _fit_rounding(2, 19, 70, kernels.RoundingAlgorithm.AdaRound, 300,
+                                                                 return_param=False),
+    "fit_rounding AdaRound, depthwise, no V": _fit_rounding(19, 1, 25, kernels.RoundingAlgorithm.AdaRound, 300,
+                                                            return_param=False),
     "gram_product_update": _gram_product_update(21, 83),
     "histogram and range": _histogram(1_000_003),
     "histogram and range, float64": _histogram(1_000_003, 100, np.float64),

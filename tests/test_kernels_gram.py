@@ -392,3 +392,30 @@ def test_fit_rounding_with_saturated_entries_matches_reference(shape):
         np.testing.assert_allclose(fit.param, param_ref, atol=FIT_PARAM_ATOL, rtol=FIT_SATURATED_PARAM_RTOL)
         decided = np.abs(param_ref) > 1e-2
         np.testing.assert_array_equal(fit.q[decided], q_ref[decided])
+
+
+@pytest.mark.parametrize("level", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1, 25), (1, 9, 17), (3, 11, 31), (16, 1, 25), (1, 20, 70),
+                                   (2, 17, 80)])
+def test_fit_rounding_without_param_drops_frozen_entries_keeping_the_rounding(shape, level, restore_isa):
+    """Without return_param, AdaRound's element-wise loops drop the entries that can no longer
+    change (saturated, momentum pointing outwards) and the products of the rest run on a
+    packed copy; with it, every entry runs to the end. The roundings must be the same bits:
+    on problems that saturate early (most entries frozen within a few iterations) and on
+    ordinary ones over a whole schedule (warm start, then the regulariser), with k not a
+    multiple of 16, one-row groups sharing a block and partly filled blocks."""
+    if level not in kernels.supported_isas():
+        pytest.skip(f"this CPU does not run {level}")
+    kernels.set_isa(level)
+    for problem, iterations, saturated in ((saturating_problem, 9, 0.9), (saturating_problem, 40, 0.8),
+                                           (fit_problem, 300, 0.99)):
+        w, s, a, t = problem(*shape)
+        for keep_best in (False, True):
+            every_entry = kernels.fit_rounding(w, s, a, t, -128, 127, iterations=iterations, keep_best=keep_best,
+                                               return_param=True)
+            if not keep_best:
+                assert saturated_fraction(every_entry.param) >= saturated, (problem.__name__, iterations)
+            packed = kernels.fit_rounding(w, s, a, t, -128, 127, iterations=iterations, keep_best=keep_best)
+            assert packed.param is None
+            np.testing.assert_array_equal(packed.q, every_entry.q, err_msg=f"{problem.__name__}, {iterations}")
+

@@ -51,6 +51,9 @@ constexpr int64_t kGramProductMinParallel = 10'000'000;
 // 0.7 and 16 8.3 s (a changed entry costs its multiply-adds and a's row for one row only).
 constexpr double kFullProductFraction = 0.5;
 constexpr int kFullProductEvery = 64;
+// Frozen entries (see frozen_mask16()) are dropped from the element-wise loops once they are
+// at least 1/kCompactFraction of the active ones.
+constexpr int64_t kCompactFraction = 8;
 
 
 // Fused multiply-add x * y + z, rounded once: one instruction where the level has FMA (the
@@ -72,27 +75,6 @@ PYQUANT_INLINE void product_tile(const float* x, const float* a, int64_t kp, int
   }
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) out[r * kp + j0 + j] = acc[r][j];
-}
-
-template <int R>
-PYQUANT_INLINE void product_rows(const float* x, const float* a, int64_t kp, float* out) {
-  int64_t j0 = 0;
-  for (; j0 + 32 <= kp; j0 += 32) product_tile<R, 32>(x, a, kp, j0, out);
-  for (; j0 < kp; j0 += 16) product_tile<R, 16>(x, a, kp, j0, out);
-}
-
-// out[n, kp] = x[n, kp] @ a[kp, kp] for n <= kRowBlock rows (kp a multiple of kPad).
-PYQUANT_INLINE void product_block(const float* x, const float* a, int n, int64_t kp, float* out) {
-  switch (n) {
-    case 8: product_rows<8>(x, a, kp, out); break;
-    case 7: product_rows<7>(x, a, kp, out); break;
-    case 6: product_rows<6>(x, a, kp, out); break;
-    case 5: product_rows<5>(x, a, kp, out); break;
-    case 4: product_rows<4>(x, a, kp, out); break;
-    case 3: product_rows<3>(x, a, kp, out); break;
-    case 2: product_rows<2>(x, a, kp, out); break;
-    default: product_rows<1>(x, a, kp, out); break;
-  }
 }
 
 // Fast element functions of the loop, from adds, multiplies, fused multiply-adds, divisions
@@ -122,6 +104,14 @@ PYQUANT_INLINE Floats16 load16(const float* p) {
 }
 
 PYQUANT_INLINE void store16(float* p, Floats16 v) { std::memcpy(p, &v, sizeof v); }
+
+PYQUANT_INLINE Ints16 load16(const int32_t* p) {
+  Ints16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+PYQUANT_INLINE void store16(int32_t* p, Ints16 v) { std::memcpy(p, &v, sizeof v); }
 PYQUANT_INLINE Floats16 abs16(Floats16 a) { return (Floats16)((Ints16)a & 0x7fffffff); }
 
 #if PYQUANT_X86_LEVELS
@@ -248,6 +238,73 @@ PYQUANT_INLINE int count_nonzero16(Floats16 a) {
   return n;
 }
 
+// Bit l set where a[l] < b[l].
+template <Isa L>
+PYQUANT_INLINE uint32_t less_mask16(Floats16 a, Floats16 b) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_cmpps512_mask(a, b, kLessOrdered, -1, kCurrentRounding);
+  if constexpr (L == Isa::Avx2) {
+    Floats8 m[2];
+    const Floats16 less = (Floats16)(a < b);
+    std::memcpy(m, &less, sizeof less);
+    return uint32_t(__builtin_ia32_movmskps256(m[0])) | uint32_t(__builtin_ia32_movmskps256(m[1])) << 8;
+  }
+#endif
+  uint32_t mask = 0;
+  for (int l = 0; l < 16; ++l) mask |= uint32_t(a[l] < b[l]) << l;
+  return mask;
+}
+
+// Bit l set where a[l] != 0.
+template <Isa L>
+PYQUANT_INLINE uint32_t nonzero_mask16(Floats16 a) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_cmpps512_mask(a, Floats16{}, kNotEqual, -1, kCurrentRounding);
+  if constexpr (L == Isa::Avx2) {
+    Floats8 a2[2];
+    const Floats8 zero8 = {};
+    std::memcpy(a2, &a, sizeof a);
+    return uint32_t(__builtin_ia32_movmskps256(__builtin_ia32_cmpps256(a2[0], zero8, kNotEqual))) |
+           uint32_t(__builtin_ia32_movmskps256(__builtin_ia32_cmpps256(a2[1], zero8, kNotEqual))) << 8;
+  }
+#endif
+  uint32_t mask = 0;
+  for (int l = 0; l < 16; ++l) mask |= uint32_t(a[l] != 0.0f) << l;
+  return mask;
+}
+
+// The lanes of a whose bit is set in mask, in order, at the front (the other lanes 0): what
+// the list of changes and compact() keep, as vpcompressd does it.
+template <Isa L>
+PYQUANT_INLINE Ints16 compress16(Ints16 a, uint32_t mask) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_compresssi512_mask(a, Ints16{}, mask);
+#endif
+  Ints16 out = {};
+  for (int l = 0, c = 0; l < 16; ++l)
+    if (mask >> l & 1) out[c++] = a[l];
+  return out;
+}
+
+template <Isa L>
+PYQUANT_INLINE Floats16 compress16(Floats16 a, uint32_t mask) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_compresssf512_mask(a, Floats16{}, mask);
+#endif
+  return (Floats16)compress16<L>((Ints16)a, mask);
+}
+
+// x[idx[l]] per lane.
+template <Isa L>
+PYQUANT_INLINE Floats16 gather16(const float* x, Ints16 idx) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx512) return __builtin_ia32_gathersiv16sf(Floats16{}, x, idx, 0xffff, 4);
+#endif
+  Floats16 out;
+  for (int l = 0; l < 16; ++l) out[l] = x[idx[l]];
+  return out;
+}
+
 // Whether a < b in any lane.
 template <Isa L>
 PYQUANT_INLINE bool any_less16(Floats16 a, Floats16 b) {
@@ -305,6 +362,41 @@ PYQUANT_INLINE Floats16 fast_log16(Floats16 x) {
   return fma16<L>(e, splat(kLn2), splat(2.0f) * s * p);
 }
 
+// The same tile for 16 columns, in explicit vectors: GCC 12 vectorised product_tile<R, 16>
+// across the rows, with a transposition of the accumulators at every k (kp = 80 ran at a
+// third of the speed of kp = 64 per multiply-add).
+template <Isa L, int R>
+PYQUANT_INLINE void product_tile16(const float* x, const float* a, int64_t kp, int64_t j0, float* out) {
+  Floats16 acc[R] = {};
+  for (int64_t k = 0; k < kp; ++k) {
+    const Floats16 ak = load16(a + k * kp + j0);
+    for (int r = 0; r < R; ++r) acc[r] = fma16<L>(splat(x[r * kp + k]), ak, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) store16(out + r * kp + j0, acc[r]);
+}
+
+template <Isa L, int R>
+PYQUANT_INLINE void product_rows(const float* x, const float* a, int64_t kp, float* out) {
+  int64_t j0 = 0;
+  for (; j0 + 32 <= kp; j0 += 32) product_tile<R, 32>(x, a, kp, j0, out);
+  for (; j0 < kp; j0 += 16) product_tile16<L, R>(x, a, kp, j0, out);
+}
+
+// out[n, kp] = x[n, kp] @ a[kp, kp] for n <= kRowBlock rows (kp a multiple of kPad).
+template <Isa L>
+PYQUANT_INLINE void product_block(const float* x, const float* a, int n, int64_t kp, float* out) {
+  switch (n) {
+    case 8: product_rows<L, 8>(x, a, kp, out); break;
+    case 7: product_rows<L, 7>(x, a, kp, out); break;
+    case 6: product_rows<L, 6>(x, a, kp, out); break;
+    case 5: product_rows<L, 5>(x, a, kp, out); break;
+    case 4: product_rows<L, 4>(x, a, kp, out); break;
+    case 3: product_rows<L, 3>(x, a, kp, out); break;
+    case 2: product_rows<L, 2>(x, a, kp, out); break;
+    default: product_rows<L, 1>(x, a, kp, out); break;
+  }
+}
+
 // What changes between iterations but not between blocks, computed once per call.
 struct Schedule {
   int64_t warm;  // iterations without the rounding regulariser
@@ -344,10 +436,11 @@ struct Block {
 };
 
 // x[n, kp] @ gram for a block's rows: one product per run of rows that share a Gram matrix.
+template <Isa L>
 PYQUANT_INLINE void block_product(const Block& b, const float* x, float* out) {
   for (int r0 = 0, r1 = 0; r0 < b.n; r0 = r1) {
     for (r1 = r0 + 1; r1 < b.n && b.gram[r1] == b.gram[r0];) ++r1;
-    product_block(x + r0 * b.kp, b.gram[r0], r1 - r0, b.kp, out + r0 * b.kp);
+    product_block<L>(x + r0 * b.kp, b.gram[r0], r1 - r0, b.kp, out + r0 * b.kp);
   }
 }
 
@@ -358,17 +451,17 @@ double row_error(const float* wt, const float* g, const float* t, int64_t k) {
   return e;
 }
 
-// g[cols c0..c0+16V) += (sum over the listed j, in list order, of delta[j] * a[j, cols]):
+// g[cols c0..c0+16V) += (sum over the list, in its order, of change[i] * a[changed[i], cols]):
 // one row's product updated for the entries of w~ that changed. In this form (V vectors
 // unrolled, flat sums) GCC 12 keeps the V sums in registers at every level; one loop over
 // the 16V columns, or sums shaped [1][16], kept them in memory, one float at a time.
 template <int V>
-PYQUANT_INLINE void update_tile(const float* delta, const int32_t* changed, int64_t count, const float* a,
+PYQUANT_INLINE void update_tile(const float* change, const int32_t* changed, int64_t count, const float* a,
                                 int64_t kp, int64_t c0, float* g) {
   float acc[kPad * V] = {};
   for (int64_t i = 0; i < count; ++i) {
     const int64_t j = changed[i];
-    const float d = delta[j];
+    const float d = change[i];
     const float* aj = a + j * kp + c0;
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v)
@@ -377,65 +470,204 @@ PYQUANT_INLINE void update_tile(const float* delta, const int32_t* changed, int6
   for (int c = 0; c < kPad * V; ++c) g[c0 + c] += acc[c];
 }
 
-// The last 16 columns of a row whose padded width is not a multiple of 32 (e.g. 80): the
-// same lane operations as update_tile<1> in explicit vectors, which GCC 12 compiled to
-// scalar multiply-adds (at least 7 % of 1x1 80 -> 480's samples in `perf`).
-template <Isa L>
-PYQUANT_INLINE void update_tile16(const float* delta, const int32_t* changed, int64_t count, const float* a,
-                                  int64_t kp, int64_t c0, float* g) {
-  Floats16 acc = {};
+// The same in explicit vectors, for V = 1 to 8 (rows of up to 128 columns in one pass): GCC
+// 12 compiled update_tile<1> to scalar multiply-adds (at least 7 % of 1x1 80 -> 480's samples
+// in `perf`), and a row of 80 in tiles of 64 and 16 walked its list twice, the 16-column
+// pass one dependent multiply-add after the other.
+template <Isa L, int V>
+PYQUANT_INLINE void update_vectors(const float* change, const int32_t* changed, int64_t count, const float* a,
+                                   int64_t kp, int64_t c0, float* g) {
+  Floats16 acc[V] = {};
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t j = changed[i];
-    acc = fma16<L>(splat(delta[j]), load16(a + j * kp + c0), acc);
+    const float* aj = a + changed[i] * kp + c0;
+    const Floats16 d = splat(change[i]);
+    for (int v = 0; v < V; ++v) acc[v] = fma16<L>(d, load16(aj + kPad * v), acc[v]);
   }
-  store16(g + c0, load16(g + c0) + acc);
+  for (int v = 0; v < V; ++v) store16(g + c0 + kPad * v, load16(g + c0 + kPad * v) + acc[v]);
 }
 
-// g[r] += delta[r] @ a[r] over row r's changed entries, for the n rows of a block. Column
-// tiles outer, rows inner: a tile's columns of a stay in cache across the rows.
+template <Isa L, int V>
+PYQUANT_INLINE void update_rows_of(const float* change, const int32_t* changed, const int64_t* count, int n,
+                                   const float* const* a, int64_t kp, float* g) {
+  for (int r = 0; r < n; ++r)
+    if (count[r]) update_vectors<L, V>(change + r * kp, changed + r * kp, count[r], a[r], kp, 0, g + r * kp);
+}
+
+// g[r] += (w~ - w~_prev)[r] @ a[r] over row r's changed entries, for the n rows of a block:
+// row r's list is changed[r * kp ..] (columns, ascending) and change[r * kp ..] (the changes),
+// count[r] long. Rows of up to 128 columns in one pass; wider ones by column tiles outer,
+// rows inner: a tile's columns of a stay in cache across the rows.
 template <Isa L>
-PYQUANT_INLINE void update_block(const float* delta, const int32_t* changed, const int64_t* count, int n,
+PYQUANT_INLINE void update_block(const float* change, const int32_t* changed, const int64_t* count, int n,
                                  const float* const* a, int64_t kp, float* g) {
+  switch (kp / kPad) {
+    case 1: return update_rows_of<L, 1>(change, changed, count, n, a, kp, g);
+    case 2: return update_rows_of<L, 2>(change, changed, count, n, a, kp, g);
+    case 3: return update_rows_of<L, 3>(change, changed, count, n, a, kp, g);
+    case 4: return update_rows_of<L, 4>(change, changed, count, n, a, kp, g);
+    case 5: return update_rows_of<L, 5>(change, changed, count, n, a, kp, g);
+    case 6: return update_rows_of<L, 6>(change, changed, count, n, a, kp, g);
+    case 7: return update_rows_of<L, 7>(change, changed, count, n, a, kp, g);
+    case 8: return update_rows_of<L, 8>(change, changed, count, n, a, kp, g);
+    default: break;
+  }
   int64_t c0 = 0;
   for (; c0 + 64 <= kp; c0 += 64)
     for (int r = 0; r < n; ++r)
-      if (count[r]) update_tile<4>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
+      if (count[r]) update_tile<4>(change + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
   for (; c0 + 32 <= kp; c0 += 32)
     for (int r = 0; r < n; ++r)
-      if (count[r]) update_tile<2>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
+      if (count[r]) update_tile<2>(change + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
   for (; c0 < kp; c0 += kPad)
     for (int r = 0; r < n; ++r)
-      if (count[r]) update_tile16<L>(delta + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
+      if (count[r]) update_vectors<L, 1>(change + r * kp, changed + r * kp, count[r], a[r], kp, c0, g + r * kp);
 }
 
-// The state of a block's rows, [n, kp] each (padded entries neutral; scale: the row's scale
-// at each entry, so that the element-wise loops run once over the block, not per row: a
-// depthwise layer's rows are 25 wide), and per row how many entries changed their soft
-// weight in this iteration and which.
+// Bit l set where AdaRound's entry l is frozen: |V| >= kSaturatedParam, so h is clamped and
+// dq = 0, which makes its gradient 0, and its momentum m does not point back inwards (V > 0
+// and m <= 0, or V < 0 and m >= 0). With a zero gradient m only decays, keeping its sign, so
+// each later step moves V further out: the entry's soft weight and hard rounding (the sign
+// of V) stay what they are to the end. Padded entries (V = kPaddingParam, m = 0) are frozen.
+template <Isa L>
+PYQUANT_INLINE uint32_t frozen_mask16(Floats16 param, Floats16 m) {
+  // m with its sign flipped where V < 0: positive exactly where m points inwards
+  const Floats16 inward = (Floats16)((Ints16)m ^ ((Ints16)param & INT32_MIN));
+  return ~(less_mask16<L>(abs16(param), splat(kSaturatedParam)) | less_mask16<L>(Floats16{}, inward)) & 0xffffu;
+}
+
+// The state of a block's entries. The element-wise loops (soft weights, listing the changes,
+// gradient, Adam) run over a packed list of the active entries: each array holds, at i, the
+// entry at position pos[i] = r * kp + j of the block's [n, kp] rows, in order of position,
+// padded to a multiple of kPad with neutral entries (scale 0, so w~ = 0 and no gradient).
+// At first the list is every entry, in place (identity): the products read and write the
+// packed arrays. Once enough AdaRound entries are frozen, compact() drops them (on Lite0's
+// 1x1 80 -> 480 layer, 60 % of the entries 20 iterations after the 120 of the warm start, 90 %
+// by iteration 400, when 80 % of the 16-entry vectors still hold an active one), and the products
+// work on the row-major copies wt_rows and g_rows: the soft weights of the active entries
+// are written there before each full product (frozen entries' last ones, which stay, when
+// they are dropped), and the active entries' products read from there before each Adam step.
 struct BlockState {
-  std::vector<float> param, m, v, base, wt, delta, g, t, dq, h, scale;
+  int64_t active;  // entries in the list
+  bool identity;   // pos[i] == i for every position: no entry dropped yet
+  std::vector<int32_t> pos;
+  // packed: scale is the row's scale at each entry, so that the loops run once over the
+  // block, not per row (a depthwise layer's rows are 25 wide)
+  std::vector<float> param, m, v, base, scale, t, wt, delta, dq, h, g;
+  std::vector<int64_t> row_end;  // row r's entries are [row_end[r - 1], row_end[r]) of the list
+  std::vector<float> wt_rows, g_rows, param_rows;  // [n, kp]
+  // Per row, the columns of the entries whose soft weight changed in this iteration and
+  // their changes (in order of column), and how many.
   std::vector<int32_t> changed;
+  std::vector<float> change;
   std::vector<int64_t> count;
+  // compact()'s scratch: per 16-entry chunk of the list, which entries stay and how many
+  // stay before it
+  std::vector<uint32_t> keep;
+  std::vector<int64_t> kept_before;
+  // pos, delta, changed and change have a vector more: list_changes reads and writes whole
+  // vectors from any entry on
   explicit BlockState(int n, int64_t kp)
-      : param(n * kp, 0.f), m(n * kp, 0.f), v(n * kp, 0.f), base(n * kp, 0.f), wt(n * kp, 0.f),
-        delta(n * kp, 0.f), g(n * kp, 0.f), t(n * kp, 0.f), dq(n * kp, 0.f), h(n * kp, 0.f), scale(n * kp, 0.f),
-        changed(n * kp, 0), count(n, 0) {}
+      : active(n * kp), identity(true), pos(n * kp + kPad, 0), param(n * kp, 0.f), m(n * kp, 0.f),
+        v(n * kp, 0.f), base(n * kp, 0.f), scale(n * kp, 0.f), t(n * kp, 0.f), wt(n * kp, 0.f),
+        delta(n * kp + kPad, 0.f), dq(n * kp, 0.f), h(n * kp, 0.f), g(n * kp, 0.f), row_end(n),
+        wt_rows(n * kp, 0.f), g_rows(n * kp, 0.f), param_rows(n * kp, 0.f), changed(n * kp + kPad, 0),
+        change(n * kp + kPad, 0.f), count(n, 0), keep(n * kp / kPad, 0), kept_before(n * kp / kPad + 1, 0) {
+    for (int64_t i = 0; i < n * kp; ++i) pos[i] = int32_t(i);
+    for (int r = 0; r < n; ++r) row_end[r] = (r + 1) * kp;
+  }
+
+  // The list's length rounded up to whole vectors: what the element-wise loops run over.
+  int64_t size() const { return (active + kPad - 1) / kPad * kPad; }
+
+  // The soft weights in row-major order, for a full product.
+  const float* product_input() {
+    if (identity) return wt.data();
+    for (int64_t i = 0; i < active; ++i) wt_rows[pos[i]] = wt[i];
+    return wt_rows.data();
+  }
+
+  // The active entries' products w~ A, packed, for the gradient.
+  template <Isa L>
+  PYQUANT_INLINE const float* gradient_products() {
+    if (identity) return g_rows.data();
+    int64_t i = 0;
+    for (; i + kPad <= active; i += kPad) store16(g.data() + i, gather16<L>(g_rows.data(), load16(pos.data() + i)));
+    for (; i < active; ++i) g[i] = g_rows[pos[i]];
+    return g.data();
+  }
+
+  // Drops the frozen entries from the list, keeping their last soft weight and V in the
+  // row-major copies. Between the soft weights and Adam's step: a dropped entry's change in
+  // this iteration is already in the products, and its step would not change its rounding.
+  // Without a branch per entry (which entries froze is unpredictable): every entry's soft
+  // weight and V are written to the row-major copies (a kept entry's are written again
+  // before they are read), then each array keeps its entries 16 at a time (compress16), in
+  // place: chunk c's are stored from kept_before[c] <= 16 c on, after chunk c is read.
+  template <Isa L>
+  PYQUANT_INLINE void compact(int n) {
+    if (identity) {
+      std::copy(wt.begin(), wt.end(), wt_rows.begin());
+      std::copy(param.begin(), param.end(), param_rows.begin());
+      identity = false;
+    } else {
+      for (int64_t i = 0; i < active; ++i) {
+        wt_rows[pos[i]] = wt[i];
+        param_rows[pos[i]] = param[i];
+      }
+    }
+    const int64_t chunks = size() / kPad;
+    int64_t kept = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint32_t stays = ~frozen_mask16<L>(load16(param.data() + c * kPad), load16(m.data() + c * kPad)) & 0xffffu;
+      if (active - c * kPad < kPad) stays &= (1u << (active - c * kPad)) - 1;  // the padding goes
+      keep[c] = stays;
+      kept_before[c] = kept;
+      kept += __builtin_popcount(stays);
+    }
+    kept_before[chunks] = kept;
+    for (int r = 0; r < n; ++r) {
+      const int64_t c = row_end[r] / kPad, lanes = row_end[r] % kPad;
+      row_end[r] = kept_before[c] + (lanes ? __builtin_popcount(keep[c] & ((1u << lanes) - 1)) : 0);
+    }
+    for (int64_t c = 0; c < chunks; ++c)
+      store16(pos.data() + kept_before[c], compress16<L>(load16(pos.data() + c * kPad), keep[c]));
+    for (std::vector<float>* a : {&param, &m, &v, &base, &scale, &t, &wt, &dq, &h}) {
+      float* x = a->data();
+      for (int64_t c = 0; c < chunks; ++c) store16(x + kept_before[c], compress16<L>(load16(x + c * kPad), keep[c]));
+    }
+    active = kept;
+    for (int64_t j = kept; j < size(); ++j) {  // neutral padding: w~ = 0 * q, dq = 0
+      param[j] = kPaddingParam;
+      m[j] = v[j] = base[j] = scale[j] = t[j] = wt[j] = dq[j] = h[j] = g[j] = 0.0f;
+    }
+  }
+
+  // V in row-major order, at the end.
+  const float* final_params() {
+    if (identity) return param.data();
+    for (int64_t i = 0; i < active; ++i) param_rows[pos[i]] = param[i];
+    return param_rows.data();
+  }
 };
 
 // AdaRound's soft weights w~ = s (floor(w/s) + h(V)) of size entries (a multiple of 16),
 // dq = dq/dV (zero where h is clamped to [0, 1] or q to [qmin, qmax]: no gradient through a
-// clamp), and the change of w~ since the last iteration; returns how many entries changed.
+// clamp), and the change of w~ since the last iteration; returns how many entries changed,
+// and sets frozen to how many are frozen (frozen_mask16(), with m Adam's momentum).
 // A vector whose |V| are all beyond kSaturatedParam takes h = 0 or 1 and dq = 0 directly:
 // the bits the sigmoid would give.
 template <Isa L>
 PYQUANT_INLINE int64_t soft_weights_adaround(const float* __restrict p, const float* __restrict base,
                                              const float* __restrict scale, float* __restrict h,
                                              float* __restrict dq, float* __restrict wt, float* __restrict delta,
-                                             int64_t size, float lo, float hi) {
+                                             int64_t size, float lo, float hi, const float* __restrict m,
+                                             int64_t& frozen) {
   const Floats16 zero = {}, one = splat(1.0f), low = splat(lo), high = splat(hi);
   int64_t changes = 0;
+  frozen = 0;
   for (int64_t j = 0; j < size; j += kPad) {
     const Floats16 v = load16(p + j);
+    frozen += __builtin_popcount(frozen_mask16<L>(v, load16(m + j)));
     Floats16 hv = select_less<L>(zero, v, one, zero), dv = zero;
     if (any_less16<L>(abs16(v), splat(kSaturatedParam))) {
       const Floats16 sig = one / (one + fast_exp16<L>(-v));
@@ -509,39 +741,36 @@ PYQUANT_INLINE void adam(const float* __restrict g, const float* __restrict t, c
   }
 }
 
-// Whether any of kPad floats has a bit set: a cheap test that no entry of a chunk changed
-// (a change that is not one reads as nonzero only if it is -0, which the caller's != 0
-// then skips).
-PYQUANT_INLINE bool any_bits(const float* x) {
-  uint64_t words[kPad / 2], any = 0;
-  std::memcpy(words, x, sizeof words);
-  for (int i = 0; i < kPad / 2; ++i) any |= words[i];
-  return any != 0;
-}
-
-// The list of each row's changed entries and their count, for update_block. Listing is
-// scalar (about 1.5 cycles an entry), so chunks without a change are skipped: once most
-// entries are saturated, a row of 80 has about one change per iteration.
+// The list of each row's changed entries, their changes and their count, for update_block,
+// from the packed changes, 16 at a time (compress16).
+template <Isa L>
 PYQUANT_INLINE void list_changes(BlockState& st, int n, int64_t kp) {
+  const float* delta = st.delta.data();
+  int64_t begin = 0;
   for (int r = 0; r < n; ++r) {
     int32_t* cr = st.changed.data() + r * kp;
+    float* vr = st.change.data() + r * kp;
+    const Ints16 row_start = Ints16{} + int32_t(r * kp);
+    const int64_t end = st.row_end[r];
     int64_t c = 0;
-    for (int64_t j0 = 0; j0 < kp; j0 += kPad) {
-      const float* dr = st.delta.data() + r * kp + j0;
-      if (!any_bits(dr)) continue;
-      for (int l = 0; l < kPad; ++l) {  // without a branch: which entries changed is unpredictable
-        cr[c] = int32_t(j0 + l);
-        c += dr[l] != 0.0f;
-      }
+    for (int64_t i = begin; i < end; i += kPad) {
+      const Floats16 d = load16(delta + i);
+      uint32_t changed = nonzero_mask16<L>(d);
+      if (end - i < kPad) changed &= (1u << (end - i)) - 1;  // the next row's entries
+      if (!changed) continue;
+      store16(cr + c, compress16<L>(load16(st.pos.data() + i) - row_start, changed));
+      store16(vr + c, compress16<L>(d, changed));
+      c += __builtin_popcount(changed);
     }
     st.count[r] = c;
+    begin = end;
   }
 }
 
 template <Isa L>
 PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const RoundingOptions& o,
                                    const Schedule& sc) {
-  const int64_t kp = b.kp, k = b.k, size = b.n * kp;
+  const int64_t kp = b.kp, k = b.k;
   BlockState st(b.n, kp);
   const bool adaround = o.algorithm == RoundingAlgorithm::AdaRound;
   for (int r = 0; r < b.n; ++r) {
@@ -564,42 +793,52 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
       }
     }
   }
+  // Frozen entries leave the list unless the caller reads V, which their skipped steps
+  // would no longer move (their roundings are the same either way).
+  const bool drop_frozen = adaround && b.param_out == nullptr;
   const float lo = float(qmin), hi = float(qmax);
   int updates_since_full = -1;  // < 0: g holds no product yet
   for (int64_t it = 0; it < o.iterations; ++it) {
+    int64_t frozen = 0;  // in the list and its padding
     const int64_t total =
         adaround ? soft_weights_adaround<L>(st.param.data(), st.base.data(), st.scale.data(), st.h.data(),
-                                            st.dq.data(), st.wt.data(), st.delta.data(), size, lo, hi)
+                                            st.dq.data(), st.wt.data(), st.delta.data(), st.size(), lo, hi,
+                                            st.m.data(), frozen)
                  : soft_weights_adaquant(st.param.data(), st.scale.data(), st.dq.data(), st.wt.data(),
-                                         st.delta.data(), size, lo, hi);
+                                         st.delta.data(), st.size(), lo, hi);
     // g = w~ A. Saturated entries (h clamped to 0 or 1, q unchanged) keep their w~, so
     // after the first product only the changed entries' rows of A are added in; a full
     // product replaces the running sums when most entries changed, or after
     // kFullProductEvery updates (their rounding errors add up).
     if (updates_since_full < 0 || (total > 0 && (updates_since_full >= kFullProductEvery ||
                                                  double(total) > kFullProductFraction * double(b.n * k)))) {
-      block_product(b, st.wt.data(), st.g.data());
+      block_product<L>(b, st.product_input(), st.g_rows.data());
       updates_since_full = 0;
     } else if (total > 0) {
-      list_changes(st, b.n, kp);
-      update_block<L>(st.delta.data(), st.changed.data(), st.count.data(), b.n, b.gram, kp, st.g.data());
+      list_changes<L>(st, b.n, kp);
+      update_block<L>(st.change.data(), st.changed.data(), st.count.data(), b.n, b.gram, kp, st.g_rows.data());
       ++updates_since_full;
+    }
+    const int64_t frozen_listed = frozen - (st.size() - st.active);  // the padding is frozen
+    if (drop_frozen && frozen_listed > 0 && frozen_listed * kCompactFraction >= st.active) {
+      st.compact<L>(b.n);
     }
     const float beta = sc.beta[it];
     const Regulariser reg{adaround && it >= sc.warm, o.reg_param * beta, beta - 1.0f,
                           beta > 1.0f ? 0.0f : (beta == 1.0f ? 1.0f : INFINITY)};  // powf(0, beta - 1)
+    const float* g = st.gradient_products<L>();
     if (reg.on)
-      adam<L, true>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
-                 st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
+      adam<L, true>(g, st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
+                    st.v.data(), st.size(), reg, sc.lr[it], sc.eps[it]);
     else
-      adam<L, false>(st.g.data(), st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
-                  st.v.data(), size, reg, sc.lr[it], sc.eps[it]);
+      adam<L, false>(g, st.t.data(), st.dq.data(), st.h.data(), st.scale.data(), st.param.data(), st.m.data(),
+                     st.v.data(), st.size(), reg, sc.lr[it], sc.eps[it]);
   }
+  const float* param = st.final_params();  // [n, kp]
   if (b.param_out)
-    for (int r = 0; r < b.n; ++r)
-      std::copy(st.param.begin() + r * kp, st.param.begin() + r * kp + k, b.param_out + r * k);
+    for (int r = 0; r < b.n; ++r) std::copy(param + r * kp, param + r * kp + k, b.param_out + r * k);
   // Hard rounding, and the nearest-rounding start for the keep_best guard.
-  std::vector<float>& hard = st.wt;
+  std::vector<float>& hard = st.wt_rows;
   std::vector<float> nearest(b.n * kp, 0.f), g_nearest(b.n * kp, 0.f);
   for (int r = 0; r < b.n; ++r) {
     const float s = b.scale[r];
@@ -610,18 +849,19 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
         continue;
       }
       const float w = b.weight[r * k + j];
-      const float q = adaround ? st.base[i] + (st.param[i] >= 0.0f ? 1.0f : 0.0f) : std::nearbyint(st.param[i] / s);
+      const float q = adaround ? std::floor(w / s) + (param[i] >= 0.0f ? 1.0f : 0.0f) : std::nearbyint(param[i] / s);
       hard[i] = s * std::min(hi, std::max(lo, q));
       nearest[i] = s * std::min(hi, std::max(lo, std::nearbyint(w / s)));
     }
   }
-  block_product(b, hard.data(), st.g.data());
-  block_product(b, nearest.data(), g_nearest.data());
+  block_product<L>(b, hard.data(), st.g_rows.data());
+  block_product<L>(b, nearest.data(), g_nearest.data());
   for (int r = 0; r < b.n; ++r) {
     const float* chosen = hard.data() + r * kp;
+    const float* t = b.target + r * k;
     if (o.keep_best) {
-      const double learned = row_error(hard.data() + r * kp, st.g.data() + r * kp, st.t.data() + r * kp, k);
-      const double start = row_error(nearest.data() + r * kp, g_nearest.data() + r * kp, st.t.data() + r * kp, k);
+      const double learned = row_error(hard.data() + r * kp, st.g_rows.data() + r * kp, t, k);
+      const double start = row_error(nearest.data() + r * kp, g_nearest.data() + r * kp, t, k);
       if (!(learned < start)) chosen = nearest.data() + r * kp;
     }
     for (int64_t j = 0; j < k; ++j) b.out[r * k + j] = int8_t(std::nearbyint(chosen[j] / b.scale[r]));
@@ -631,11 +871,12 @@ PYQUANT_INLINE void fit_block_body(const Block& b, int qmin, int qmax, const Rou
 PYQUANT_LEVEL_CLONES(void, fit_block, (const Block& b, int qmin, int qmax, const RoundingOptions& o, const Schedule& sc),
                (b, qmin, qmax, o, sc))
 
+template <Isa L>
 PYQUANT_INLINE void gram_rows_body(const float* x, const float* a, int n, int64_t kp, float* out) {
-  product_block(x, a, n, kp, out);
+  product_block<L>(x, a, n, kp, out);
 }
 
-PYQUANT_CLONES(void, gram_rows, (const float* x, const float* a, int n, int64_t kp, float* out), (x, a, n, kp, out))
+PYQUANT_LEVEL_CLONES(void, gram_rows, (const float* x, const float* a, int n, int64_t kp, float* out), (x, a, n, kp, out))
 
 void gram_product_impl(const float* x, const float* a, int64_t rows, int64_t kp, float* out) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads_for(rows * kp * kp, kGramProductMinParallel))
@@ -646,16 +887,16 @@ void gram_product_impl(const float* x, const float* a, int64_t rows, int64_t kp,
 }
 
 template <Isa L>
-PYQUANT_INLINE void update_rows_body(const float* delta, const int32_t* changed, const int64_t* count, int n,
+PYQUANT_INLINE void update_rows_body(const float* change, const int32_t* changed, const int64_t* count, int n,
                                      const float* a, int64_t kp, float* g) {
   const float* grams[kRowBlock];
   std::fill(grams, grams + kRowBlock, a);
-  update_block<L>(delta, changed, count, n, grams, kp, g);
+  update_block<L>(change, changed, count, n, grams, kp, g);
 }
 
-PYQUANT_LEVEL_CLONES(void, update_rows, (const float* delta, const int32_t* changed, const int64_t* count, int n,
+PYQUANT_LEVEL_CLONES(void, update_rows, (const float* change, const int32_t* changed, const int64_t* count, int n,
                                    const float* a, int64_t kp, float* g),
-               (delta, changed, count, n, a, kp, g))
+               (change, changed, count, n, a, kp, g))
 
 int64_t padded(int64_t k) { return (k + kPad - 1) / kPad * kPad; }
 
@@ -709,19 +950,22 @@ void gram_product_update(const float* x_prev, const float* x, const float* gram,
   if (rows <= 0 || k <= 0) return;
   const int64_t kp = padded(k);
   const std::vector<float> a = pad_square(gram, k, kp);
-  std::vector<float> delta(rows * kp, 0.f), gp(rows * kp, 0.f);
+  std::vector<float> change(rows * kp, 0.f), gp(rows * kp, 0.f);
   std::vector<int32_t> changed(rows * kp, 0);
   std::vector<int64_t> count(rows, 0);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < k; ++j) {
-      delta[r * kp + j] = x[r * k + j] - x_prev[r * k + j];
-      if (delta[r * kp + j] != 0.0f) changed[r * kp + count[r]++] = int32_t(j);
+      const float delta = x[r * k + j] - x_prev[r * k + j];
+      if (delta != 0.0f) {
+        changed[r * kp + count[r]] = int32_t(j);
+        change[r * kp + count[r]++] = delta;
+      }
     }
     std::copy(g + r * k, g + (r + 1) * k, gp.begin() + r * kp);
   }
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int n = int(std::min<int64_t>(kRowBlock, rows - r0));
-    update_rows(delta.data() + r0 * kp, changed.data() + r0 * kp, count.data() + r0, n, a.data(), kp,
+    update_rows(change.data() + r0 * kp, changed.data() + r0 * kp, count.data() + r0, n, a.data(), kp,
                 gp.data() + r0 * kp);
   }
   for (int64_t r = 0; r < rows; ++r) std::copy(gp.begin() + r * kp, gp.begin() + r * kp + k, g + r * k);

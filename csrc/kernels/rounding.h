@@ -46,7 +46,9 @@ struct RoundingOptions {
 // Rounding-to-nearest ties-to-even, as QuantizeLinear does.
 // weight [groups, rows, k], scale [groups * rows] (> 0), gram [groups, k, k] (symmetric),
 // target [groups, rows, k]; out [groups, rows, k] integers in [qmin, qmax]; param_out
-// (optional, [groups, rows, k]) receives the learned parameter V or u, for tests.
+// (optional, [groups, rows, k]) receives the learned parameter V or u, for tests. Without it,
+// AdaRound stops updating the entries that can no longer change (h saturated, Adam's momentum
+// pointing outwards): the same out, less work.
 void fit_rounding(const float* weight, const float* scale, const float* gram, const float* target,
                   int64_t groups, int64_t rows, int64_t k, int qmin, int qmax,
                   const RoundingOptions& options, int8_t* out, float* param_out = nullptr);
