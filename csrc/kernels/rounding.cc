@@ -95,7 +95,6 @@ typedef float Floats16 __attribute__((vector_size(64)));
 typedef int32_t Ints16 __attribute__((vector_size(64)));
 typedef float Floats8 __attribute__((vector_size(32)));
 
-PYQUANT_INLINE Floats16 splat(float x) { return Floats16{} + x; }
 
 PYQUANT_INLINE Floats16 load16(const float* p) {
   Floats16 v;
@@ -103,7 +102,6 @@ PYQUANT_INLINE Floats16 load16(const float* p) {
   return v;
 }
 
-PYQUANT_INLINE void store16(float* p, Floats16 v) { std::memcpy(p, &v, sizeof v); }
 
 PYQUANT_INLINE Ints16 load16(const int32_t* p) {
   Ints16 v;
@@ -111,7 +109,6 @@ PYQUANT_INLINE Ints16 load16(const int32_t* p) {
   return v;
 }
 
-PYQUANT_INLINE void store16(int32_t* p, Ints16 v) { std::memcpy(p, &v, sizeof v); }
 PYQUANT_INLINE Floats16 abs16(Floats16 a) { return (Floats16)((Ints16)a & 0x7fffffff); }
 
 #if PYQUANT_X86_LEVELS
@@ -142,6 +139,56 @@ PYQUANT_INLINE Floats16 on_halves(Floats16 a, Floats16 b, F f) {
   return a;
 }
 #endif
+
+// x in every lane. At AVX2 from one 8-float broadcast: GCC 12 built a 16-float splat there
+// lane by lane on the stack and reloaded it in 16-byte pieces (a store-forwarding stall at
+// every broadcast of the products' inner loop).
+template <Isa L>
+PYQUANT_INLINE Floats16 splat(float x) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx2) {
+    const Floats8 half = Floats8{} + x;
+    const Floats8 halves[2] = {half, half};
+    Floats16 v;
+    std::memcpy(&v, halves, sizeof v);
+    return v;
+  }
+#endif
+  return Floats16{} + x;
+}
+
+// Stores of a vector. At AVX2 in two 32-byte halves: GCC 12 compiles a 64-byte memcpy there
+// through the stack and reloads it in 8-byte pieces (store-forwarding stalls on every store of
+// the element-wise loops: the AVX2 copy of fit_rounding ran 12x slower than AVX-512's on
+// 1x1 80 -> 480, against 1.5x on the large layers).
+template <Isa L>
+PYQUANT_INLINE void store16(float* p, Floats16 v) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx2) {
+    Floats8 h[2];
+    std::memcpy(h, &v, sizeof v);
+    __builtin_ia32_storeups256(p, h[0]);
+    __builtin_ia32_storeups256(p + 8, h[1]);
+    return;
+  }
+#endif
+  std::memcpy(p, &v, sizeof v);
+}
+
+template <Isa L>
+PYQUANT_INLINE void store16(int32_t* p, Ints16 v) {
+#if PYQUANT_X86_LEVELS
+  if constexpr (L == Isa::Avx2) {
+    typedef char Bytes32 __attribute__((vector_size(32)));
+    Bytes32 h[2];
+    std::memcpy(h, &v, sizeof v);
+    __builtin_ia32_storedqu256(reinterpret_cast<char*>(p), h[0]);
+    __builtin_ia32_storedqu256(reinterpret_cast<char*>(p + 8), h[1]);
+    return;
+  }
+#endif
+  std::memcpy(p, &v, sizeof v);
+}
 
 // a * b + c rounded once, per lane.
 template <Isa L>
@@ -332,16 +379,16 @@ template <Isa L>
 PYQUANT_INLINE Floats16 fast_exp16(Floats16 x) {
   constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693145752f, kLn2Lo = 1.42860677e-6f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const Floats16 xc = min16<L>(splat(88.0f), max16<L>(splat(-87.0f), x));
-  const Floats16 n = fma16<L>(xc, splat(kLog2e), splat(kRound)) - splat(kRound);
-  const Floats16 r = fma16<L>(-n, splat(kLn2Lo), fma16<L>(-n, splat(kLn2Hi), xc));
-  Floats16 p = splat(1.0f / 5040.0f);
+  const Floats16 xc = min16<L>(splat<L>(88.0f), max16<L>(splat<L>(-87.0f), x));
+  const Floats16 n = fma16<L>(xc, splat<L>(kLog2e), splat<L>(kRound)) - splat<L>(kRound);
+  const Floats16 r = fma16<L>(-n, splat<L>(kLn2Lo), fma16<L>(-n, splat<L>(kLn2Hi), xc));
+  Floats16 p = splat<L>(1.0f / 5040.0f);
   for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
-    p = fma16<L>(p, r, splat(c));
+    p = fma16<L>(p, r, splat<L>(c));
   const Ints16 n_int = __builtin_convertvector(n, Ints16);
   const Floats16 e = p * (Floats16)((n_int + 127) << 23);
-  const Floats16 finite = select_less<L>(splat(88.0f), x, splat(INFINITY), e);
-  return select_less<L>(x, splat(-87.0f), splat(0.0f), finite);
+  const Floats16 finite = select_less<L>(splat<L>(88.0f), x, splat<L>(INFINITY), e);
+  return select_less<L>(x, splat<L>(-87.0f), splat<L>(0.0f), finite);
 }
 
 // ln(x) for normal x > 0 within 2 ulp: x = 2^e m, m in [sqrt(1/2), sqrt(2)), ln m =
@@ -353,13 +400,13 @@ PYQUANT_INLINE Floats16 fast_log16(Floats16 x) {
   const Ints16 bits = (Ints16)x;
   Floats16 m = (Floats16)((bits & 0x007fffff) | 0x3f800000);
   Floats16 e = __builtin_convertvector((bits >> 23) - 127, Floats16);
-  const Floats16 sqrt2 = splat(1.41421356f);
-  e = select_less<L>(sqrt2, m, e + splat(1.0f), e);
-  m = select_less<L>(sqrt2, m, m * splat(0.5f), m);
-  const Floats16 s = (m - splat(1.0f)) / (m + splat(1.0f)), s2 = s * s;
-  Floats16 p = splat(1.0f / 11.0f);
-  for (const float c : {1.0f / 9.0f, 1.0f / 7.0f, 1.0f / 5.0f, 1.0f / 3.0f, 1.0f}) p = fma16<L>(p, s2, splat(c));
-  return fma16<L>(e, splat(kLn2), splat(2.0f) * s * p);
+  const Floats16 sqrt2 = splat<L>(1.41421356f);
+  e = select_less<L>(sqrt2, m, e + splat<L>(1.0f), e);
+  m = select_less<L>(sqrt2, m, m * splat<L>(0.5f), m);
+  const Floats16 s = (m - splat<L>(1.0f)) / (m + splat<L>(1.0f)), s2 = s * s;
+  Floats16 p = splat<L>(1.0f / 11.0f);
+  for (const float c : {1.0f / 9.0f, 1.0f / 7.0f, 1.0f / 5.0f, 1.0f / 3.0f, 1.0f}) p = fma16<L>(p, s2, splat<L>(c));
+  return fma16<L>(e, splat<L>(kLn2), splat<L>(2.0f) * s * p);
 }
 
 // The same tile for 16 columns, in explicit vectors: GCC 12 vectorised product_tile<R, 16>
@@ -370,9 +417,9 @@ PYQUANT_INLINE void product_tile16(const float* x, const float* a, int64_t kp, i
   Floats16 acc[R] = {};
   for (int64_t k = 0; k < kp; ++k) {
     const Floats16 ak = load16(a + k * kp + j0);
-    for (int r = 0; r < R; ++r) acc[r] = fma16<L>(splat(x[r * kp + k]), ak, acc[r]);
+    for (int r = 0; r < R; ++r) acc[r] = fma16<L>(splat<L>(x[r * kp + k]), ak, acc[r]);
   }
-  for (int r = 0; r < R; ++r) store16(out + r * kp + j0, acc[r]);
+  for (int r = 0; r < R; ++r) store16<L>(out + r * kp + j0, acc[r]);
 }
 
 template <Isa L, int R>
@@ -480,10 +527,10 @@ PYQUANT_INLINE void update_vectors(const float* change, const int32_t* changed, 
   Floats16 acc[V] = {};
   for (int64_t i = 0; i < count; ++i) {
     const float* aj = a + changed[i] * kp + c0;
-    const Floats16 d = splat(change[i]);
+    const Floats16 d = splat<L>(change[i]);
     for (int v = 0; v < V; ++v) acc[v] = fma16<L>(d, load16(aj + kPad * v), acc[v]);
   }
-  for (int v = 0; v < V; ++v) store16(g + c0 + kPad * v, load16(g + c0 + kPad * v) + acc[v]);
+  for (int v = 0; v < V; ++v) store16<L>(g + c0 + kPad * v, load16(g + c0 + kPad * v) + acc[v]);
 }
 
 template <Isa L, int V>
@@ -532,7 +579,7 @@ template <Isa L>
 PYQUANT_INLINE uint32_t frozen_mask16(Floats16 param, Floats16 m) {
   // m with its sign flipped where V < 0: positive exactly where m points inwards
   const Floats16 inward = (Floats16)((Ints16)m ^ ((Ints16)param & INT32_MIN));
-  return ~(less_mask16<L>(abs16(param), splat(kSaturatedParam)) | less_mask16<L>(Floats16{}, inward)) & 0xffffu;
+  return ~(less_mask16<L>(abs16(param), splat<L>(kSaturatedParam)) | less_mask16<L>(Floats16{}, inward)) & 0xffffu;
 }
 
 // The state of a block's entries. The element-wise loops (soft weights, listing the changes,
@@ -591,7 +638,7 @@ struct BlockState {
   PYQUANT_INLINE const float* gradient_products() {
     if (identity) return g_rows.data();
     int64_t i = 0;
-    for (; i + kPad <= active; i += kPad) store16(g.data() + i, gather16<L>(g_rows.data(), load16(pos.data() + i)));
+    for (; i + kPad <= active; i += kPad) store16<L>(g.data() + i, gather16<L>(g_rows.data(), load16(pos.data() + i)));
     for (; i < active; ++i) g[i] = g_rows[pos[i]];
     return g.data();
   }
@@ -630,10 +677,10 @@ struct BlockState {
       row_end[r] = kept_before[c] + (lanes ? __builtin_popcount(keep[c] & ((1u << lanes) - 1)) : 0);
     }
     for (int64_t c = 0; c < chunks; ++c)
-      store16(pos.data() + kept_before[c], compress16<L>(load16(pos.data() + c * kPad), keep[c]));
+      store16<L>(pos.data() + kept_before[c], compress16<L>(load16(pos.data() + c * kPad), keep[c]));
     for (std::vector<float>* a : {&param, &m, &v, &base, &scale, &t, &wt, &dq, &h}) {
       float* x = a->data();
-      for (int64_t c = 0; c < chunks; ++c) store16(x + kept_before[c], compress16<L>(load16(x + c * kPad), keep[c]));
+      for (int64_t c = 0; c < chunks; ++c) store16<L>(x + kept_before[c], compress16<L>(load16(x + c * kPad), keep[c]));
     }
     active = kept;
     for (int64_t j = kept; j < size(); ++j) {  // neutral padding: w~ = 0 * q, dq = 0
@@ -662,28 +709,28 @@ PYQUANT_INLINE int64_t soft_weights_adaround(const float* __restrict p, const fl
                                              float* __restrict dq, float* __restrict wt, float* __restrict delta,
                                              int64_t size, float lo, float hi, const float* __restrict m,
                                              int64_t& frozen) {
-  const Floats16 zero = {}, one = splat(1.0f), low = splat(lo), high = splat(hi);
+  const Floats16 zero = {}, one = splat<L>(1.0f), low = splat<L>(lo), high = splat<L>(hi);
   int64_t changes = 0;
   frozen = 0;
   for (int64_t j = 0; j < size; j += kPad) {
     const Floats16 v = load16(p + j);
     frozen += __builtin_popcount(frozen_mask16<L>(v, load16(m + j)));
     Floats16 hv = select_less<L>(zero, v, one, zero), dv = zero;
-    if (any_less16<L>(abs16(v), splat(kSaturatedParam))) {
+    if (any_less16<L>(abs16(v), splat<L>(kSaturatedParam))) {
       const Floats16 sig = one / (one + fast_exp16<L>(-v));
-      const Floats16 h_raw = fma16<L>(sig, splat(kZeta - kGamma), splat(kGamma));
+      const Floats16 h_raw = fma16<L>(sig, splat<L>(kZeta - kGamma), splat<L>(kGamma));
       hv = min16<L>(one, max16<L>(zero, h_raw));
-      dv = select_less<L>(h_raw, one, sig * (one - sig) * splat(kZeta - kGamma), zero);
+      dv = select_less<L>(h_raw, one, sig * (one - sig) * splat<L>(kZeta - kGamma), zero);
       dv = select_less<L>(zero, h_raw, dv, zero);
     }
     const Floats16 q = load16(base + j) + hv;
     const Floats16 w = load16(scale + j) * min16<L>(high, max16<L>(low, q));
     const Floats16 change = w - load16(wt + j);
-    store16(h + j, hv);
+    store16<L>(h + j, hv);
     dv = select_less<L>(high, q, zero, dv);
-    store16(dq + j, select_less<L>(q, low, zero, dv));
-    store16(wt + j, w);
-    store16(delta + j, change);
+    store16<L>(dq + j, select_less<L>(q, low, zero, dv));
+    store16<L>(wt + j, w);
+    store16<L>(delta + j, change);
     changes += count_nonzero16<L>(change);
   }
   return changes;
@@ -722,22 +769,22 @@ PYQUANT_INLINE void adam(const float* __restrict g, const float* __restrict t, c
                          const float* __restrict h, const float* __restrict scale, float* __restrict p,
                          float* __restrict m, float* __restrict v, int64_t size, const Regulariser reg, float lr_t,
                          float eps_t) {
-  const Floats16 zero = {}, one = splat(1.0f), two = splat(2.0f);
+  const Floats16 zero = {}, one = splat<L>(1.0f), two = splat<L>(2.0f);
   for (int64_t j = 0; j < size; j += kPad) {
     const Floats16 dqj = load16(dq + j);
     Floats16 d = two * (load16(g + j) - load16(t + j)) * load16(scale + j) * dqj;
     if (kRegulariser && any_less16<L>(zero, dqj)) {
       const Floats16 u = two * load16(h + j) - one, au = abs16(u);
-      const Floats16 pw = fast_exp16<L>(splat(reg.exponent) * fast_log16<L>(au));
-      const Floats16 pj = select_less<L>(zero, au, pw, splat(reg.pow_at_zero));
-      const Floats16 term = splat(reg.scale) * pj * select_less<L>(zero, u, two, -two) * dqj;
+      const Floats16 pw = fast_exp16<L>(splat<L>(reg.exponent) * fast_log16<L>(au));
+      const Floats16 pj = select_less<L>(zero, au, pw, splat<L>(reg.pow_at_zero));
+      const Floats16 term = splat<L>(reg.scale) * pj * select_less<L>(zero, u, two, -two) * dqj;
       d = select_less<L>(zero, dqj, d - term, d);  // where dq != 0
     }
-    const Floats16 mj = fma16<L>(splat(kBeta1), load16(m + j), splat(1.0f - kBeta1) * d);
-    const Floats16 vj = fma16<L>(splat(kBeta2), load16(v + j), splat(1.0f - kBeta2) * d * d);
-    store16(m + j, mj);
-    store16(v + j, vj);
-    store16(p + j, fma16<L>(splat(-lr_t), mj / (sqrt16<L>(vj) + splat(eps_t)), load16(p + j)));
+    const Floats16 mj = fma16<L>(splat<L>(kBeta1), load16(m + j), splat<L>(1.0f - kBeta1) * d);
+    const Floats16 vj = fma16<L>(splat<L>(kBeta2), load16(v + j), splat<L>(1.0f - kBeta2) * d * d);
+    store16<L>(m + j, mj);
+    store16<L>(v + j, vj);
+    store16<L>(p + j, fma16<L>(splat<L>(-lr_t), mj / (sqrt16<L>(vj) + splat<L>(eps_t)), load16(p + j)));
   }
 }
 
@@ -758,8 +805,8 @@ PYQUANT_INLINE void list_changes(BlockState& st, int n, int64_t kp) {
       uint32_t changed = nonzero_mask16<L>(d);
       if (end - i < kPad) changed &= (1u << (end - i)) - 1;  // the next row's entries
       if (!changed) continue;
-      store16(cr + c, compress16<L>(load16(st.pos.data() + i) - row_start, changed));
-      store16(vr + c, compress16<L>(d, changed));
+      store16<L>(cr + c, compress16<L>(load16(st.pos.data() + i) - row_start, changed));
+      store16<L>(vr + c, compress16<L>(d, changed));
       c += __builtin_popcount(changed);
     }
     st.count[r] = c;
