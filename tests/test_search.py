@@ -63,6 +63,16 @@ def test_values_map_onto_the_typed_config():
     assert trials[0].config.fast_finetune.algorithm.name == "AdaQuant"
 
 
+def test_unclipped_output_layers_is_a_dimension():
+    space = SearchSpace.from_dict({"dimensions": {"preset": ["U8S8"], "per_channel": [True],
+                                                  "unclipped_output_layers": [None, 4]}})
+    trials, _ = space.trials()
+    assert [t.config.unclipped_output_layers for t in trials] == [None, 4]
+    assert trials[0].trial_id != trials[1].trial_id
+    with pytest.raises(ConfigError, match="unclipped_output_layers must be >= 0"):
+        SearchSpace.from_dict({"dimensions": {"unclipped_output_layers": [None, -1]}})
+
+
 def test_random_strategy_keeps_the_starting_point_and_is_seeded():
     spec = {"dimensions": {"preset": ["XINT8"], "calibrate_method": ["MinMSE", "NonOverflow"],
                            "cross_layer_equalization": [False, True], "cle.activation_weight": [0.25, 0.0, 0.5]},
