@@ -161,29 +161,17 @@ PYQUANT_INLINE Floats16 splat(float x) {
 // through the stack and reloads it in 8-byte pieces (store-forwarding stalls on every store of
 // the element-wise loops: the AVX2 copy of fit_rounding ran 12x slower than AVX-512's on
 // 1x1 80 -> 480, against 1.5x on the large layers).
-template <Isa L>
-PYQUANT_INLINE void store16(float* p, Floats16 v) {
-#if PYQUANT_X86_LEVELS
-  if constexpr (L == Isa::Avx2) {
-    Floats8 h[2];
-    std::memcpy(h, &v, sizeof v);
-    __builtin_ia32_storeups256(p, h[0]);
-    __builtin_ia32_storeups256(p + 8, h[1]);
-    return;
-  }
-#endif
-  std::memcpy(p, &v, sizeof v);
-}
-
-template <Isa L>
-PYQUANT_INLINE void store16(int32_t* p, Ints16 v) {
+// (Floats16 into float memory, Ints16 into int32_t memory; the halves go out as bytes.)
+template <Isa L, typename T, typename Vector>
+PYQUANT_INLINE void store16(T* p, Vector v) {
+  static_assert(sizeof(Vector) == 16 * sizeof(T), "a vector of 16 T");
 #if PYQUANT_X86_LEVELS
   if constexpr (L == Isa::Avx2) {
     typedef char Bytes32 __attribute__((vector_size(32)));
     Bytes32 h[2];
     std::memcpy(h, &v, sizeof v);
     __builtin_ia32_storedqu256(reinterpret_cast<char*>(p), h[0]);
-    __builtin_ia32_storedqu256(reinterpret_cast<char*>(p + 8), h[1]);
+    __builtin_ia32_storedqu256(reinterpret_cast<char*>(p) + 32, h[1]);
     return;
   }
 #endif

@@ -61,10 +61,17 @@ class OpRule:
     # that computes nothing a quantized kernel needs. Without NPU rules it stays float and
     # gets no QDQ pair of its own; with them (an NPU computes it in integers) it is quantized.
     elementwise: bool = False
+    # Its integer form (QLinearConcat, QLinearAveragePool) re-quantizes its result: when that
+    # result is not quantized (no quantized reader, region outputs off, no NPU rules) the QDQ
+    # pairs on its inputs only round, so it stays float (_float_region). On YOLOv8n's decoding
+    # tail the Concat of boxes and class scores rounded the boxes to 1.25-pixel steps and
+    # clipped the scores at 0.68, and the Concat chain of the anchor grid moved the centres by
+    # up to 0.08 cells.
+    requantizes: bool = False
 
 
 _DATA_MOVEMENT = OpRule(activation_inputs=(0,), same_scale=True)
-_POOL_AVG = OpRule(activation_inputs=(0,), npu_same_scale=True)
+_POOL_AVG = OpRule(activation_inputs=(0,), npu_same_scale=True, requantizes=True)
 _UNARY = OpRule(activation_inputs=(0,), elementwise=True)
 
 OP_RULES: Dict[str, OpRule] = {
@@ -73,7 +80,7 @@ OP_RULES: Dict[str, OpRule] = {
     "MatMul": OpRule(weight_input=1, fusable=True),
     "Add": OpRule(fusable=True, elementwise=True),  # a compute point when both operands are activations
     "Mul": OpRule(elementwise=True),
-    "Concat": OpRule(npu_concat=True),
+    "Concat": OpRule(npu_concat=True, requantizes=True),
     "MaxPool": _DATA_MOVEMENT, "Reshape": _DATA_MOVEMENT, "Flatten": _DATA_MOVEMENT,
     "Transpose": _DATA_MOVEMENT, "Squeeze": _DATA_MOVEMENT, "Unsqueeze": _DATA_MOVEMENT,
     "Slice": _DATA_MOVEMENT, "Pad": _DATA_MOVEMENT, "Resize": _DATA_MOVEMENT,
@@ -304,12 +311,6 @@ def _unquantizable_constant(value) -> Optional[str]:
 
 FLOAT_REGION_REASON = "elementwise op between quantized layers: computed in float (no NPU rules)"
 UNREAD_REASON = "no quantized op reads its output (nor produces its input): computed in float"
-# Ops whose integer form (QLinearConcat, QLinearAveragePool) re-quantizes its result: when
-# that result is not quantized (no quantized reader, region outputs off) the QDQ pairs on
-# their inputs only round. On YOLOv8n's decoding tail the Concat of boxes and class scores
-# rounded the boxes to 1.25-pixel steps and clipped the scores at 0.68, and the Concat chain
-# of the anchor grid moved the centres by up to 0.08 cells.
-_REQUANTIZING_OPS = frozenset({"Concat", "AveragePool", "GlobalAveragePool"})
 
 
 def _fused_end(view: GraphView, name: str, fused_outputs: set) -> str:
@@ -330,7 +331,7 @@ def _float_region(view: GraphView, model: ModelProto, fused_outputs: set, npu: b
     (an NPU passes integers through it). So an Identity between a float op and a model
     output, or a residual Add whose sum only a LayerNormalization reads, adds no pair.
     Without NPU rules and without quantize_region_outputs, the same holds for the ops
-    that re-quantize their result (_REQUANTIZING_OPS: Concat, average pools)."""
+    that re-quantize their result (OpRule.requantizes: Concat, average pools)."""
     region: Dict[int, str] = dict(excluded)
     nodes = list(model.graph.node)
     for node in nodes:
@@ -352,7 +353,7 @@ def _float_region(view: GraphView, model: ModelProto, fused_outputs: set, npu: b
         if rule is None or id(node) in region or not node.output:
             continue
         two_activation_add = node.op_type == "Add" and not npu
-        requantizing = node.op_type in _REQUANTIZING_OPS and not npu and not quantize_region_outputs
+        requantizing = rule.requantizes and not npu and not quantize_region_outputs
         if not (rule.same_scale or two_activation_add or requantizing):
             continue
         readers = [c for o in node.output if o
