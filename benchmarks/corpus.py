@@ -396,11 +396,16 @@ class Detections:
 
 
 def detection_overlap(ref: Sequence[Detections], test: Sequence[Detections], iou: float = 0.5) -> Metric:
-    """F1 of test against ref detections (same class, IoU >= iou, greedy by ref score) and
-    the mean IoU of the matched pairs."""
-    matched, total, ious = 0, 0, []
-    for r, t in zip(ref, test):
-        total += len(r.boxes) + len(t.boxes)
+    """F1 of test against ref detections (same class, IoU >= iou, greedy by ref score), the
+    mean IoU of the matched pairs, and a 95 % bootstrap interval of F1 over the images
+    (BOOTSTRAP_DRAWS resamples with a fixed seed: a few boxes more or fewer move F1 by 0.01
+    when the float model finds a hundred, and the interval says how far a difference
+    between two rows can be told from the draw of images)."""
+    matched = np.zeros(len(ref), np.int64)  # per image
+    total = np.zeros(len(ref), np.int64)
+    ious: List[float] = []
+    for k, (r, t) in enumerate(zip(ref, test, strict=True)):
+        total[k] = len(r.boxes) + len(t.boxes)
         overlaps = iou_matrix(r.boxes, t.boxes) * (r.classes[:, None] == t.classes[None, :])
         free = np.ones(len(t.boxes), bool)
         for i in np.argsort(-r.scores):
@@ -408,11 +413,29 @@ def detection_overlap(ref: Sequence[Detections], test: Sequence[Detections], iou
                 break
             j = int(np.argmax(np.where(free, overlaps[i], -1)))
             if overlaps[i, j] >= iou:
-                matched, free[j] = matched + 1, False
+                matched[k], free[j] = matched[k] + 1, False
                 ious.append(overlaps[i, j])
-    f1 = 2 * matched / total if total else 1.0
+    f1 = 2 * matched.sum() / total.sum() if total.sum() else 1.0
     n_ref = sum(len(r.boxes) for r in ref)
-    return Metric(f1, f"det F1 {f1:.3f}, IoU {np.mean(ious) if ious else 0:.3f} ({n_ref} float boxes)")
+    lo, hi = _bootstrap_ratio(2 * matched, total)
+    return Metric(float(f1), f"det F1 {f1:.3f} [{lo:.3f}, {hi:.3f}], IoU {np.mean(ious) if ious else 0:.3f} "
+                             f"({n_ref} float boxes)")
+
+
+BOOTSTRAP_DRAWS = 2000
+
+
+def _bootstrap_ratio(numerator: np.ndarray, denominator: np.ndarray) -> Tuple[float, float]:
+    """2.5 and 97.5 percentiles of sum(numerator) / sum(denominator) over resamples of the
+    items (with replacement); 1.0 for a resample with nothing in it (as F1 of no boxes)."""
+    if len(numerator) == 0:
+        return 1.0, 1.0
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(numerator), size=(BOOTSTRAP_DRAWS, len(numerator)))
+    num, den = numerator[picks].sum(1), denominator[picks].sum(1)
+    ratios = np.where(den > 0, num / np.maximum(den, 1), 1.0)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def sqnr_db(ref: Outputs, test: Outputs) -> float:
@@ -539,7 +562,10 @@ class Yolo(FeedTask):
     (confidence >= CONF, NMS per class) against the float model's boxes."""
     SIZE, CONF, NMS_IOU = 320, 0.25, 0.45
 
-    def __init__(self, path: Path, n_calib: int = 64, n_held_out: int = 200) -> None:
+    # Every val photo: on the first 200 the float model finds 99 boxes (U8S8 per-channel at
+    # 9ab2ad9: F1 0.889, 95 % interval [0.849, 0.925]); on all 500 it finds 217 (0.893,
+    # [0.863, 0.920]).
+    def __init__(self, path: Path, n_calib: int = 64, n_held_out: int = 500) -> None:
         self.name = graph_inputs(path)[0]
         self.n = {CALIB: n_calib, HELD_OUT: n_held_out}
         self.inputs = f"{n_calib} / {n_held_out} photos, {self.SIZE}x{self.SIZE} letterboxed"
