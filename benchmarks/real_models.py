@@ -119,10 +119,17 @@ CONFIGS: Dict[str, Config] = {
     "u8s8_pc_minmax_ebc": _pyquant("pyquant U8S8 per-channel, MinMax ranges + empirical bias correction (1 pass)",
                                    "U8S8", per_channel=True, calibrate_method=RangeMethod.MinMax,
                                    empirical_bias_correction=1),
-    "u8s8_pc_unclipped6": _pyquant("pyquant U8S8 per-channel, whole range within 6 layers of the outputs", "U8S8",
-                                   per_channel=True, unclipped_output_layers=6),
-    "u8s8_pc_unclipped4": _pyquant("pyquant U8S8 per-channel, whole range within 4 layers of the outputs", "U8S8",
-                                   per_channel=True, unclipped_output_layers=4),
+    "u8s8_pc_clipped": _pyquant("pyquant U8S8 per-channel, Percentile ranges everywhere (no whole ranges near the "
+                                "outputs: the preset before 2026-11-30)", "U8S8", per_channel=True,
+                                unclipped_output_layers=None, clipped_input_layers=None),
+    "u8s8_clipped": _pyquant("pyquant U8S8, Percentile ranges everywhere (the preset before 2026-11-30)", "U8S8",
+                             unclipped_output_layers=None, clipped_input_layers=None),
+    "u8s8_pc_unclipped6": _pyquant("pyquant U8S8 per-channel, whole range within 6 layers of the outputs, "
+                                   "inputs' side included", "U8S8", per_channel=True, unclipped_output_layers=6,
+                                   clipped_input_layers=None),
+    "u8s8_pc_unclipped4": _pyquant("pyquant U8S8 per-channel, whole range within 4 layers of the outputs, "
+                                   "inputs' side included", "U8S8", per_channel=True, unclipped_output_layers=4,
+                                   clipped_input_layers=None),
     "u8s8_ebc": _pyquant("pyquant U8S8 + empirical bias correction (1 pass)", "U8S8", empirical_bias_correction=1),
     "xint8_ebc": _pyquant("pyquant XINT8 + empirical bias correction (1 pass)", "XINT8", empirical_bias_correction=1),
     "u8s8": _pyquant("pyquant U8S8", "U8S8"),

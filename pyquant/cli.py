@@ -48,6 +48,19 @@ def _triple(text: str) -> tuple:
     return values
 
 
+OFF = "none"  # a layer-count flag's value that turns the preset's rule off
+
+
+def _layers_or_off(text: str):
+    """An integer (checked by QuantConfig, which names the field) or OFF."""
+    if text.lower() == OFF:
+        return OFF
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or '{OFF}', got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -116,10 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passes of empirical bias correction: run the QDQ model on the calibration data and "
                         "correct each Conv/Gemm bias for the mean shift of activation quantization too "
                         "(one inference pass each; default: the preset's, 0)")
-    q.add_argument("--unclipped_output_layers", type=int, default=None, metavar="N",
+    q.add_argument("--unclipped_output_layers", type=_layers_or_off, default=None, metavar="N|none",
                    help="activations at most N weighted layers from a model output keep their whole range "
                         "(MinMax; with power-of-two scales the non-overflowing one) instead of the preset's "
-                        "clipping: for detectors whose strongest responses are the objects (YOLOv8n: N=4-6)")
+                        "clipping: the strongest responses near the output are a detector's objects (default: "
+                        "the preset's, 4 for U8S8; none: off)")
+    q.add_argument("--clipped_input_layers", type=_layers_or_off, default=None, metavar="M|none",
+                   help="except activations at most M weighted layers from a model input (default: the "
+                        "preset's, 4 for U8S8; none: no exception)")
     q.add_argument("--quantize_region_outputs", action=argparse.BooleanOptionalAction, default=None,
                    help="QDQ pairs on model outputs and on tensors read only by ops left in float "
                         "(default: the preset's choice; off keeps a classifier's logits in float)")
@@ -192,8 +209,10 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast_finetune", action="store_true", help="add fast finetune (AdaRound)")
     p.add_argument("--empirical_bias_correction", type=int, default=None, metavar="PASSES",
                    help="passes of empirical bias correction, as for quantize")
-    p.add_argument("--unclipped_output_layers", type=int, default=None, metavar="N",
+    p.add_argument("--unclipped_output_layers", type=_layers_or_off, default=None, metavar="N|none",
                    help="whole activation ranges within N weighted layers of the outputs, as for quantize")
+    p.add_argument("--clipped_input_layers", type=_layers_or_off, default=None, metavar="M|none",
+                   help="except within M weighted layers of the inputs, as for quantize")
     p.add_argument("--quantize_region_outputs", action=argparse.BooleanOptionalAction, default=None,
                    help="QDQ pairs on model outputs (default: the preset's choice)")
     _add_common(p)
@@ -310,8 +329,10 @@ def quant_config_from_args(args):
         config = dataclasses.replace(config, fast_finetune=FastFinetuneOptions())
     if args.empirical_bias_correction is not None:
         config = dataclasses.replace(config, empirical_bias_correction=args.empirical_bias_correction)
-    if args.unclipped_output_layers is not None:
-        config = dataclasses.replace(config, unclipped_output_layers=args.unclipped_output_layers)
+    for name in ("unclipped_output_layers", "clipped_input_layers"):
+        value = getattr(args, name)
+        if value is not None:
+            config = dataclasses.replace(config, **{name: None if value == OFF else value})
     return config
 
 

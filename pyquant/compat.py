@@ -198,6 +198,10 @@ def _integer(key: str, value: Any, place: str = "extra_options") -> int:
     return int(number)
 
 
+def _integer_or_none(key: str, value: Any, place: str = "extra_options") -> Optional[int]:
+    return None if value is None else _integer(key, value, place)
+
+
 def _names(key: str, value: Any, place: str = "field") -> Tuple[str, ...]:
     """A list of node names or op types (None or empty: none); a bare string is an error,
     not a list of its letters."""
@@ -400,6 +404,9 @@ EXTRA_OPTIONS: Dict[str, Handler] = {
     "CLEActivationSamples": _mapped("cle.activation_samples", _integer),
     # pyquant's own: QDQ pairs on model outputs and tensors read only by float ops.
     "QuantizeRegionOutputs": _mapped("quantize_region_outputs", _bool),
+    # pyquant's own: whole activation ranges near the outputs, except near the inputs (None: off).
+    "UnclippedOutputLayers": _mapped("unclipped_output_layers", _integer_or_none),
+    "ClippedInputLayers": _mapped("clipped_input_layers", _integer_or_none),
     # Per-tensor activation types ({QuantType: [tensor names]}), with specific_tensor_precision=True.
     "MixedPrecisionTensor": _mixed_precision,
     # Quark's extra_options form of QuantizationConfig.op_types_to_quantize (both given: they must agree).
@@ -948,6 +955,10 @@ class QuantizationConfig:
                          CLEActivationSamples=config.cle.activation_samples)
         if not config.quantize_region_outputs:
             extra["QuantizeRegionOutputs"] = False
+        if config.unclipped_output_layers is not None:
+            extra["UnclippedOutputLayers"] = config.unclipped_output_layers
+        if config.clipped_input_layers is not None:
+            extra["ClippedInputLayers"] = config.clipped_input_layers
         if config.fast_finetune is not None:
             extra["FastFinetune"] = fast_finetune_params(config.fast_finetune)
         if config.tensor_types:

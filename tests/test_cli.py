@@ -88,11 +88,26 @@ def test_unclipped_output_layers_flag_reaches_the_config(tmp_path, tiny_model_pa
     args = build_parser().parse_args(quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
                                                    "--config", "U8S8", "--unclipped_output_layers", "4"))
     assert quant_config_from_args(args).unclipped_output_layers == 4
-    args = build_parser().parse_args(quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy"))
-    assert quant_config_from_args(args).unclipped_output_layers is None  # the preset's
+    args = build_parser().parse_args(quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
+                                                   "--config", "U8S8"))
+    config = quant_config_from_args(args)
+    assert (config.unclipped_output_layers, config.clipped_input_layers) == (4, 4)  # the preset's
+    args = build_parser().parse_args(quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
+                                                   "--config", "U8S8", "--unclipped_output_layers", "none",
+                                                   "--clipped_input_layers", "2"))
+    config = quant_config_from_args(args)
+    assert (config.unclipped_output_layers, config.clipped_input_layers) == (None, 2)
+    args = build_parser().parse_args(quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
+                                                   "--config", "U8S8", "--clipped_input_layers", "NONE"))
+    assert quant_config_from_args(args).clipped_input_layers is None
     np.save(tmp_path / "calib.npy", tiny_data)
     expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
                                        "--unclipped_output_layers", "-1"), 2, "unclipped_output_layers")
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        build_parser().parse_args(quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
+                                                "--clipped_input_layers", "few"))
+    assert exit_info.value.code == 2
+    assert "--clipped_input_layers: expected an integer or 'none', got 'few'" in capsys.readouterr().err
     assert not (tmp_path / "q.onnx").exists()
 
 

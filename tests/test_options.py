@@ -95,7 +95,9 @@ EFFECTS: Dict[str, tuple] = {
     "op_types_to_quantize": (U8S8, frozenset({"Conv"}), "model"),
     "tensor_types": (U8S8, {"r1": QuantType.QInt16}, "model"),
     # (percentile 99: the tiny data has too few values for 99.999 to clip anything)
-    "unclipped_output_layers": (dataclasses.replace(U8S8, percentile=99.0), 3, "model"),
+    "unclipped_output_layers": (dataclasses.replace(U8S8, percentile=99.0, unclipped_output_layers=None,
+                                                    clipped_input_layers=None), 3, "model"),
+    "clipped_input_layers": (dataclasses.replace(U8S8, percentile=99.0, clipped_input_layers=None), 1, "model"),
     "int32_bias": (get_preset("XINT8"), False, "model"),  # int8 biases with their own power-of-two scale
     "cle.steps": (_cle(), 1, "model"),
     "cle.tolerance": (_cle(), 0.9, "model"),
@@ -186,6 +188,7 @@ KEY_VALUES = {
     "ActivationSymmetric": True, "WeightSymmetric": True, "Percentile": 99.0, "NumBins": 256, "CalibDataBatchSize": 5,
     "CLESteps": 1, "CLETotalLayerDiffThreshold": 0.9, "ReplaceClip6Relu": True, "CLEScaleAppendBias": True,
     "CLEActivationWeight": 0.0, "CLEActivationSamples": 8, "QuantizeRegionOutputs": False,
+    "UnclippedOutputLayers": 3, "ClippedInputLayers": 1,
     "FastFinetune": {"NumIterations": 3}, "OpTypesToQuantize": ["Conv"],
     "MixedPrecisionTensor": {QuantType.QInt16: ["r1"]},
     "OptimAlgorithm": "adaquant", "NumIterations": 3, "LearningRate": 0.5, "RegParam": 0.5, "BetaRange": (4, 2),

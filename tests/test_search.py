@@ -71,6 +71,10 @@ def test_unclipped_output_layers_is_a_dimension():
     assert trials[0].trial_id != trials[1].trial_id
     with pytest.raises(ConfigError, match="unclipped_output_layers must be >= 0"):
         SearchSpace.from_dict({"dimensions": {"unclipped_output_layers": [None, -1]}})
+    space = SearchSpace.from_dict({"dimensions": {"preset": ["U8S8"], "clipped_input_layers": [None, 2]}})
+    assert [t.config.clipped_input_layers for t in space.trials()[0]] == [None, 2]
+    with pytest.raises(ConfigError, match="clipped_input_layers must be >= 0"):
+        SearchSpace.from_dict({"dimensions": {"clipped_input_layers": [-1]}})
 
 
 def test_random_strategy_keeps_the_starting_point_and_is_seeded():

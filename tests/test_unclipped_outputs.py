@@ -1,5 +1,6 @@
-"""QuantConfig.unclipped_output_layers: activations near the outputs keep their whole range
-(pyquant.graph.depth counts the weighted layers to the outputs)."""
+"""QuantConfig.unclipped_output_layers: activations near the outputs keep their whole range,
+except within clipped_input_layers of an input (pyquant.graph.depth counts the weighted
+layers to the outputs and from the inputs)."""
 import dataclasses
 import math
 
@@ -11,7 +12,7 @@ from pyquant.api import quantize_detailed
 from pyquant.calibrate.methods import qparams_from_range
 from pyquant.config import QuantConfig, QuantType, get_preset
 from pyquant.errors import ConfigError
-from pyquant.graph.depth import layers_to_outputs
+from pyquant.graph.depth import layers_from_inputs, layers_to_outputs
 
 CHANNELS = 4
 
@@ -42,6 +43,17 @@ def test_layers_are_counted_along_the_shortest_path_skips_included():
     info = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 2, 4, 4])  # noqa: E731
     model = helper.make_model(helper.make_graph(nodes, "skip", [info("x")], [info("y")], [w]))
     assert layers_to_outputs(model) == {"y": 0, "a": 1, "c2": 1, "r1": 1, "c1": 1, "x": 2}
+    assert layers_from_inputs(model) == {"x": 0, "unused": 0, "c1": 1, "r1": 1, "a": 1, "c2": 2, "y": 2}
+
+
+def test_a_body_counts_what_it_reads_from_the_enclosing_graph_as_inputs():
+    w = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")
+    nodes = [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.ones(1, np.float32))),
+             helper.make_node("Mul", ["k", "k"], ["kk"]), helper.make_node("Conv", ["outer", "w"], ["c"]),
+             helper.make_node("Mul", ["c", "kk"], ["y"])]
+    info = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 2, 4, 4])  # noqa: E731
+    body = helper.make_model(helper.make_graph(nodes, "body", [], [info("y")], [w]))  # "outer": an If branch's read
+    assert layers_from_inputs(body) == {"outer": 0, "c": 1, "y": 1}  # k and kk: constants, no input reaches them
 
 
 @pytest.fixture
@@ -60,7 +72,8 @@ def test_the_last_layers_inputs_keep_their_whole_range(chain_data):
     model, (w0, w1, _) = pointwise_chain()
     r1 = np.maximum(pointwise(chain_data, w0), 0)
     r2 = np.maximum(pointwise(r1, w1), 0)
-    base = dataclasses.replace(get_preset("U8S8"), percentile=99.0)
+    base = dataclasses.replace(get_preset("U8S8"), percentile=99.0, unclipped_output_layers=None,
+                               clipped_input_layers=None)
     clipped = quantize_detailed(model, chain_data, base).table.activations
     kept = quantize_detailed(model, chain_data, dataclasses.replace(base, unclipped_output_layers=1)).table.activations
     whole = qparams_from_range(0.0, float(r2.max()), QuantType.QUInt8, symmetric=False)
@@ -69,6 +82,31 @@ def test_the_last_layers_inputs_keep_their_whole_range(chain_data):
     assert _range(kept["r1"])[1] < 0.9 * float(r1.max())  # two layers from the output: still clipped
     assert float(kept["r1"].scale) == float(clipped["r1"].scale)
     assert float(kept["x"].scale) == float(clipped["x"].scale)
+
+
+def test_tensors_near_an_input_keep_their_clipping(chain_data):
+    model, (w0, w1, _) = pointwise_chain()
+    r2 = np.maximum(pointwise(np.maximum(pointwise(chain_data, w0), 0), w1), 0)
+    base = dataclasses.replace(get_preset("U8S8"), percentile=99.0, unclipped_output_layers=None)
+    clipped = quantize_detailed(model, chain_data, base).table.activations
+    # r1 is 2 layers from the output and 1 from the input, r2 1 and 2, x 3 and 0
+    near_one = quantize_detailed(model, chain_data, dataclasses.replace(base, unclipped_output_layers=3,
+                                                                        clipped_input_layers=1)).table.activations
+    assert _range(near_one["r2"])[1] == pytest.approx(float(r2.max()), rel=1e-5)
+    assert float(near_one["r1"].scale) == float(clipped["r1"].scale)
+    assert float(near_one["x"].scale) == float(clipped["x"].scale)
+    everything = quantize_detailed(model, chain_data, dataclasses.replace(base, unclipped_output_layers=3,
+                                                                          clipped_input_layers=None)).table.activations
+    assert float(everything["r1"].scale) > 1.1 * float(clipped["r1"].scale)  # without the limit r1 is whole too
+    near_two = quantize_detailed(model, chain_data, dataclasses.replace(base, unclipped_output_layers=3,
+                                                                        clipped_input_layers=2)).table.activations
+    assert all(float(near_two[t].scale) == float(clipped[t].scale) for t in ("x", "r1", "r2"))
+
+
+def test_the_u8s8_preset_keeps_whole_ranges_near_outputs_and_clips_near_inputs():
+    u8s8 = get_preset("U8S8")
+    assert (u8s8.unclipped_output_layers, u8s8.clipped_input_layers) == (4, 4)
+    assert get_preset("XINT8").unclipped_output_layers is None and get_preset("A8W8").unclipped_output_layers is None
 
 
 def test_power_of_two_scales_take_the_non_overflowing_exponent(chain_data):
@@ -80,6 +118,7 @@ def test_power_of_two_scales_take_the_non_overflowing_exponent(chain_data):
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True])
-def test_bad_values_are_refused(value):
-    with pytest.raises(ConfigError, match="unclipped_output_layers"):
-        QuantConfig(unclipped_output_layers=value)
+@pytest.mark.parametrize("field", ["unclipped_output_layers", "clipped_input_layers"])
+def test_bad_values_are_refused(value, field):
+    with pytest.raises(ConfigError, match=field):
+        QuantConfig(**{field: value})

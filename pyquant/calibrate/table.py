@@ -11,7 +11,7 @@ from onnx import ModelProto
 
 from ..config import QuantConfig, QuantType
 from ..errors import ConfigError
-from ..graph.depth import layers_to_outputs
+from ..graph.depth import layers_from_inputs, layers_to_outputs
 from ..graph.plan import QuantPlan, normalized_sums
 from ..graph.view import GraphView
 from ..qparams import (BFLOAT16_QPARAMS, QParams, QuantizedWeight, QuantTable, WeightKey, quantize_array,
@@ -67,10 +67,16 @@ def build_table(model: ModelProto, plan: QuantPlan, collectors: Mapping[str, Ten
 
 def unclipped_activations(model: ModelProto, config: QuantConfig) -> AbstractSet[str]:
     """The tensors that keep their whole range: at most config.unclipped_output_layers
-    weighted layers from a model output (none when it is None)."""
+    weighted layers from a model output (none when it is None) and more than
+    config.clipped_input_layers from every model input (when that is set)."""
     if config.unclipped_output_layers is None:
         return frozenset()
-    return frozenset(t for t, layers in layers_to_outputs(model).items() if layers <= config.unclipped_output_layers)
+    near_outputs = {t for t, layers in layers_to_outputs(model).items() if layers <= config.unclipped_output_layers}
+    if config.clipped_input_layers is not None:
+        from_inputs = layers_from_inputs(model)  # a tensor no input reaches is far from them
+        near_outputs = {t for t in near_outputs if from_inputs.get(t, config.clipped_input_layers + 1)
+                        > config.clipped_input_layers}
+    return frozenset(near_outputs)
 
 
 # A tensor summed into a per-token normalisation's input stays float when its bulk (the

@@ -39,7 +39,8 @@ STRATEGIES = ("grid", "random")
 # QuantConfig fields a space may vary directly (the others are run settings or model-specific).
 CONFIG_FIELDS = ("activation_type", "weight_type", "calibrate_method", "activation_symmetric", "per_channel", "enable_npu_cnn",
                  "quantize_region_outputs", "percentile", "num_bins", "weight_scale_mse", "bias_correction",
-                 "empirical_bias_correction", "cross_layer_equalization", "unclipped_output_layers")
+                 "empirical_bias_correction", "cross_layer_equalization", "unclipped_output_layers",
+                 "clipped_input_layers")
 CLE_FIELDS = tuple(f.name for f in dataclasses.fields(CLEOptions))
 FINETUNE_FIELDS = tuple(f.name for f in dataclasses.fields(FastFinetuneOptions))
 # PrecisionTarget's fields that a JSON space can give (the evaluator is the search's objective).
