@@ -59,8 +59,24 @@ def test_streaming_vad_quantized_inside_its_if_keeps_the_decisions():
         return [n.op_type for n in graph.node] + [o for n in graph.node for a in n.attribute
                                                   if a.type == a.GRAPH for o in ops(a.g)]
     inside = [o for a in if_node.attribute if a.name == "then_branch" for o in ops(a.g)]
-    assert inside.count("QuantizeLinear") >= 10
+    # every pair is in the branch taken (its convolutions' inputs: 8 at 9ab2ad9), none outside
+    pairs = inside.count("QuantizeLinear")
+    assert pairs >= 4 and pairs == ops(model.graph).count("QuantizeLinear")
     task = corpus.get("silero-vad").task(path)
     quantized = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     metric = task.score(task.run(corpus.float_session(path)), task.run(quantized))
     assert metric.value >= 0.99, metric.text
+
+
+def test_yolov8n_under_u8s8_per_channel_keeps_the_float_detections():
+    """YOLOv8n's boxes under U8S8 per-channel against the float model's on the 500 held-out
+    photos: detection F1 >= 0.90 (the issue's target; 0.912 at the preset's whole ranges
+    near the outputs, 0.893 with Percentile everywhere, so this fails without that rule)."""
+    import onnxruntime as ort
+
+    path, feeds = calibration("yolov8n")
+    model = quantize_detailed(str(path), list(feeds), PRESETS["U8S8-per-channel"]()).model
+    task = corpus.get("yolov8n").task(path)
+    quantized = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    metric = task.score(task.run(corpus.float_session(path)), task.run(quantized))
+    assert metric.value >= 0.90, metric.text
