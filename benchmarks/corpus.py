@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PYQUANT_SHARED", REPO.parent / "shared"))
 IMAGES = SHARED / "data" / "imagenet-sample"
 CALIB, HELD_OUT = "calib", "held_out"
+CALIB_UNUSED = "calib_unused"  # Yolo only: calibration-folder photos that calibration does not use
 
 Feed = Dict[str, np.ndarray]
 Outputs = List[List[np.ndarray]]  # one list of model outputs per model call
@@ -395,13 +396,11 @@ class Detections:
     scores: np.ndarray  # [N]
 
 
-def detection_overlap(ref: Sequence[Detections], test: Sequence[Detections], iou: float = 0.5) -> Metric:
-    """F1 of test against ref detections (same class, IoU >= iou, greedy by ref score), the
-    mean IoU of the matched pairs, and a 95 % bootstrap interval of F1 over the images
-    (BOOTSTRAP_DRAWS resamples with a fixed seed: a few boxes more or fewer move F1 by 0.01
-    when the float model finds a hundred, and the interval says how far a difference
-    between two rows can be told from the draw of images)."""
-    matched = np.zeros(len(ref), np.int64)  # per image
+def detection_matches(ref: Sequence[Detections], test: Sequence[Detections],
+                      iou: float = 0.5) -> Tuple[np.ndarray, np.ndarray, List[float]]:
+    """Per image: matched pairs (same class, IoU >= iou, greedy by ref score) and boxes on
+    both sides; and the IoU of every matched pair."""
+    matched = np.zeros(len(ref), np.int64)
     total = np.zeros(len(ref), np.int64)
     ious: List[float] = []
     for k, (r, t) in enumerate(zip(ref, test, strict=True)):
@@ -415,9 +414,20 @@ def detection_overlap(ref: Sequence[Detections], test: Sequence[Detections], iou
             if overlaps[i, j] >= iou:
                 matched[k], free[j] = matched[k] + 1, False
                 ious.append(overlaps[i, j])
+    return matched, total, ious
+
+
+def detection_overlap(ref: Sequence[Detections], test: Sequence[Detections], iou: float = 0.5) -> Metric:
+    """F1 of test against ref detections (detection_matches), the mean IoU of the matched
+    pairs, and a 95 % bootstrap interval of F1 over the images (BOOTSTRAP_DRAWS resamples
+    with a fixed seed: a few boxes more or fewer move F1 by 0.01 when the float model finds
+    a hundred, and the interval says how far a difference between two rows can be told
+    from the draw of images; benchmarks/detection_paired.py compares two rows on the same
+    draws)."""
+    matched, total, ious = detection_matches(ref, test, iou)
     f1 = 2 * matched.sum() / total.sum() if total.sum() else 1.0
     n_ref = sum(len(r.boxes) for r in ref)
-    lo, hi = _bootstrap_ratio(2 * matched, total)
+    lo, hi = np.percentile(bootstrap_f1(matched, total, bootstrap_picks(len(ref))), [2.5, 97.5])
     return Metric(float(f1), f"det F1 {f1:.3f} [{lo:.3f}, {hi:.3f}], IoU {np.mean(ious) if ious else 0:.3f} "
                              f"({n_ref} float boxes)")
 
@@ -425,17 +435,17 @@ def detection_overlap(ref: Sequence[Detections], test: Sequence[Detections], iou
 BOOTSTRAP_DRAWS = 2000
 
 
-def _bootstrap_ratio(numerator: np.ndarray, denominator: np.ndarray) -> Tuple[float, float]:
-    """2.5 and 97.5 percentiles of sum(numerator) / sum(denominator) over resamples of the
-    items (with replacement); 1.0 for a resample with nothing in it (as F1 of no boxes)."""
-    if len(numerator) == 0:
-        return 1.0, 1.0
-    rng = np.random.default_rng(0)
-    picks = rng.integers(0, len(numerator), size=(BOOTSTRAP_DRAWS, len(numerator)))
-    num, den = numerator[picks].sum(1), denominator[picks].sum(1)
-    ratios = np.where(den > 0, num / np.maximum(den, 1), 1.0)
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
-    return float(lo), float(hi)
+def bootstrap_picks(n_items: int) -> np.ndarray:
+    """[BOOTSTRAP_DRAWS, n_items] indices drawn with replacement (seed 0: the same draws for
+    every row of a run, so two rows can be compared draw by draw)."""
+    return np.random.default_rng(0).integers(0, max(n_items, 1), size=(BOOTSTRAP_DRAWS, n_items))
+
+
+def bootstrap_f1(matched: np.ndarray, total: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """F1 = 2 sum(matched) / sum(total) of each resample of images (1.0 for a resample
+    with no box, as F1 of no boxes)."""
+    num, den = 2 * matched[picks].sum(1), total[picks].sum(1)
+    return np.where(den > 0, num / np.maximum(den, 1), 1.0)
 
 
 def sqnr_db(ref: Outputs, test: Outputs) -> float:
@@ -497,6 +507,9 @@ class FeedTask(Task):
 
     def _feeds(self, split: str) -> List[Feed]:
         raise NotImplementedError
+
+    def feeds(self, split: str) -> List[Feed]:
+        return self._feeds(split)
 
     def calibration(self) -> List[Feed]:
         return self._feeds(CALIB)
@@ -572,7 +585,7 @@ class Yolo(FeedTask):
 
     def _feeds(self, split: str) -> List[Feed]:
         feeds = []
-        for path in image_paths(split, self.n[split]):
+        for path in self.photos(split):
             photo = load_rgb(path)
             side = max(photo.size)
             square = Image.new("RGB", (side, side))
@@ -580,6 +593,14 @@ class Yolo(FeedTask):
             x = np.asarray(square.resize((self.SIZE, self.SIZE), Image.BILINEAR), np.float32) / 255
             feeds.append({self.name: np.ascontiguousarray(x.transpose(2, 0, 1)[None])})
         return feeds
+
+    def photos(self, split: str) -> List[Path]:
+        """The split's photos; CALIB_UNUSED: the calibration folder's photos that CALIB does
+        not use (disjoint from calibration and from the held-out val photos)."""
+        if split != CALIB_UNUSED:
+            return image_paths(split, self.n[split])
+        used = set(image_paths(CALIB, self.n[CALIB]))
+        return [p for p in image_paths(CALIB, 10 ** 6) if p not in used]
 
     def decode(self, output: np.ndarray) -> Detections:
         pred = output[0].T  # [anchors, 4 + classes]

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import onnxruntime as ort
 from tqdm import tqdm
@@ -51,7 +51,7 @@ def _triple(text: str) -> tuple:
 OFF = "none"  # a layer-count flag's value that turns the preset's rule off
 
 
-def _layers_or_off(text: str):
+def _layers_or_off(text: str) -> Union[int, str]:
     """An integer (checked by QuantConfig, which names the field) or OFF."""
     if text.lower() == OFF:
         return OFF
@@ -133,10 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activations at most N weighted layers from a model output keep their whole range "
                         "(MinMax; with power-of-two scales the non-overflowing one) instead of the preset's "
                         "clipping: the strongest responses near the output are a detector's objects (default: "
-                        "the preset's, 4 for U8S8; none: off)")
+                        "the preset's, 4 for U8S8, off for the others; none: off)")
     q.add_argument("--clipped_input_layers", type=_layers_or_off, default=None, metavar="M|none",
                    help="except activations at most M weighted layers from a model input (default: the "
-                        "preset's, 4 for U8S8; none: no exception)")
+                        "preset's, 4 for U8S8, none for the others; none: no exception)")
     q.add_argument("--quantize_region_outputs", action=argparse.BooleanOptionalAction, default=None,
                    help="QDQ pairs on model outputs and on tensors read only by ops left in float "
                         "(default: the preset's choice; off keeps a classifier's logits in float)")
@@ -329,10 +329,14 @@ def quant_config_from_args(args):
         config = dataclasses.replace(config, fast_finetune=FastFinetuneOptions())
     if args.empirical_bias_correction is not None:
         config = dataclasses.replace(config, empirical_bias_correction=args.empirical_bias_correction)
-    for name in ("unclipped_output_layers", "clipped_input_layers"):
-        value = getattr(args, name)
-        if value is not None:
-            config = dataclasses.replace(config, **{name: None if value == OFF else value})
+    ranges: Dict[str, Optional[int]] = {}
+    if args.unclipped_output_layers == OFF:  # and nothing is left for the input-side limit to limit
+        ranges.update(unclipped_output_layers=None, clipped_input_layers=None)
+    elif args.unclipped_output_layers is not None:
+        ranges["unclipped_output_layers"] = args.unclipped_output_layers
+    if args.clipped_input_layers is not None:
+        ranges["clipped_input_layers"] = None if args.clipped_input_layers == OFF else args.clipped_input_layers
+    config = dataclasses.replace(config, **ranges)
     return config
 
 

@@ -289,7 +289,7 @@ class QuantConfig:
             share a scale take the widest type among them. A name that is not a quantized
             activation is an error.
         unclipped_output_layers: activations at most this many weighted layers
-            (Conv/Gemm/MatMul) from a model output keep their whole calibrated range, min to
+            (Conv/ConvTranspose/Gemm/MatMul) from a model output keep their whole calibrated range, min to
             max (PowerOfTwoMethod: the non-overflowing exponent), whatever calibrate_method
             clips elsewhere (0: the tensors after the last layers; None: off). Near the
             output the largest values are the network's strongest evidence (a detector's
@@ -297,7 +297,7 @@ class QuantConfig:
             them shrinks exactly the responses that decide (YOLOv8n under U8S8 per-channel:
             Percentile clipping the detection head's activations lowered the class logit of
             every anchor above score 0.1 by 0.2 on average). Measured: README, Presets.
-        clipped_input_layers: a limit on unclipped_output_layers (unused without it):
+        clipped_input_layers: a limit on unclipped_output_layers (refused without it):
             activations at most this many weighted layers from a model input (a graph input
             is 0, the first Conv's output 1; pyquant.graph.depth) keep calibrate_method's
             range even when they are near an output. Near the input the largest values are
@@ -383,6 +383,10 @@ class QuantConfig:
             raise ConfigError(f"unclipped_output_layers must be >= 0 or None, got {self.unclipped_output_layers}")
         if self.clipped_input_layers is not None and self.clipped_input_layers < 0:
             raise ConfigError(f"clipped_input_layers must be >= 0 or None, got {self.clipped_input_layers}")
+        if self.clipped_input_layers is not None and self.unclipped_output_layers is None:
+            raise ConfigError(f"clipped_input_layers={self.clipped_input_layers} limits unclipped_output_layers, "
+                              "which is None (no whole ranges to limit): set clipped_input_layers=None too, or "
+                              "give unclipped_output_layers")
         if self.empirical_bias_correction < 0:
             raise ConfigError(f"empirical_bias_correction (passes) must be >= 0, got {self.empirical_bias_correction}")
         if not self.int32_bias and not self.power_of_two:

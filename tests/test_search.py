@@ -68,6 +68,7 @@ def test_unclipped_output_layers_is_a_dimension():
                                                   "unclipped_output_layers": [None, 4]}})
     trials, _ = space.trials()
     assert [t.config.unclipped_output_layers for t in trials] == [None, 4]
+    assert [t.config.clipped_input_layers for t in trials] == [None, 4]  # U8S8's limit goes with its whole ranges
     assert trials[0].trial_id != trials[1].trial_id
     with pytest.raises(ConfigError, match="unclipped_output_layers must be >= 0"):
         SearchSpace.from_dict({"dimensions": {"unclipped_output_layers": [None, -1]}})

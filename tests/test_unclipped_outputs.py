@@ -46,14 +46,21 @@ def test_layers_are_counted_along_the_shortest_path_skips_included():
     assert layers_from_inputs(model) == {"x": 0, "unused": 0, "c1": 1, "r1": 1, "a": 1, "c2": 2, "y": 2}
 
 
-def test_a_body_counts_what_it_reads_from_the_enclosing_graph_as_inputs():
+def test_a_control_flow_node_leads_from_what_its_bodies_read_and_counts_their_layers():
+    """An If left in the graph: the Conv in its then-branch reads c1 from the enclosing graph,
+    so the If's output o is one weighted layer past c1 counted from the input, and c1 one
+    before o counted from the output."""
     w = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")
-    nodes = [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.ones(1, np.float32))),
-             helper.make_node("Mul", ["k", "k"], ["kk"]), helper.make_node("Conv", ["outer", "w"], ["c"]),
-             helper.make_node("Mul", ["c", "kk"], ["y"])]
     info = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 2, 4, 4])  # noqa: E731
-    body = helper.make_model(helper.make_graph(nodes, "body", [], [info("y")], [w]))  # "outer": an If branch's read
-    assert layers_from_inputs(body) == {"outer": 0, "c": 1, "y": 1}  # k and kk: constants, no input reaches them
+    then_branch = helper.make_graph([helper.make_node("Conv", ["c1", "w"], ["t"])], "then", [], [info("t")])
+    else_branch = helper.make_graph([helper.make_node("Relu", ["c1"], ["e"])], "else", [], [info("e")])
+    nodes = [helper.make_node("Constant", [], ["flag"], value=numpy_helper.from_array(np.array(True))),
+             helper.make_node("Conv", ["x", "w"], ["c1"]),
+             helper.make_node("If", ["flag"], ["o"], then_branch=then_branch, else_branch=else_branch),
+             helper.make_node("Conv", ["o", "w"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "if", [info("x")], [info("y")], [w]))
+    assert layers_from_inputs(model) == {"x": 0, "c1": 1, "o": 2, "y": 3}  # flag: a constant, not listed
+    assert layers_to_outputs(model) == {"y": 0, "o": 1, "c1": 2, "flag": 2, "x": 3}
 
 
 @pytest.fixture
@@ -87,7 +94,8 @@ def test_the_last_layers_inputs_keep_their_whole_range(chain_data):
 def test_tensors_near_an_input_keep_their_clipping(chain_data):
     model, (w0, w1, _) = pointwise_chain()
     r2 = np.maximum(pointwise(np.maximum(pointwise(chain_data, w0), 0), w1), 0)
-    base = dataclasses.replace(get_preset("U8S8"), percentile=99.0, unclipped_output_layers=None)
+    base = dataclasses.replace(get_preset("U8S8"), percentile=99.0, unclipped_output_layers=None,
+                               clipped_input_layers=None)
     clipped = quantize_detailed(model, chain_data, base).table.activations
     # r1 is 2 layers from the output and 1 from the input, r2 1 and 2, x 3 and 0
     near_one = quantize_detailed(model, chain_data, dataclasses.replace(base, unclipped_output_layers=3,
@@ -122,3 +130,10 @@ def test_power_of_two_scales_take_the_non_overflowing_exponent(chain_data):
 def test_bad_values_are_refused(value, field):
     with pytest.raises(ConfigError, match=field):
         QuantConfig(**{field: value})
+
+
+def test_an_input_side_limit_without_whole_ranges_is_refused():
+    with pytest.raises(ConfigError, match="clipped_input_layers=2 limits unclipped_output_layers, which is None"):
+        QuantConfig(clipped_input_layers=2)
+    with pytest.raises(ConfigError, match="clipped_input_layers=4 limits"):
+        dataclasses.replace(get_preset("U8S8"), unclipped_output_layers=None)

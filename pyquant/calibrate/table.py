@@ -71,12 +71,11 @@ def unclipped_activations(model: ModelProto, config: QuantConfig) -> AbstractSet
     config.clipped_input_layers from every model input (when that is set)."""
     if config.unclipped_output_layers is None:
         return frozenset()
-    near_outputs = {t for t, layers in layers_to_outputs(model).items() if layers <= config.unclipped_output_layers}
+    unclipped = {t for t, layers in layers_to_outputs(model).items() if layers <= config.unclipped_output_layers}
     if config.clipped_input_layers is not None:
-        from_inputs = layers_from_inputs(model)  # a tensor no input reaches is far from them
-        near_outputs = {t for t in near_outputs if from_inputs.get(t, config.clipped_input_layers + 1)
-                        > config.clipped_input_layers}
-    return frozenset(near_outputs)
+        from_inputs = layers_from_inputs(model)  # a tensor no input reaches (constants) is far from them
+        unclipped = {t for t in unclipped if t not in from_inputs or from_inputs[t] > config.clipped_input_layers}
+    return frozenset(unclipped)
 
 
 # A tensor summed into a per-token normalisation's input stays float when its bulk (the

@@ -195,6 +195,8 @@ def config_for(params: Mapping[str, Any]) -> Tuple[QuantConfig, Optional[Dict[st
     for name in CONFIG_FIELDS:
         if name in params:
             changes[name] = _field_value(name, params[name])
+    if "unclipped_output_layers" in changes and changes["unclipped_output_layers"] is None:
+        changes.setdefault("clipped_input_layers", None)  # nothing left for the input-side limit to limit
     if "fast_finetune" in params:
         changes["fast_finetune"] = _finetune_options(params["fast_finetune"])
     cle = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("cle.")}
