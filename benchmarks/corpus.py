@@ -425,11 +425,16 @@ def detection_overlap(ref: Sequence[Detections], test: Sequence[Detections], iou
     from the draw of images; benchmarks/detection_paired.py compares two rows on the same
     draws)."""
     matched, total, ious = detection_matches(ref, test, iou)
-    f1 = 2 * matched.sum() / total.sum() if total.sum() else 1.0
+    f1 = f1_from_matches(matched, total)
     n_ref = sum(len(r.boxes) for r in ref)
     lo, hi = np.percentile(bootstrap_f1(matched, total, bootstrap_picks(len(ref))), [2.5, 97.5])
     return Metric(float(f1), f"det F1 {f1:.3f} [{lo:.3f}, {hi:.3f}], IoU {np.mean(ious) if ious else 0:.3f} "
                              f"({n_ref} float boxes)")
+
+
+def f1_from_matches(matched: np.ndarray, total: np.ndarray) -> float:
+    """F1 = 2 sum(matched) / sum(total) over the images (1.0 with no box, as F1 of no boxes)."""
+    return float(2 * matched.sum() / total.sum()) if total.sum() else 1.0
 
 
 BOOTSTRAP_DRAWS = 2000

@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List
 
 import numpy as np
 
@@ -64,17 +64,17 @@ def main() -> None:
     for threshold in thresholds:
         task.CONF = threshold
         ref = [task.decode(call[0]) for call in float_outputs]
-        rows: Dict[str, Tuple[float, np.ndarray]] = {}
+        f1s: List[float] = []
+        draws: List[np.ndarray] = []
         for key in keys:
             matched, total, _ = corpus.detection_matches(ref, [task.decode(call[0]) for call in outputs[key]])
-            f1 = 2 * matched.sum() / total.sum() if total.sum() else 1.0
-            rows[key] = (float(f1), corpus.bootstrap_f1(matched, total, picks))
-        (f1_a, draws_a), (f1_b, draws_b) = rows[keys[0]], rows[keys[1]]
-        cells: List[str] = [f"{f1:.3f} [{lo:.3f}, {hi:.3f}]" for f1, draws in (rows[keys[0]], rows[keys[1]])
-                            for lo, hi in [np.percentile(draws, [2.5, 97.5])]]
-        lo, hi = np.percentile(draws_b - draws_a, [2.5, 97.5])
+            f1s.append(corpus.f1_from_matches(matched, total))
+            draws.append(corpus.bootstrap_f1(matched, total, picks))
+        cells = [f"{f1:.3f} [{lo:.3f}, {hi:.3f}]" for f1, (lo, hi) in
+                 zip(f1s, (np.percentile(d, [2.5, 97.5]) for d in draws))]
+        lo, hi = np.percentile(draws[1] - draws[0], [2.5, 97.5])
         print(f"| {threshold:g} | {sum(len(r.boxes) for r in ref)} | {cells[0]} | {cells[1]} "
-              f"| {f1_b - f1_a:+.3f} [{lo:+.3f}, {hi:+.3f}] | {np.mean(draws_b > draws_a):.3f} |")
+              f"| {f1s[1] - f1s[0]:+.3f} [{lo:+.3f}, {hi:+.3f}] | {np.mean(draws[1] > draws[0]):.3f} |")
     print(f"\nmachine load at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
